@@ -1,0 +1,51 @@
+"""Install script for dense_diffusion.
+
+Run-time stack only in install_requires; reference libraries that the tests compare against
+(PyTorch, diffusers, transformers, scikit-image, torchmetrics) live in the `test` extra so that
+a training machine never needs torch.
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="dense_diffusion",
+    version="0.1.0",
+    description="Re-purposing pre-trained text-to-image diffusion models for dense vision tasks (JAX/Flax NNX).",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["dense_diffusion", "dense_diffusion.*"]),
+    include_package_data=True,
+    install_requires=[
+        "jax>=0.8",
+        "flax>=0.12",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11",
+        "tensorflow-cpu>=2.18",
+        "tensorflow-datasets>=4.9.7",
+        "ml_collections>=1.0",
+        "clu>=0.0.12",
+        "tensorboard>=2.18",
+        "safetensors>=0.4",
+        "tokenizers>=0.20",
+        "dm-pix>=0.4.3",
+        "numpy>=1.26",
+        "scipy>=1.11",
+        "pillow>=10.0",
+        "matplotlib>=3.8",
+        "absl-py>=2.1",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8.0",
+            "pytest-xdist>=3.5",
+            "torch==2.13.0",
+            "diffusers>=0.35",
+            "transformers>=4.50",
+            "scikit-image>=0.24",
+            "torchmetrics>=1.4",
+        ],
+        "gpu": ["jax[cuda12]>=0.8"],
+        "tpu": ["jax[tpu]>=0.8"],
+    },
+)
