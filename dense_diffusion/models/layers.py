@@ -1,0 +1,320 @@
+"""Shared NHWC building blocks of the UNet and the VAE (diffusers semantics, Flax NNX).
+
+Every parameter carries logical axis names (docs/sharding.md) in its `out_sharding` metadata,
+created with `eager_sharding=False`: modules can be built anywhere (CPU, no mesh), and
+`dense_diffusion.sharding` reads the names with `nnx.get_partition_spec(nnx.state(model))` and
+maps them to mesh axes by its rules.
+
+Parameter names follow diffusers' module names where a checkpoint is read into them
+(`conv1`, `norm1`, `time_emb_proj`, `to_q`, `to_out[0]`, ...); leaf names are `kernel` / `bias`
+for convolutions and dense layers and `scale` / `bias` for norms. Kernels are stored in JAX
+layout: dense [in, out], convolution [kh, kw, in, out] (HWIO).
+
+All modules take `dtype` (the compute dtype; None = float32) and `param_dtype` (float32 by
+default). Normalisation statistics are always computed in float32.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dense_diffusion.models import attention as attention_lib
+
+Dtype = jnp.dtype
+Axes = tuple[Optional[str], ...]
+
+CONV_KERNEL_AXES: Axes = ("conv_height", "conv_width", "conv_in", "conv_out")
+NORM_AXES: Axes = ("norm",)
+
+_default_kernel_init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+
+
+def make_param(rngs: nnx.Rngs, init, shape: Sequence[int], param_dtype, axes: Axes) -> nnx.Param:
+  """A float parameter initialised by `init` with logical axis names `axes`."""
+  if len(axes) != len(shape):
+    raise ValueError(f"axis names {axes} do not match parameter shape {tuple(shape)}")
+  value = init(rngs.params(), tuple(shape), param_dtype)
+  return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
+
+
+def _compute_dtype(dtype, x: jax.Array):
+  return x.dtype if dtype is None else dtype
+
+
+class Dense(nnx.Module):
+  """y = x @ kernel + bias over the last axis (torch `nn.Linear`).
+
+  Attributes: kernel [in, out] with names `axes`; bias [out] with name `axes[1]`.
+  """
+
+  def __init__(self, in_features: int, out_features: int, *, use_bias: bool = True,
+               axes: Axes = ("embed", "mlp"), dtype=None, param_dtype=jnp.float32,
+               kernel_init=_default_kernel_init, rngs: nnx.Rngs):
+    self.in_features = in_features
+    self.out_features = out_features
+    self.dtype = dtype
+    self.kernel = make_param(rngs, kernel_init, (in_features, out_features), param_dtype, axes)
+    self.bias = (make_param(rngs, nnx.initializers.zeros, (out_features,), param_dtype,
+                            (axes[1],)) if use_bias else None)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """[..., in] -> [..., out] in the compute dtype."""
+    dtype = _compute_dtype(self.dtype, x)
+    y = jnp.dot(x.astype(dtype), self.kernel[...].astype(dtype))
+    if self.bias is not None:
+      y = y + self.bias[...].astype(dtype)
+    return y
+
+
+class Conv2d(nnx.Module):
+  """NHWC 2-D convolution with symmetric zero padding (torch `nn.Conv2d(padding=p)`).
+
+  Attributes: kernel [kh, kw, in, out] (HWIO); bias [out].
+  """
+
+  def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, *,
+               stride: int = 1, padding: int = 1, use_bias: bool = True, dtype=None,
+               param_dtype=jnp.float32, kernel_init=_default_kernel_init, rngs: nnx.Rngs):
+    self.in_channels = in_channels
+    self.out_channels = out_channels
+    self.stride = stride
+    self.padding = padding
+    self.dtype = dtype
+    self.kernel = make_param(rngs, kernel_init, (kernel_size, kernel_size, in_channels,
+                                                 out_channels), param_dtype, CONV_KERNEL_AXES)
+    self.bias = (make_param(rngs, nnx.initializers.zeros, (out_channels,), param_dtype,
+                            ("conv_out",)) if use_bias else None)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """[B, H, W, in] -> [B, H', W', out]."""
+    dtype = _compute_dtype(self.dtype, x)
+    kernel = self.kernel[...].astype(dtype)
+    if kernel.shape[0] == 1 and kernel.shape[1] == 1 and self.stride == 1 and self.padding == 0:
+      y = jnp.dot(x.astype(dtype), kernel[0, 0])  # 1x1 convolution = dense layer.
+    else:
+      p = self.padding
+      y = jax.lax.conv_general_dilated(
+          x.astype(dtype), kernel, window_strides=(self.stride, self.stride),
+          padding=((p, p), (p, p)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    if self.bias is not None:
+      y = y + self.bias[...].astype(dtype)
+    return y
+
+
+class GroupNorm(nnx.Module):
+  """Group normalisation over the channel (last) axis, as torch `nn.GroupNorm`.
+
+  Statistics over all non-batch positions and the channels of each group, in float32, biased
+  variance, `(x - mean) / sqrt(var + eps) * scale + bias`.
+  """
+
+  def __init__(self, num_channels: int, num_groups: int, *, eps: float = 1e-5,
+               affine: bool = True, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    if num_channels % num_groups:
+      raise ValueError(f"GroupNorm: num_channels={num_channels} is not divisible by "
+                       f"num_groups={num_groups}")
+    self.num_channels = num_channels
+    self.num_groups = num_groups
+    self.eps = eps
+    self.dtype = dtype
+    if affine:
+      self.scale = make_param(rngs, nnx.initializers.ones, (num_channels,), param_dtype, NORM_AXES)
+      self.bias = make_param(rngs, nnx.initializers.zeros, (num_channels,), param_dtype, NORM_AXES)
+    else:
+      self.scale = None
+      self.bias = None
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """[B, ..., C] -> same shape, in the compute dtype."""
+    dtype = _compute_dtype(self.dtype, x)
+    shape = x.shape
+    g = self.num_groups
+    xg = x.astype(jnp.float32).reshape(shape[0], -1, g, shape[-1] // g)
+    mean = jnp.mean(xg, axis=(1, 3), keepdims=True)
+    centred = xg - mean
+    var = jnp.mean(jnp.square(centred), axis=(1, 3), keepdims=True)
+    y = (centred * jax.lax.rsqrt(var + self.eps)).reshape(shape)
+    if self.scale is not None:
+      y = y * self.scale[...] + self.bias[...]
+    return y.astype(dtype)
+
+
+class LayerNorm(nnx.Module):
+  """Layer normalisation over the last axis (torch `nn.LayerNorm`), statistics in float32."""
+
+  def __init__(self, dim: int, *, eps: float = 1e-5, elementwise_affine: bool = True,
+               use_bias: bool = True, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    self.dim = dim
+    self.eps = eps
+    self.dtype = dtype
+    self.scale = (make_param(rngs, nnx.initializers.ones, (dim,), param_dtype, NORM_AXES)
+                  if elementwise_affine else None)
+    self.bias = (make_param(rngs, nnx.initializers.zeros, (dim,), param_dtype, NORM_AXES)
+                 if elementwise_affine and use_bias else None)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    dtype = _compute_dtype(self.dtype, x)
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    centred = x32 - mean
+    var = jnp.mean(jnp.square(centred), axis=-1, keepdims=True)
+    y = centred * jax.lax.rsqrt(var + self.eps)
+    if self.scale is not None:
+      y = y * self.scale[...]
+    if self.bias is not None:
+      y = y + self.bias[...]
+    return y.astype(dtype)
+
+
+ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "relu": jax.nn.relu,
+    "mish": lambda x: x * jnp.tanh(jax.nn.softplus(x)),
+}
+
+
+def get_activation(name: str):
+  if name not in ACTIVATIONS:
+    raise KeyError(f"unknown activation {name!r}; known: {sorted(ACTIVATIONS)}")
+  return ACTIVATIONS[name]
+
+
+class ResnetBlock2D(nnx.Module):
+  """diffusers `ResnetBlock2D` (pre-norm, time_embedding_norm="default").
+
+  norm1 - act - conv1 (+ time_emb_proj(act(temb)) per channel) - norm2 - act - dropout - conv2,
+  plus the input (through a 1x1 `conv_shortcut` when channels change), divided by
+  `output_scale_factor`. `temb_channels=None` (the VAE) has no time projection.
+  """
+
+  def __init__(self, in_channels: int, out_channels: Optional[int] = None, *,
+               temb_channels: Optional[int] = 512, groups: int = 32,
+               groups_out: Optional[int] = None, eps: float = 1e-6, dropout: float = 0.0,
+               act_fn: str = "silu", output_scale_factor: float = 1.0,
+               use_in_shortcut: Optional[bool] = None, conv_shortcut_bias: bool = True,
+               dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    out_channels = in_channels if out_channels is None else out_channels
+    groups_out = groups if groups_out is None else groups_out
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.act = get_activation(act_fn)
+    self.output_scale_factor = output_scale_factor
+    self.norm1 = GroupNorm(in_channels, groups, eps=eps, **kw)
+    self.conv1 = Conv2d(in_channels, out_channels, 3, padding=1, **kw)
+    self.time_emb_proj = (Dense(temb_channels, out_channels, axes=("embed", "mlp"), **kw)
+                          if temb_channels is not None else None)
+    self.norm2 = GroupNorm(out_channels, groups_out, eps=eps, **kw)
+    self.dropout = nnx.Dropout(dropout, rngs=rngs)
+    self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1, **kw)
+    if use_in_shortcut is None:
+      use_in_shortcut = in_channels != out_channels
+    self.conv_shortcut = (Conv2d(in_channels, out_channels, 1, padding=0,
+                                 use_bias=conv_shortcut_bias, **kw)
+                          if use_in_shortcut else None)
+
+  def __call__(self, x: jax.Array, temb: Optional[jax.Array] = None) -> jax.Array:
+    """x [B, H, W, Cin], temb [B, T] (or None) -> [B, H, W, Cout]."""
+    h = self.conv1(self.act(self.norm1(x)))
+    if self.time_emb_proj is not None:
+      if temb is None:
+        raise ValueError("ResnetBlock2D with temb_channels needs a time embedding")
+      h = h + self.time_emb_proj(self.act(temb))[:, None, None, :].astype(h.dtype)
+    h = self.conv2(self.dropout(self.act(self.norm2(h))))
+    if self.conv_shortcut is not None:
+      x = self.conv_shortcut(x)
+    out = x.astype(h.dtype) + h
+    if self.output_scale_factor != 1.0:
+      out = out / self.output_scale_factor
+    return out
+
+
+class Downsample2D(nnx.Module):
+  """diffusers `Downsample2D`: 3x3 stride-2 `conv` (padding p; p=0 pads right/bottom by one
+  first, as diffusers), or 2x2 average pooling when `use_conv=False`."""
+
+  def __init__(self, channels: int, *, use_conv: bool = True, out_channels: Optional[int] = None,
+               padding: int = 1, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    out_channels = channels if out_channels is None else out_channels
+    self.padding = padding
+    if use_conv:
+      self.conv = Conv2d(channels, out_channels, 3, stride=2, padding=padding, dtype=dtype,
+                         param_dtype=param_dtype, rngs=rngs)
+    else:
+      if out_channels != channels:
+        raise ValueError("Downsample2D without conv cannot change the channel count")
+      self.conv = None
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """[B, H, W, C] -> [B, H//2, W//2, Cout]."""
+    if self.conv is None:
+      b, h, w, c = x.shape
+      x = x[:, :h // 2 * 2, :w // 2 * 2]
+      return x.reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
+    if self.padding == 0:
+      x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
+    return self.conv(x)
+
+
+def resize_nearest(x: jax.Array, size: tuple[int, int]) -> jax.Array:
+  """Nearest-neighbour resize of [B, H, W, C] to `size`, torch `F.interpolate(mode="nearest")`
+  (source index floor(dst * in / out))."""
+  b, h, w, c = x.shape
+  oh, ow = size
+  if (oh, ow) == (2 * h, 2 * w):
+    return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+  rows = jnp.floor(jnp.arange(oh) * (h / oh)).astype(jnp.int32)
+  cols = jnp.floor(jnp.arange(ow) * (w / ow)).astype(jnp.int32)
+  return x[:, rows][:, :, cols]
+
+
+class Upsample2D(nnx.Module):
+  """diffusers `Upsample2D`: nearest x2 (or to `output_size`), then a 3x3 `conv`."""
+
+  def __init__(self, channels: int, *, use_conv: bool = True, out_channels: Optional[int] = None,
+               dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    out_channels = channels if out_channels is None else out_channels
+    self.conv = (Conv2d(channels, out_channels, 3, padding=1, dtype=dtype,
+                        param_dtype=param_dtype, rngs=rngs) if use_conv else None)
+
+  def __call__(self, x: jax.Array, output_size: Optional[tuple[int, int]] = None) -> jax.Array:
+    """[B, H, W, C] -> [B, 2H, 2W, Cout] (or output_size)."""
+    size = (2 * x.shape[1], 2 * x.shape[2]) if output_size is None else tuple(output_size)
+    x = resize_nearest(x, size)
+    return x if self.conv is None else self.conv(x)
+
+
+class SpatialSelfAttention(nnx.Module):
+  """diffusers `Attention` as used in the VAE mid-block: group norm, self-attention over the
+  H*W positions (`heads` heads, biases on q/k/v/out), residual connection, division by
+  `rescale_output_factor`. Parameters: group_norm, to_q, to_k, to_v, to_out[0]."""
+
+  def __init__(self, channels: int, *, heads: int = 1, norm_groups: int = 32,
+               eps: float = 1e-6, rescale_output_factor: float = 1.0, dtype=None,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
+    if channels % heads:
+      raise ValueError(f"channels={channels} not divisible by heads={heads}")
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.heads = heads
+    self.rescale_output_factor = rescale_output_factor
+    self.group_norm = GroupNorm(channels, norm_groups, eps=eps, **kw)
+    self.to_q = Dense(channels, channels, axes=("embed", "heads"), **kw)
+    self.to_k = Dense(channels, channels, axes=("embed", "heads"), **kw)
+    self.to_v = Dense(channels, channels, axes=("embed", "heads"), **kw)
+    self.to_out = nnx.List([Dense(channels, channels, axes=("heads", "embed"), **kw)])
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """[B, H, W, C] -> [B, H, W, C]."""
+    b, h, w, c = x.shape
+    y = self.group_norm(x).reshape(b, h * w, c)
+    split = lambda t: t.reshape(b, h * w, self.heads, c // self.heads)
+    q, k, v = split(self.to_q(y)), split(self.to_k(y)), split(self.to_v(y))
+    o = attention_lib.attention(q, k, v).reshape(b, h * w, c)
+    o = self.to_out[0](o).reshape(b, h, w, c)
+    out = o + x.astype(o.dtype)
+    if self.rescale_output_factor != 1.0:
+      out = out / self.rescale_output_factor
+    return out
