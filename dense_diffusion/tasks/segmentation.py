@@ -1,0 +1,234 @@
+"""Semantic and instance segmentation as RGB images.
+
+Semantic: class c is colour c + 1 of a palette of L^3 evenly spaced colours (L levels per channel,
+the smallest L with L^3 >= K + 1); colour 0 (black) is ignore/void. Decoding snaps every pixel to
+the nearest palette colour of the K classes.
+
+Instance: every pixel of a thing instance carries its instance's centre of mass (R = x, G = y in
+[-1, 1], B = +1); other pixels are (-1, -1, -1). Decoding clusters the centre votes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import numpy as np
+from scipy import ndimage
+
+from dense_diffusion.tasks import base
+
+IGNORE_LABEL = 255
+
+
+@functools.lru_cache(maxsize=None)
+def palette(num_classes: int) -> np.ndarray:
+  """f32[K + 1, 3] in [-1, 1]: row 0 is black (ignore), row c + 1 is class c's colour."""
+  levels = levels_per_channel(num_classes)
+  index = np.arange(num_classes + 1)
+  digits = np.stack([index // levels**2, (index // levels) % levels, index % levels], axis=-1)
+  colours = -1.0 + 2.0 * digits / (levels - 1)
+  colours.setflags(write=False)
+  return colours.astype(np.float32)
+
+
+def levels_per_channel(num_classes: int) -> int:
+  """Smallest L >= 2 with L^3 >= num_classes + 1."""
+  levels = 2
+  while levels**3 < num_classes + 1:
+    levels += 1
+  return levels
+
+
+def _neighbour_votes(labels: np.ndarray, candidate: np.ndarray) -> np.ndarray:
+  """Counts, per pixel, the 8-neighbours whose label equals `candidate` (both i32[N, H, W])."""
+  padded = np.pad(labels, ((0, 0), (1, 1), (1, 1)), constant_values=-1)
+  h, w = labels.shape[1:]
+  votes = np.zeros(labels.shape, np.int32)
+  for dy in (0, 1, 2):
+    for dx in (0, 1, 2):
+      if dy == 1 and dx == 1:
+        continue
+      votes += padded[:, dy:dy + h, dx:dx + w] == candidate
+  return votes
+
+
+@base.register("semantic")
+@dataclasses.dataclass(frozen=True)
+class SemanticTask(base.Task):
+  """Class indices 0..K-1 (255 = ignore) as palette colours."""
+
+  name: str = "semantic"
+  prompt: str = "Perform semantic segmentation"
+  num_classes: int = 150
+  # Pixels closer than this fraction of half the level spacing to a colour-cell boundary are
+  # ambiguous: they take the neighbour-supported of their two nearest colours (see `_decode_batch`).
+  ambiguity_margin: float = 0.5
+
+  def __post_init__(self):
+    if self.num_classes < 1 or self.num_classes >= IGNORE_LABEL:
+      raise ValueError(f"semantic num_classes must be in 1..254, got {self.num_classes}")
+
+  @property
+  def palette(self) -> np.ndarray:
+    return palette(self.num_classes)
+
+  @property
+  def levels(self) -> int:
+    return levels_per_channel(self.num_classes)
+
+  def _encode(self, labels):
+    labels = base.check_map(labels, self.name, "a label map (H, W) of class indices")
+    if not np.issubdtype(labels.dtype, np.integer):
+      raise ValueError(f"semantic.encode expects integer labels, got {labels.dtype}")
+    bad = (labels != IGNORE_LABEL) & ((labels < 0) | (labels >= self.num_classes))
+    if bad.any():
+      raise ValueError(
+          f"semantic.encode got labels {np.unique(labels[bad])[:10].tolist()} outside "
+          f"0..{self.num_classes - 1} (and not the ignore label {IGNORE_LABEL})")
+    colour = np.where(labels == IGNORE_LABEL, 0, labels.astype(np.int64) + 1)
+    return self.palette[colour]
+
+  def _decode_batch(self, rgb):
+    """Nearest palette colour, computed on the colour grid instead of against all K colours.
+
+    The palette is a regular grid, so the nearest grid colour is per-channel rounding. Pixels whose
+    rounding was close to a cell boundary (within `ambiguity_margin` of half a level spacing) are
+    re-decided between that colour and the one across the nearest boundary, by which of the two
+    more of their 8 neighbours decoded to: isolated noise spikes near a boundary follow their
+    region, clean input is untouched. Grid colours that are not classes (black, or indices > K)
+    fall back to brute-force nearest among the K class colours.
+    """
+    levels = self.levels
+    scaled = (rgb + 1.0) * 0.5 * (levels - 1)  # [N,H,W,3] in [0, L-1]
+    digits = np.clip(np.rint(scaled), 0, levels - 1).astype(np.int64)
+    residual = scaled - digits  # in [-0.5, 0.5]
+    to_boundary = 0.5 - np.abs(residual)
+    labels = self._class_of_digits(digits, rgb)
+
+    axis = np.argmin(to_boundary, axis=-1)  # the channel nearest to a boundary
+    nearest_gap = np.take_along_axis(to_boundary, axis[..., None], -1)[..., 0]
+    ambiguous = nearest_gap < 0.5 * self.ambiguity_margin
+    if ambiguous.any():
+      step = np.where(np.take_along_axis(residual, axis[..., None], -1)[..., 0] >= 0, 1, -1)
+      other = digits.copy()
+      np.put_along_axis(other, axis[..., None],
+                        np.take_along_axis(digits, axis[..., None], -1) + step[..., None], -1)
+      inside = np.all((other >= 0) & (other < levels), axis=-1)
+      other_label = np.where(inside, self._class_of_digits(np.clip(other, 0, levels - 1), None),
+                             -1)
+      switch = ambiguous & (other_label >= 0) & (
+          _neighbour_votes(labels, other_label) > _neighbour_votes(labels, labels))
+      labels = np.where(switch, other_label, labels)
+    return labels.astype(np.int32)
+
+  def _class_of_digits(self, digits: np.ndarray, rgb: np.ndarray | None) -> np.ndarray:
+    """Grid digits [...,3] -> class index; non-class colours -> nearest class (or -1 if rgb None)."""
+    levels = self.levels
+    colour = digits[..., 0] * levels**2 + digits[..., 1] * levels + digits[..., 2]
+    labels = colour - 1
+    off_palette = (colour == 0) | (colour > self.num_classes)
+    if rgb is None:
+      return np.where(off_palette, -1, labels)
+    if off_palette.any():
+      pixels = rgb[off_palette]  # [M, 3]
+      classes = self.palette[1:]
+      dist = ((pixels[:, None, :] - classes[None]) ** 2).sum(-1)
+      labels = labels.copy()
+      labels[off_palette] = np.argmin(dist, axis=-1)
+    return labels
+
+
+def centres_of_mass(instance_ids: np.ndarray) -> dict[int, tuple[float, float]]:
+  """{instance id: (x, y) in pixels} for every id > 0 of an i32[H, W] map."""
+  ids = np.unique(instance_ids)
+  ids = ids[ids > 0]
+  if ids.size == 0:
+    return {}
+  centres = ndimage.center_of_mass(np.ones_like(instance_ids, np.float32), instance_ids, ids)
+  return {int(i): (float(c[1]), float(c[0])) for i, c in zip(ids, centres)}
+
+
+@base.register("instance")
+@dataclasses.dataclass(frozen=True)
+class InstanceTask(base.Task):
+  """Thing instances (i32[H, W], 0 = none) as per-pixel centre-of-mass votes."""
+
+  name: str = "instance"
+  prompt: str = "Perform instance segmentation"
+  vote_smoothing: float = 1.0  # Gaussian sigma (pixels) of the vote histogram before peak picking.
+  peak_window: int = 5  # peaks are maxima of the smoothed histogram in this window (pixels).
+  radius: float = 8.0  # a pixel joins the nearest peak within this distance (pixels) of its vote.
+  min_votes: int = 4  # peaks with fewer votes within `radius` are dropped.
+  min_area: int = 1  # connected components smaller than this (pixels) are dropped.
+
+  def _encode(self, instance_ids):
+    ids = base.check_map(instance_ids, self.name, "an instance-id map (H, W)")
+    if not np.issubdtype(ids.dtype, np.integer):
+      raise ValueError(f"instance.encode expects integer ids, got {ids.dtype}")
+    h, w = ids.shape
+    rgb = np.full((h, w, 3), -1.0, np.float32)
+    centres = centres_of_mass(ids)
+    if not centres:
+      return rgb
+    lut_x = np.zeros(ids.max() + 1, np.float32)
+    lut_y = np.zeros(ids.max() + 1, np.float32)
+    for i, (x, y) in centres.items():
+      lut_x[i], lut_y[i] = x, y
+    fg = ids > 0
+    rgb[fg, 0] = _to_unit(lut_x[ids[fg]], w)
+    rgb[fg, 1] = _to_unit(lut_y[ids[fg]], h)
+    rgb[fg, 2] = 1.0
+    return rgb
+
+  def _decode_batch(self, rgb):
+    return np.stack([self._decode_one(x) for x in rgb]).astype(np.int32)
+
+  def _decode_one(self, rgb: np.ndarray) -> np.ndarray:
+    """f32[H, W, 3] -> i32[H, W] instance ids 1..M (0 = none)."""
+    h, w = rgb.shape[:2]
+    fg = rgb[..., 2] > 0
+    out = np.zeros((h, w), np.int32)
+    if not fg.any():
+      return out
+    vx = _from_unit(rgb[..., 0][fg], w)
+    vy = _from_unit(rgb[..., 1][fg], h)
+    hist = np.zeros((h, w), np.float32)
+    np.add.at(hist, (np.clip(np.rint(vy), 0, h - 1).astype(int),
+                     np.clip(np.rint(vx), 0, w - 1).astype(int)), 1.0)
+    smooth = ndimage.gaussian_filter(hist, self.vote_smoothing) if self.vote_smoothing else hist
+    is_peak = (smooth == ndimage.maximum_filter(smooth, self.peak_window)) & (smooth > 0)
+    py, px = np.nonzero(is_peak)
+    if py.size == 0:
+      return out
+    dist2 = (vx[:, None] - px[None]) ** 2 + (vy[:, None] - py[None]) ** 2  # [P_fg, peaks]
+    within = dist2 <= self.radius**2
+    support = within.sum(0)
+    keep = support >= self.min_votes
+    if not keep.any():
+      return out
+    dist2 = np.where(within[:, keep], dist2[:, keep], np.inf)
+    nearest = np.argmin(dist2, axis=1)
+    cluster = np.where(np.isfinite(dist2.min(axis=1)), nearest + 1, 0)
+    clusters = np.zeros((h, w), np.int32)
+    clusters[fg] = cluster
+    # Split every cluster into connected components: two objects may vote for nearby centres.
+    next_id = 1
+    for c in range(1, int(keep.sum()) + 1):
+      components, count = ndimage.label(clusters == c)
+      if count == 0:
+        continue
+      areas = np.bincount(components.ravel(), minlength=count + 1)
+      for comp in range(1, count + 1):
+        if areas[comp] >= self.min_area:
+          out[components == comp] = next_id
+          next_id += 1
+    return out
+
+
+def _to_unit(coord: np.ndarray, size: int) -> np.ndarray:
+  """Pixel coordinate in [0, size-1] -> [-1, 1]."""
+  return 2.0 * coord / max(size - 1, 1) - 1.0
+
+
+def _from_unit(value: np.ndarray, size: int) -> np.ndarray:
+  return (value + 1.0) * 0.5 * max(size - 1, 1)
