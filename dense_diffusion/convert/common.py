@@ -27,7 +27,8 @@ Three layers, each usable on its own:
    attribute and transform the torch parameter name maps to: `weight` of an `nnx.Linear` ->
    `kernel` through `linear_to_dense`, `weight` of an `nnx.Conv` -> `kernel` through
    `conv_to_conv`, `weight` of a LayerNorm/GroupNorm -> `scale`, `weight` of an `nnx.Embed` ->
-   `embedding`. Layer classes that do not derive from these register their own table with
+   `embedding`; the same for `dense_diffusion.models.layers` (Dense, Conv2d, LayerNorm,
+   GroupNorm), registered here. Layer classes that do not derive from these register their own table with
    `register_layer_rule(cls, {...})`. A bare `nnx.Param` attribute with the same name as the torch
    tensor (e.g. CLIP's `class_embedding`) is copied as is.
 """
@@ -44,6 +45,8 @@ import jax
 import ml_dtypes
 import numpy as np
 from flax import nnx
+
+from dense_diffusion.models import layers
 
 PathLike = Union[str, os.PathLike]
 Transform = Callable[[np.ndarray], np.ndarray]
@@ -381,6 +384,11 @@ register_layer_rule(nnx.LayerNorm, {"weight": ("scale", identity), "bias": _BIAS
 register_layer_rule(nnx.GroupNorm, {"weight": ("scale", identity), "bias": _BIAS})
 register_layer_rule(nnx.RMSNorm, {"weight": ("scale", identity)})
 register_layer_rule(nnx.Embed, {"weight": ("embedding", identity)})
+# Our own building blocks (dense_diffusion/models/layers.py) hold torch-named layers.
+register_layer_rule(layers.Dense, {"weight": ("kernel", linear_to_dense), "bias": _BIAS})
+register_layer_rule(layers.Conv2d, {"weight": ("kernel", conv_to_conv), "bias": _BIAS})
+register_layer_rule(layers.LayerNorm, {"weight": ("scale", identity), "bias": _BIAS})
+register_layer_rule(layers.GroupNorm, {"weight": ("scale", identity), "bias": _BIAS})
 
 
 def get_submodule(module: Any, path: Sequence) -> Any:
