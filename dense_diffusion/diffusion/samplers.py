@@ -1,0 +1,467 @@
+"""Samplers: DDPM, DDIM, one-step, DMP DDIM / oracle-DDIM; test-time ensembling.
+
+Every sampler is a jitted `jax.lax.scan` over the step list: the timesteps (and the previous
+timesteps) are int32 array arguments, not Python constants, so a sampler compiles once per
+(batch shape, number of steps, model_fn) and has no Python work per step. The network plugs in
+as `model_fn(x_t, t, *model_args) -> output` with x_t f32[B, H, W, C] and t int32[B];
+`model_args` (e.g. parameters and the condition image/embeddings) are traced arguments, so new
+parameters or conditions do not recompile. `model_fn` itself is a static argument (hashed by
+identity): build it once and reuse it.
+
+Timesteps follow diffusers exactly (`ddim_timesteps`). For the step *after* t, diffusers' DDIM
+does not use the next entry of its own list: it uses t - T // n (T = num_train_timesteps,
+n = num_inference_steps). For `leading` spacing the two agree; for `trailing` they differ where
+rounding makes the gaps unequal (n = 3: list 999, 666, 332 but steps 999->666->333->final) and for
+`linspace` they differ almost everywhere (n = 10: 999 -> 899 although the list's next entry is
+888). `prev_timesteps(..., rule="diffusers")` reproduces diffusers' behaviour (the default, so
+pretrained checkpoints evaluated with diffusers' DDIM give the same numbers here);
+`rule="next"` is the self-consistent chain. DDPM (diffusers' `previous_timestep`) uses the next
+entry of the list, so `sample_ddpm` uses rule "next".
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dense_diffusion.diffusion import objectives
+from dense_diffusion.diffusion.schedules import PREDICTION_TYPES, TIMESTEP_SPACINGS, Schedule
+
+__all__ = [
+    "ddim_timesteps", "prev_timesteps", "ddim_step", "ddpm_step", "sample_ddim", "sample_ddpm",
+    "sample_onestep", "sample_dmp", "ensemble", "align_affine", "SAMPLERS", "ENSEMBLERS",
+    "PREV_RULES",
+]
+
+ModelFn = Callable[..., jax.Array]
+
+
+def ddim_timesteps(num_train_timesteps: int, num_inference_steps: int, spacing: str = "leading",
+                   steps_offset: int = 0) -> np.ndarray:
+  """Descending inference timesteps, equal to diffusers' `DDIMScheduler.set_timesteps().timesteps`.
+
+  linspace: round(linspace(0, T-1, n)) reversed.
+  leading:  arange(n) * (T // n) reversed, plus steps_offset.
+  trailing: round(arange(T, 0, -T/n)) - 1.
+  (diffusers applies steps_offset only to `leading`; we do the same.)
+
+  Args:
+    num_train_timesteps: T.
+    num_inference_steps: n in 1..T.
+    spacing: "leading" | "trailing" | "linspace".
+    steps_offset: added to leading timesteps (Stable Diffusion configs use 1).
+  Returns:
+    np.int64[n] descending timesteps, all in 0..T-1.
+  """
+  t_train, n = int(num_train_timesteps), int(num_inference_steps)
+  if not 1 <= n <= t_train:
+    raise ValueError(f"num_inference_steps must be in 1..{t_train} (num_train_timesteps), got {n}.")
+  if spacing == "linspace":
+    ts = np.linspace(0, t_train - 1, n).round()[::-1].copy().astype(np.int64)
+  elif spacing == "leading":
+    ratio = t_train // n
+    ts = (np.arange(0, n) * ratio).round()[::-1].copy().astype(np.int64)
+    ts += int(steps_offset)
+  elif spacing == "trailing":
+    ratio = t_train / n
+    ts = np.round(np.arange(t_train, 0, -ratio)).astype(np.int64) - 1
+  else:
+    raise ValueError(f"timestep spacing must be one of {list(TIMESTEP_SPACINGS)}, got {spacing!r}.")
+  if ts.max() >= t_train or ts.min() < 0:
+    raise ValueError(f"timesteps {ts.min()}..{ts.max()} leave 0..{t_train - 1}; lower steps_offset "
+                     f"({steps_offset}) or num_inference_steps ({n}).")
+  return ts
+
+
+def _prev_diffusers(timesteps, num_train_timesteps, num_inference_steps):
+  prev = np.asarray(timesteps, np.int64) - int(num_train_timesteps) // int(num_inference_steps)
+  return np.where(prev >= 0, prev, -1)
+
+
+def _prev_next(timesteps, num_train_timesteps, num_inference_steps):
+  del num_train_timesteps, num_inference_steps
+  ts = np.asarray(timesteps, np.int64)
+  return np.concatenate([ts[1:], [-1]]).astype(np.int64)
+
+
+PREV_RULES = {"diffusers": _prev_diffusers, "next": _prev_next}
+
+
+def prev_timesteps(timesteps: np.ndarray, num_train_timesteps: int,
+                   num_inference_steps: int | None = None, rule: str = "diffusers") -> np.ndarray:
+  """The timestep each step goes to (-1 = the clean end), for a descending timestep list.
+
+  Args:
+    timesteps: int[S] descending.
+    num_train_timesteps: T.
+    num_inference_steps: n used to build the list (default: len(timesteps)).
+    rule: "diffusers" (t - T // n, as DDIMScheduler.step) or "next" (the next list entry).
+  Returns:
+    np.int64[S].
+  """
+  if rule not in PREV_RULES:
+    raise KeyError(f"unknown prev-timestep rule {rule!r}; known: {sorted(PREV_RULES)}")
+  n = len(timesteps) if num_inference_steps is None else num_inference_steps
+  return PREV_RULES[rule](timesteps, num_train_timesteps, n)
+
+
+def _check_prediction_type(prediction_type):
+  if prediction_type not in PREDICTION_TYPES:
+    raise ValueError(f"prediction_type must be one of {list(PREDICTION_TYPES)}, "
+                     f"got {prediction_type!r}.")
+
+
+def _alpha_prev(schedule: Schedule, t_prev, x):
+  t_prev = jnp.asarray(t_prev, jnp.int32)
+  table = jnp.asarray(schedule.alphas_cumprod, jnp.float32)
+  a = jnp.where(t_prev >= 0, table[jnp.maximum(t_prev, 0)],
+                jnp.asarray(schedule.final_alpha_cumprod, jnp.float32))
+  return objectives._bcast(a, x)  # pylint: disable=protected-access
+
+
+def _x0_eps(schedule, model_output, t, x_t, prediction_type, clip_sample, clip_sample_range):
+  x0, eps = objectives.pred_to_x0_eps(schedule, model_output, x_t, t, prediction_type)
+  if clip_sample:
+    x0 = jnp.clip(x0, -clip_sample_range, clip_sample_range)
+  return x0, eps
+
+
+def ddim_step(schedule: Schedule, model_output: jax.Array, t, t_prev, x_t: jax.Array,
+              prediction_type: str, eta: float = 0.0, noise: jax.Array | None = None, *,
+              clip_sample: bool = False, clip_sample_range: float = 1.0,
+              return_x0: bool = False):
+  """One DDIM step from t to t_prev (DDIM eq. 12; diffusers' `DDIMScheduler.step`).
+
+  x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma^2) eps + sigma * noise, with
+  sigma = eta * sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)). t_prev < 0 means the clean
+  end: a_prev = schedule.final_alpha_cumprod (1.0 = diffusers' set_alpha_to_one=True). As in
+  diffusers, eps is the model's (not re-derived from a clipped x0).
+
+  Args:
+    schedule: the schedule.
+    model_output: f32[B, H, W, C] network output.
+    t, t_prev: int (Python or array, [] or [B]).
+    x_t: f32[B, H, W, C].
+    prediction_type: "epsilon" | "v_prediction" | "sample".
+    eta: 0 = deterministic DDIM, 1 = DDPM-like variance.
+    noise: f32[B, H, W, C] standard normal, required when eta > 0.
+    clip_sample, clip_sample_range: clip predicted x0 to [-range, range].
+    return_x0: also return the (clipped) predicted x0.
+  Returns:
+    x_prev f32[B, H, W, C], or (x_prev, x0) with return_x0.
+  """
+  _check_prediction_type(prediction_type)
+  x0, eps = _x0_eps(schedule, model_output, t, x_t, prediction_type, clip_sample,
+                    clip_sample_range)
+  a_t = objectives.gather(schedule.alphas_cumprod, t, x_t)
+  a_prev = _alpha_prev(schedule, t_prev, x_t)
+  x_prev_mean_eps = None
+  if isinstance(eta, (int, float)) and eta == 0:
+    x_prev = jnp.sqrt(a_prev) * x0 + jnp.sqrt(1.0 - a_prev) * eps
+  else:
+    if noise is None:
+      raise ValueError("ddim_step with eta > 0 needs `noise` (standard normal, shaped like x_t).")
+    variance = (1.0 - a_prev) / (1.0 - a_t) * (1.0 - a_t / a_prev)
+    std = eta * jnp.sqrt(variance)
+    x_prev_mean_eps = jnp.sqrt(1.0 - a_prev - std**2) * eps
+    x_prev = jnp.sqrt(a_prev) * x0 + x_prev_mean_eps + std * noise
+  return (x_prev, x0) if return_x0 else x_prev
+
+
+def ddpm_step(schedule: Schedule, model_output: jax.Array, t, t_prev, x_t: jax.Array,
+              prediction_type: str, noise: jax.Array | None = None, *, clip_sample: bool = False,
+              clip_sample_range: float = 1.0, return_x0: bool = False):
+  """One ancestral DDPM step (diffusers' `DDPMScheduler.step`, variance_type="fixed_small").
+
+  With a_t, a_prev the alpha_bars at t and t_prev (a_prev = 1 for t_prev < 0) and
+  beta = 1 - a_t / a_prev:
+    mean = sqrt(a_prev) beta / (1 - a_t) * x0 + sqrt(a_t / a_prev) (1 - a_prev) / (1 - a_t) * x_t
+    var  = max((1 - a_prev) / (1 - a_t) * beta, 1e-20)
+    x_prev = mean + sqrt(var) * noise   (noise only where t > 0; none when noise is None)
+
+  Args: as `ddim_step`; noise f32[B, H, W, C] standard normal or None (no noise: the mean).
+  """
+  _check_prediction_type(prediction_type)
+  x0, _ = _x0_eps(schedule, model_output, t, x_t, prediction_type, clip_sample,
+                  clip_sample_range)
+  a_t = objectives.gather(schedule.alphas_cumprod, t, x_t)
+  t_prev_arr = jnp.asarray(t_prev, jnp.int32)
+  table = jnp.asarray(schedule.alphas_cumprod, jnp.float32)
+  a_prev = objectives._bcast(  # pylint: disable=protected-access
+      jnp.where(t_prev_arr >= 0, table[jnp.maximum(t_prev_arr, 0)], 1.0), x_t)
+  beta_prod_t, beta_prod_prev = 1.0 - a_t, 1.0 - a_prev
+  cur_alpha = a_t / a_prev
+  cur_beta = 1.0 - cur_alpha
+  mean = (jnp.sqrt(a_prev) * cur_beta / beta_prod_t) * x0 + (
+      jnp.sqrt(cur_alpha) * beta_prod_prev / beta_prod_t) * x_t
+  if noise is None:
+    x_prev = mean
+  else:
+    variance = jnp.maximum(beta_prod_prev / beta_prod_t * cur_beta, 1e-20)
+    has_noise = objectives._bcast(jnp.asarray(t, jnp.int32) > 0, x_t)  # pylint: disable=protected-access
+    x_prev = mean + jnp.where(has_noise, jnp.sqrt(variance) * noise, 0.0)
+  return (x_prev, x0) if return_x0 else x_prev
+
+
+def _batch_t(t, x):
+  return jnp.full((x.shape[0],), t, jnp.int32)
+
+
+def _step_noise(key, noise, num_steps, shape):
+  """Per-step standard normal noise [S, *shape]: given, or drawn from key."""
+  if noise is not None:
+    if noise.shape != (num_steps,) + tuple(shape):
+      raise ValueError(f"noise must have shape {(num_steps,) + tuple(shape)}, got {noise.shape}.")
+    return noise.astype(jnp.float32)
+  if key is None:
+    raise ValueError("a stochastic sampler needs `key` (or explicit `noise`).")
+  return jax.random.normal(key, (num_steps,) + tuple(shape), jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("model_fn", "prediction_type", "clip_sample",
+                                             "clip_sample_range", "stochastic"))
+def _ddim_loop(model_fn, schedule, x_start, timesteps, prev, model_args, eta, noise,
+               prediction_type, clip_sample, clip_sample_range, stochastic):
+  def body(x, inputs):
+    t, t_prev, n = inputs
+    out = model_fn(x, _batch_t(t, x), *model_args)
+    x_prev = ddim_step(schedule, out, t, t_prev, x, prediction_type,
+                       eta=eta if stochastic else 0.0, noise=n if stochastic else None,
+                       clip_sample=clip_sample, clip_sample_range=clip_sample_range)
+    return x_prev, None
+
+  x, _ = jax.lax.scan(body, x_start, (timesteps, prev, noise))
+  return x
+
+
+def _as_steps(timesteps, prev):
+  ts = jnp.asarray(timesteps, jnp.int32)
+  pv = jnp.asarray(prev, jnp.int32)
+  if ts.ndim != 1 or ts.shape != pv.shape:
+    raise ValueError(f"timesteps and prev_timesteps must be 1-D of equal length, got "
+                     f"{ts.shape} and {pv.shape}.")
+  return ts, pv
+
+
+def sample_ddim(model_fn: ModelFn, schedule: Schedule, x_start: jax.Array, timesteps,
+                prev: Any = None, *, prediction_type: str = "epsilon", eta: float = 0.0,
+                key: jax.Array | None = None, noise: jax.Array | None = None,
+                model_args: Sequence[Any] = (), clip_sample: bool = False,
+                clip_sample_range: float = 1.0) -> jax.Array:
+  """DDIM sampling loop (the loop of diffusers' DDIM pipelines, jitted as a scan).
+
+  Args:
+    model_fn: (x_t f32[B,H,W,C], t int32[B], *model_args) -> f32[B,H,W,C]; static, reuse it.
+    schedule: the schedule.
+    x_start: f32[B, H, W, C] the start x_T (standard normal noise for generation).
+    timesteps: int[S] descending (`ddim_timesteps`).
+    prev: int[S] where each step goes (`prev_timesteps`); default rule "diffusers" with
+      n = S.
+    prediction_type: "epsilon" | "v_prediction" | "sample".
+    eta: DDIM eta; > 0 needs key or noise.
+    key: PRNG key for eta > 0. noise: f32[S, B, H, W, C] explicit per-step noise (overrides key).
+    model_args: extra (traced) arguments of model_fn.
+    clip_sample, clip_sample_range: clip predicted x0.
+  Returns:
+    f32[B, H, W, C] the sample after the last step (x0 when the last prev is -1 and
+    final_alpha_cumprod = 1).
+  """
+  _check_prediction_type(prediction_type)
+  if prev is None:
+    prev = prev_timesteps(np.asarray(timesteps), schedule.num_train_timesteps)
+  ts, pv = _as_steps(timesteps, prev)
+  stochastic = noise is not None or not (isinstance(eta, (int, float)) and eta == 0)
+  if stochastic:
+    noise = _step_noise(key, noise, ts.shape[0], x_start.shape)
+  else:
+    noise = jnp.zeros((ts.shape[0],), jnp.float32)
+  return _ddim_loop(model_fn, schedule, x_start, ts, pv, tuple(model_args),
+                    jnp.asarray(eta, jnp.float32), noise, prediction_type, bool(clip_sample),
+                    float(clip_sample_range), stochastic)
+
+
+@functools.partial(jax.jit, static_argnames=("model_fn", "prediction_type", "clip_sample",
+                                             "clip_sample_range"))
+def _ddpm_loop(model_fn, schedule, x_start, timesteps, prev, model_args, noise, prediction_type,
+               clip_sample, clip_sample_range):
+  def body(x, inputs):
+    t, t_prev, n = inputs
+    out = model_fn(x, _batch_t(t, x), *model_args)
+    return ddpm_step(schedule, out, t, t_prev, x, prediction_type, noise=n,
+                     clip_sample=clip_sample, clip_sample_range=clip_sample_range), None
+
+  x, _ = jax.lax.scan(body, x_start, (timesteps, prev, noise))
+  return x
+
+
+def sample_ddpm(model_fn: ModelFn, schedule: Schedule, x_start: jax.Array, timesteps, *,
+                prediction_type: str = "epsilon", key: jax.Array | None = None,
+                noise: jax.Array | None = None, model_args: Sequence[Any] = (),
+                clip_sample: bool = False, clip_sample_range: float = 1.0) -> jax.Array:
+  """Ancestral DDPM sampling over `timesteps` (each step goes to the next entry, then clean).
+
+  Args: as `sample_ddim`; timesteps int[S] descending (all T steps: `np.arange(T)[::-1]`, or a
+    spaced list from `ddim_timesteps`, which is how diffusers' DDPMScheduler spaces them too);
+    key or noise f32[S, B, H, W, C] required.
+  Returns:
+    f32[B, H, W, C].
+  """
+  _check_prediction_type(prediction_type)
+  prev = prev_timesteps(np.asarray(timesteps), schedule.num_train_timesteps, rule="next")
+  ts, pv = _as_steps(timesteps, prev)
+  noise = _step_noise(key, noise, ts.shape[0], x_start.shape)
+  return _ddpm_loop(model_fn, schedule, x_start, ts, pv, tuple(model_args), noise,
+                    prediction_type, bool(clip_sample), float(clip_sample_range))
+
+
+@functools.partial(jax.jit, static_argnames=("model_fn", "prediction_type", "clip_sample",
+                                             "clip_sample_range"))
+def _onestep(model_fn, schedule, image, t, model_args, prediction_type, clip_sample,
+             clip_sample_range):
+  tb = jnp.broadcast_to(jnp.asarray(t, jnp.int32), (image.shape[0],))
+  out = model_fn(image, tb, *model_args)
+  x0 = objectives.onestep_x0(schedule, out, image, tb, prediction_type)
+  return jnp.clip(x0, -clip_sample_range, clip_sample_range) if clip_sample else x0
+
+
+def sample_onestep(model_fn: ModelFn, schedule: Schedule, image: jax.Array, t: int | None = None,
+                   *, prediction_type: str = "v_prediction", model_args: Sequence[Any] = (),
+                   clip_sample: bool = False, clip_sample_range: float = 1.0) -> jax.Array:
+  """One-step deterministic prediction (GenPercept / Lotus): one model call at a fixed t.
+
+  The image (latent) is the model's x_t; the target estimate is the x0 implied by the output:
+  with the all-ones schedule (alpha_bar = 0) and v-prediction it is -v (GenPercept); with
+  `sample` prediction it is the output itself (Lotus, t = T-1).
+  Args:
+    image: f32[B, H, W, C]. t: the fixed timestep (default T-1).
+  Returns:
+    f32[B, H, W, C] target estimate.
+  """
+  if t is None:
+    t = schedule.num_train_timesteps - 1
+  return _onestep(model_fn, schedule, image, jnp.asarray(t, jnp.int32), tuple(model_args),
+                  prediction_type, bool(clip_sample), float(clip_sample_range))
+
+
+@functools.partial(jax.jit, static_argnames=("model_fn", "oracle", "clip_sample",
+                                             "clip_sample_range"))
+def _dmp_loop(model_fn, schedule, image, timesteps, prev, model_args, oracle, clip_sample,
+              clip_sample_range):
+  def body(carry, inputs):
+    z, _ = carry
+    t, t_prev = inputs
+    v = model_fn(z, _batch_t(t, z), *model_args)
+    y_hat, x_hat = _x0_eps(schedule, v, t, z, "v_prediction", clip_sample, clip_sample_range)
+    if oracle:
+      x_hat = image
+    a_prev = _alpha_prev(schedule, t_prev, z)
+    z_prev = jnp.sqrt(a_prev) * y_hat + jnp.sqrt(1.0 - a_prev) * x_hat
+    return (z_prev, y_hat), None
+
+  (_, y), _ = jax.lax.scan(body, (image, jnp.zeros_like(image)), (timesteps, prev))
+  return y
+
+
+def sample_dmp(model_fn: ModelFn, schedule: Schedule, image: jax.Array, timesteps,
+               prev: Any = None, *, oracle: bool = False, model_args: Sequence[Any] = (),
+               clip_sample: bool = False, clip_sample_range: float = 1.0) -> jax.Array:
+  """DMP interpolation sampling: DDIM (eta 0, v-prediction) starting from z_T = image.
+
+  Each step predicts y_hat = a z - s v and x_hat = s z + a v, then
+  z_prev = sqrt(a_prev) y_hat + sqrt(1 - a_prev) x_hat. The oracle variant uses the known image
+  instead of x_hat. Starting at the image assumes alpha_bar at the first timestep is ~0 (SD:
+  alpha_bar_999 ~ 0.0047).
+  Args:
+    image: f32[B, H, W, C] the condition image (latent). timesteps, prev: as `sample_ddim`.
+    oracle: re-build z_prev from the known image.
+  Returns:
+    f32[B, H, W, C] y_hat of the last step.
+  """
+  if prev is None:
+    prev = prev_timesteps(np.asarray(timesteps), schedule.num_train_timesteps)
+  ts, pv = _as_steps(timesteps, prev)
+  return _dmp_loop(model_fn, schedule, image, ts, pv, tuple(model_args), bool(oracle),
+                   bool(clip_sample), float(clip_sample_range))
+
+
+SAMPLERS: dict[str, Callable] = {
+    "ddim": sample_ddim,
+    "ddpm": sample_ddpm,
+    "onestep": sample_onestep,
+    "dmp": sample_dmp,
+    "dmp_oracle": functools.partial(sample_dmp, oracle=True),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Test-time ensembling.
+
+
+def align_affine(pred: jax.Array, ref: jax.Array, mask: jax.Array | None = None,
+                 eps: float = 1e-8) -> jax.Array:
+  """Least-squares scale s and shift b per example so that s * pred + b ~ ref; returns it.
+
+  Args:
+    pred, ref: f32[B, H, W, C]. mask: optional [B, H, W, 1 or C] pixels to fit on.
+  Returns:
+    f32[B, H, W, C] s * pred + b (s, b per example).
+  """
+  axes = tuple(range(1, pred.ndim))
+  m = jnp.ones_like(pred) if mask is None else jnp.broadcast_to(
+      jnp.asarray(mask, pred.dtype), pred.shape)
+  cnt = jnp.maximum(jnp.sum(m, axis=axes, keepdims=True), 1.0)
+  mp = jnp.sum(m * pred, axis=axes, keepdims=True) / cnt
+  mr = jnp.sum(m * ref, axis=axes, keepdims=True) / cnt
+  cov = jnp.sum(m * (pred - mp) * (ref - mr), axis=axes, keepdims=True)
+  var = jnp.sum(m * jnp.square(pred - mp), axis=axes, keepdims=True)
+  s = jnp.where(var > eps, cov / jnp.where(var > eps, var, 1.0), 1.0)
+  return s * (pred - mp) + mr
+
+
+def _ensemble_mean(samples, mask=None, iterations=0):
+  del mask, iterations
+  return jnp.mean(samples, axis=0)
+
+
+def _ensemble_depth_affine(samples, mask=None, iterations=3):
+  """Marigold-style: align each member (scale + shift) to the per-pixel median, then average.
+
+  One iteration = fit every member to the current reference by least squares, then take the
+  median of the aligned members as the new reference. We iterate (default 3) instead of
+  Marigold's joint optimisation: with members that are affine copies of one depth map whose
+  per-pixel order does not change, one pass is already exact; iterating tightens the reference
+  when members cross. The result is the mean of the aligned members (in the frame of the median
+  member).
+  """
+  ref = jnp.median(samples, axis=0)
+  aligned = samples
+  for _ in range(max(int(iterations), 1)):
+    aligned = jax.vmap(lambda p: align_affine(p, ref, mask))(samples)
+    ref = jnp.median(aligned, axis=0)
+  return jnp.mean(aligned, axis=0)
+
+
+ENSEMBLERS: dict[str, Callable] = {"mean": _ensemble_mean, "depth_affine": _ensemble_depth_affine}
+
+
+def ensemble(samples: jax.Array, kind: str = "mean", mask: jax.Array | None = None,
+             iterations: int = 3) -> jax.Array:
+  """Combines N samples of the same inputs.
+
+  Args:
+    samples: f32[N, B, H, W, C].
+    kind: "mean" (plain average: normals, segmentation colours, restoration) or "depth_affine"
+      (per-member least-squares scale/shift alignment to the median, then mean; Marigold).
+    mask: optional valid-pixel mask [B, H, W, 1 or C] for the alignment fit.
+    iterations: alignment passes for depth_affine.
+  Returns:
+    f32[B, H, W, C].
+  """
+  if kind not in ENSEMBLERS:
+    raise KeyError(f"unknown ensembling {kind!r}; known: {sorted(ENSEMBLERS)}")
+  if samples.ndim < 2:
+    raise ValueError(f"samples must be [N, B, ...], got shape {samples.shape}.")
+  return ENSEMBLERS[kind](samples, mask=mask, iterations=iterations)
