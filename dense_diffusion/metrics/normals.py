@@ -1,0 +1,162 @@
+"""Surface-normal metrics: angular error in degrees.
+
+Both prediction and ground truth are normalised to unit length before the angle
+`arccos(clip(<p, g>, -1, 1))` (degrees) is taken per pixel. Valid pixels: ground truth with a
+non-zero, finite norm (invalid normals are stored as zero vectors) and `mask`. A zero predicted
+vector has no direction; it is counted as 90 degrees off.
+
+Keys of the result (thresholds as fractions in [0, 1], not percent):
+  mean, median, rmse   angular error statistics in degrees
+  a11.25, a22.5, a30   fraction of valid pixels with error < 11.25, 22.5, 30 degrees
+All statistics are pixel-pooled (over all valid pixels of all images), the standard protocol for
+normals (Eigen & Fergus; Bae et al.).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from dense_diffusion.metrics import _checks
+
+THRESHOLDS = (11.25, 22.5, 30.0)
+NORMAL_KEYS = ("mean", "median", "rmse") + tuple(f"a{t:g}" for t in THRESHOLDS)
+
+
+def _prepare(pred, gt, mask):
+  pred = _checks.as_array(pred, "pred")
+  gt = _checks.as_array(gt, "gt")
+  _checks.check_ndim(pred, (3, 4), "pred", "(H, W, 3) or (N, H, W, 3)")
+  _checks.check_same_shape(pred, gt)
+  if pred.shape[-1] != 3:
+    raise ValueError(f"normal maps must have 3 channels (x, y, z) in the last axis, got "
+                     f"shape {pred.shape}")
+  if pred.ndim == 3:
+    pred, gt = pred[None], gt[None]
+    if mask is not None:
+      mask = np.asarray(mask)[None] if np.ndim(mask) == 2 else mask
+  if mask is not None:
+    mask = _checks.as_array(mask, "mask").astype(bool)
+    if mask.shape != pred.shape[:-1]:
+      raise ValueError(f"mask shape {mask.shape} does not match the normal maps "
+                       f"{pred.shape[:-1]} (without the channel axis)")
+  return pred, gt, mask
+
+
+def angular_error(pred, gt) -> tuple[np.ndarray, np.ndarray]:
+  """Per-pixel angular error in degrees and validity of the ground truth.
+
+  Args:
+    pred, gt: f[..., 3] normal vectors (need not be unit length).
+
+  Returns:
+    (f64[...] error in degrees, bool[...] True where gt has a non-zero finite norm).
+  """
+  p = np.asarray(pred, np.float64)
+  g = np.asarray(gt, np.float64)
+  pn = np.linalg.norm(p, axis=-1)
+  gn = np.linalg.norm(g, axis=-1)
+  valid = np.isfinite(gn) & (gn > 0)
+  denom = np.where(valid & (pn > 0), pn * gn, np.inf)  # zero prediction -> cos = 0 -> 90 deg
+  cos = np.einsum("...c,...c->...", p, np.where(valid[..., None], g, 0.0)) / denom
+  return np.degrees(np.arccos(np.clip(cos, -1.0, 1.0))), valid
+
+
+def _summary(err_sum, err_sq_sum, below, count, median):
+  if count == 0:
+    return {k: float("nan") for k in NORMAL_KEYS}
+  out = {"mean": err_sum / count, "median": median, "rmse": float(np.sqrt(err_sq_sum / count))}
+  for t, b in zip(THRESHOLDS, below):
+    out[f"a{t:g}"] = b / count
+  return {k: float(v) for k, v in out.items()}
+
+
+def normal_metrics(pred, gt, mask=None) -> dict[str, float]:
+  """Angular-error metrics pooled over all valid pixels of one image or a batch.
+
+  Args:
+    pred: f[H, W, 3] or f[N, H, W, 3] predicted normals.
+    gt: same shape, ground-truth normals (zero vector = invalid pixel).
+    mask: optional bool[H, W] or bool[N, H, W] of pixels to evaluate.
+
+  Returns:
+    dict with `NORMAL_KEYS` (see the module docstring); the median is exact.
+
+  Raises:
+    ValueError: shape mismatch, last axis not 3, non-finite predictions (count in the message),
+      or no valid pixel at all.
+  """
+  pred, gt, mask = _prepare(pred, gt, mask)
+  _checks.raise_if_nonfinite(pred, "pred")
+  err, valid = angular_error(pred, gt)
+  if mask is not None:
+    valid &= mask
+  e = err[valid]
+  if e.size == 0:
+    raise ValueError("no valid pixel: every ground-truth normal is zero/non-finite or masked out")
+  below = [np.count_nonzero(e < t) for t in THRESHOLDS]
+  return _summary(e.sum(), (e * e).sum(), below, e.size, np.median(e))
+
+
+class NormalMetrics:
+  """Streaming normal metrics, pixel-pooled over the dataset.
+
+  Mean, RMSE and threshold fractions are exact. The median comes from a histogram of the errors
+  with `median_bin_deg`-wide bins (linear interpolation inside the bin holding the middle), so it
+  is within `median_bin_deg` degrees of the exact pooled median without storing every pixel.
+  Images with any non-finite predicted value are skipped and counted (`num_nonfinite`).
+  """
+
+  def __init__(self, median_bin_deg: float = 1e-3):
+    if not median_bin_deg > 0:
+      raise ValueError(f"median_bin_deg must be > 0, got {median_bin_deg}")
+    self.bin = float(median_bin_deg)
+    self.num_bins = int(np.ceil(180.0 / self.bin)) + 1
+    self.reset()
+
+  def reset(self) -> None:
+    self._hist = np.zeros(self.num_bins, np.int64)
+    self._sum = 0.0
+    self._sq_sum = 0.0
+    self._below = np.zeros(len(THRESHOLDS), np.int64)
+    self.num_pixels = 0
+    self.num_images = 0
+    self.num_nonfinite = 0
+
+  def update(self, pred, gt, mask=None) -> None:
+    """Adds one image (H, W, 3) or a batch (N, H, W, 3)."""
+    pred, gt, mask = _prepare(pred, gt, mask)
+    bad = _checks.nonfinite_per_image(pred)
+    if bad.any():
+      self.num_nonfinite += int(bad.sum())
+      _checks.warn_skipped("NormalMetrics", int(bad.sum()), self.num_nonfinite)
+      pred, gt = pred[~bad], gt[~bad]
+      mask = None if mask is None else mask[~bad]
+    if pred.shape[0] == 0:
+      return
+    err, valid = angular_error(pred, gt)
+    if mask is not None:
+      valid &= mask
+    e = err[valid]
+    self._hist += np.bincount(np.minimum((e / self.bin).astype(np.int64), self.num_bins - 1),
+                              minlength=self.num_bins)
+    self._sum += float(e.sum())
+    self._sq_sum += float((e * e).sum())
+    self._below += np.array([np.count_nonzero(e < t) for t in THRESHOLDS])
+    self.num_pixels += int(e.size)
+    self.num_images += int(pred.shape[0])
+
+  def _median(self) -> float:
+    n = self.num_pixels
+    if n == 0:
+      return float("nan")
+    cum = np.cumsum(self._hist)
+    half = 0.5 * n
+    b = int(np.searchsorted(cum, half, side="left"))
+    before = cum[b - 1] if b > 0 else 0
+    frac = (half - before) / self._hist[b]
+    return (b + frac) * self.bin
+
+  def result(self) -> dict[str, float]:
+    out = _summary(self._sum, self._sq_sum, self._below, self.num_pixels, self._median())
+    out.update(num_pixels=self.num_pixels, num_images=self.num_images,
+               num_nonfinite=self.num_nonfinite)
+    return out

@@ -1,0 +1,180 @@
+"""Image restoration metrics: PSNR and SSIM, on RGB or on the BT.601 luma (Y) channel.
+
+PSNR = 10 log10(data_range^2 / MSE), MSE over all pixels and channels of an image (float64
+numpy; the same as `skimage.metrics.peak_signal_noise_ratio`). Identical images give +inf.
+
+SSIM follows Wang et al. (2004): 11x11 Gaussian window with sigma 1.5, K1 = 0.01, K2 = 0.03,
+population (not sample) covariances, computed per channel on the "valid" part of the image (the
+window never leaves the image) and averaged over pixels and channels. This equals
+`skimage.metrics.structural_similarity(..., gaussian_weights=True, sigma=1.5,
+use_sample_covariance=False, data_range=..., channel_axis=-1)`, which filters the whole image and
+then crops (11 - 1) // 2 = 5 pixels from every border before averaging: the same pixels.
+We use `dm_pix.ssim` (same formula, 'valid' filtering; it matches scikit-image to ~5e-7 in the
+tests) with one change: its default Gaussian filter runs `jnp.convolve` under a vmap, which is
+~2x slower on CPU than the separable shifted-slice sum we pass as `filter_fn` (identical
+weights). Images are divided by `data_range` first and SSIM is taken with max_val = 1: SSIM is
+invariant under this joint rescaling (C1, C2 scale with data_range^2) and float32 keeps more
+precision on [0, 1] than on [0, 255].
+
+Y channel (deraining protocol): RGB in [0, data_range] is mapped to ITU-R BT.601 luma as MATLAB
+`rgb2ycbcr(im2double(img))` does, Y = (16 + 65.481 R + 128.553 G + 24.966 B) / 255 with R, G, B
+in [0, 1], so Y lies in [16/255, 235/255]; PSNR and SSIM are then taken on Y with data range 1.
+This is what the deraining evaluation scripts compute (MATLAB `psnr(x, x_true)` and
+`ssim(x * 255, x_true * 255)` on double Y, e.g. PReNet / MPRNet / Restormer
+`evaluate_PSNR_SSIM.m`; BasicSR `calculate_psnr(..., test_y_channel=True)` is the same), since
+both metrics are invariant when image and data range are scaled together. No rounding of Y to
+uint8 is done (MATLAB `rgb2ycbcr` on uint8 input would round; the scripts convert to double
+first). Predictions are not clipped or quantised here: do that beforehand if the protocol asks.
+"""
+from __future__ import annotations
+
+import functools
+
+import dm_pix
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dense_diffusion.metrics import _checks
+
+SSIM_WINDOW = 11
+SSIM_SIGMA = 1.5
+# MATLAB rgb2ycbcr / ITU-R BT.601 luma weights for R, G, B in [0, 1] (output in 0..255 scale).
+Y_WEIGHTS = (65.481, 128.553, 24.966)
+Y_OFFSET = 16.0
+
+
+def _gaussian_1d(size: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA) -> np.ndarray:
+  x = np.arange(size) - (size - 1) / 2
+  g = np.exp(-0.5 * (x / sigma) ** 2)
+  return g / g.sum()
+
+
+def _separable_valid_filter(z: jax.Array) -> jax.Array:
+  """2-D Gaussian filter of z f32[N, H, W, C] with 'valid' borders -> f32[N, H-10, W-10, C]."""
+  g = _gaussian_1d()
+  k = g.size
+  h, w = z.shape[-3], z.shape[-2]
+  rows = sum(float(g[i]) * z[..., i:h - k + 1 + i, :, :] for i in range(k))
+  return sum(float(g[i]) * rows[..., :, i:w - k + 1 + i, :] for i in range(k))
+
+
+@jax.jit
+def _ssim_batch(a: jax.Array, b: jax.Array) -> jax.Array:
+  """SSIM per image of f32[N, H, W, C] pairs in [0, 1] -> f32[N]."""
+  return dm_pix.ssim(a, b, max_val=1.0, filter_size=SSIM_WINDOW, filter_sigma=SSIM_SIGMA,
+                     filter_fn=_separable_valid_filter)
+
+
+def rgb_to_y(rgb: np.ndarray, data_range: float) -> np.ndarray:
+  """BT.601 luma of RGB in [0, data_range]: f[..., 3] -> f64[...] in [16/255, 235/255]."""
+  x = np.asarray(rgb, np.float64) / data_range
+  return (Y_OFFSET + x @ np.asarray(Y_WEIGHTS)) / 255.0
+
+
+def _prepare(pred, gt, data_range, y_channel):
+  """Validates and returns (pred, gt) as f64[N, H, W, C] scaled to [0, 1], C = 1 for Y."""
+  pred = _checks.as_array(pred, "pred")
+  gt = _checks.as_array(gt, "gt")
+  _checks.check_ndim(pred, (3, 4), "pred", "(H, W, 3) or (N, H, W, 3)")
+  _checks.check_same_shape(pred, gt)
+  if pred.shape[-1] != 3:
+    raise ValueError(f"images must be RGB with 3 channels in the last axis (NHWC), got shape "
+                     f"{pred.shape}")
+  if not data_range > 0:
+    raise ValueError(f"data_range must be > 0 (1.0 for float images, 255 for uint8), got "
+                     f"{data_range}")
+  if pred.ndim == 3:
+    pred, gt = pred[None], gt[None]
+  if y_channel:
+    return rgb_to_y(pred, data_range)[..., None], rgb_to_y(gt, data_range)[..., None]
+  return pred.astype(np.float64) / data_range, gt.astype(np.float64) / data_range
+
+
+def _psnr01(p: np.ndarray, g: np.ndarray) -> np.ndarray:
+  """PSNR per image of f64[N, H, W, C] in [0, 1] scale (data range 1) -> f64[N]."""
+  mse = np.mean((p - g) ** 2, axis=(1, 2, 3))
+  with np.errstate(divide="ignore"):
+    return 10.0 * np.log10(1.0 / mse)
+
+
+def _ssim01(p: np.ndarray, g: np.ndarray) -> np.ndarray:
+  if p.shape[1] < SSIM_WINDOW or p.shape[2] < SSIM_WINDOW:
+    raise ValueError(f"SSIM needs images of at least {SSIM_WINDOW}x{SSIM_WINDOW} pixels, got "
+                     f"{p.shape[1]}x{p.shape[2]}")
+  return np.asarray(_ssim_batch(jnp.asarray(p, jnp.float32), jnp.asarray(g, jnp.float32)),
+                    np.float64)
+
+
+def psnr(pred, gt, data_range: float, *, y_channel: bool = False, reduce: bool = True):
+  """PSNR in dB of RGB images f[H, W, 3] or f[N, H, W, 3] with values in [0, data_range].
+
+  Args:
+    pred, gt: same shape.
+    data_range: 1.0 for float images, 255 for uint8-range images.
+    y_channel: evaluate the BT.601 luma instead of RGB (deraining protocol).
+    reduce: True -> mean over the batch (float); False -> f64[N] per image.
+
+  Raises:
+    ValueError: shape mismatch, last axis not 3, non-finite prediction (count in the message).
+  """
+  p, g = _prepare(pred, gt, data_range, y_channel)
+  _checks.raise_if_nonfinite(p, "pred")
+  v = _psnr01(p, g)
+  return float(v.mean()) if reduce else v
+
+
+def ssim(pred, gt, data_range: float, *, y_channel: bool = False, reduce: bool = True):
+  """SSIM (Wang et al., Gaussian 11x11, sigma 1.5) of RGB f[H, W, 3] or f[N, H, W, 3].
+
+  Arguments as in `psnr`. Images must be at least 11x11.
+  """
+  p, g = _prepare(pred, gt, data_range, y_channel)
+  _checks.raise_if_nonfinite(p, "pred")
+  v = _ssim01(p, g)
+  return float(v.mean()) if reduce else v
+
+
+class RestorationMetrics:
+  """Streaming PSNR / SSIM averaged per image over a dataset.
+
+  Args:
+    data_range: value range of the images (1.0 or 255).
+    y_channel: measure on BT.601 luma (deraining) instead of RGB.
+
+  Images with a non-finite predicted value are skipped, counted (`num_nonfinite`) and logged.
+  An image identical to its ground truth has PSNR +inf, which makes the mean +inf.
+  """
+
+  def __init__(self, data_range: float = 1.0, *, y_channel: bool = False):
+    if not data_range > 0:
+      raise ValueError(f"data_range must be > 0, got {data_range}")
+    self.data_range = float(data_range)
+    self.y_channel = bool(y_channel)
+    self.reset()
+
+  def reset(self) -> None:
+    self._psnr_sum = 0.0
+    self._ssim_sum = 0.0
+    self.num_images = 0
+    self.num_nonfinite = 0
+
+  def update(self, pred, gt) -> None:
+    """Adds one image (H, W, 3) or a batch (N, H, W, 3)."""
+    p, g = _prepare(pred, gt, self.data_range, self.y_channel)
+    bad = _checks.nonfinite_per_image(p)
+    if bad.any():
+      self.num_nonfinite += int(bad.sum())
+      _checks.warn_skipped("RestorationMetrics", int(bad.sum()), self.num_nonfinite)
+      p, g = p[~bad], g[~bad]
+      if p.shape[0] == 0:
+        return
+    self._psnr_sum += float(_psnr01(p, g).sum())
+    self._ssim_sum += float(_ssim01(p, g).sum())
+    self.num_images += int(p.shape[0])
+
+  def result(self) -> dict[str, float]:
+    n = self.num_images
+    return {"psnr": self._psnr_sum / n if n else float("nan"),
+            "ssim": self._ssim_sum / n if n else float("nan"),
+            "num_images": n, "num_nonfinite": self.num_nonfinite}
