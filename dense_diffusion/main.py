@@ -1,0 +1,65 @@
+"""Command-line entry point: `python -m dense_diffusion.main COMMAND [flags]`.
+
+Commands (a registry, not an if-chain; each command module is imported only when it runs):
+  demo      the README's main job (see dense_diffusion/demo.py)
+  convert   --from diffusers --src DIR --dst DIR: converted weights -> orbax checkpoint
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app
+from absl import flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Where checkpoints, logs, metrics and pictures go.")
+flags.DEFINE_string("from", "diffusers", "convert: source format of the checkpoint.")
+flags.DEFINE_string("src", None, "convert: folder of the source checkpoint.")
+flags.DEFINE_string("dst", None, "convert: folder for the converted orbax checkpoint.")
+
+
+
+def _require(command: str, *names: str) -> None:
+  missing = [f"--{n}" for n in names if FLAGS[n].value is None]
+  if missing:
+    raise app.UsageError(f"{command} needs {' '.join(missing)}")
+
+
+def _demo(_) -> int | None:
+  from dense_diffusion import demo
+  return demo.run(workdir=FLAGS.workdir or "runs/demo")
+
+
+def _convert(_) -> int | None:
+  _require("convert", "src", "dst")
+  from dense_diffusion.convert import command
+  return command.run(FLAGS["from"].value, FLAGS.src, FLAGS.dst)
+
+
+# command name -> function(FLAGS) returning an exit code or None.
+COMMANDS = {
+    "demo": _demo,
+    "convert": _convert,
+}
+
+
+def main(argv: list[str]) -> int | None:
+  if len(argv) < 2:
+    raise app.UsageError(f"usage: python -m dense_diffusion.main {{{'|'.join(COMMANDS)}}} [flags]")
+  command, extra = argv[1], argv[2:]
+  if command not in COMMANDS:
+    raise app.UsageError(f"unknown command {command!r}; commands: {', '.join(COMMANDS)}")
+  if extra:
+    raise app.UsageError(f"unexpected arguments {extra}; options are --flags")
+  return COMMANDS[command](FLAGS)
+
+
+def run() -> None:
+  app.run(main)
+
+
+if __name__ == "__main__":
+  sys.exit(run())
