@@ -37,7 +37,8 @@ def nyu_eigen_crop_mask(shape=NYU_SIZE, *, rescale: bool = False) -> np.ndarray:
     rescale: what to do for a size other than 480x640. False (default): raise ValueError, since
       the crop is defined on the original frame and predictions should be resized to 480x640
       before evaluation. True: scale the crop bounds proportionally, `round(b * H / 480)` for
-      rows and `round(b * W / 640)` for columns.
+      rows and `round(b * W / 640)` for columns, rounding halves up
+      (240x320 -> rows 23:236, cols 21:301).
 
   Returns:
     bool[H, W], True inside rows 45:471 and cols 41:601 (or their scaled bounds).
@@ -53,8 +54,8 @@ def nyu_eigen_crop_mask(shape=NYU_SIZE, *, rescale: bool = False) -> np.ndarray:
           f"the NYUv2 Eigen crop is defined for {NYU_SIZE[0]}x{NYU_SIZE[1]} depth maps, got "
           f"{h}x{w}; resize the prediction to 480x640 first or pass rescale=True to scale the "
           "crop proportionally")
-    r0, r1 = (int(round(b * h / NYU_SIZE[0])) for b in (r0, r1))
-    c0, c1 = (int(round(b * w / NYU_SIZE[1])) for b in (c0, c1))
+    r0, r1 = (int(np.floor(b * h / NYU_SIZE[0] + 0.5)) for b in (r0, r1))
+    c0, c1 = (int(np.floor(b * w / NYU_SIZE[1] + 0.5)) for b in (c0, c1))
   mask = np.zeros((h, w), bool)
   mask[r0:r1, c0:c1] = True
   return mask
