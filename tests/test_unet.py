@@ -1,0 +1,218 @@
+"""Parity of models/unet.py + convert/unet.py with diffusers' UNet2DConditionModel (tiny configs)."""
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+safetensors_torch = pytest.importorskip("safetensors.torch")
+
+from dense_diffusion.convert import common  # noqa: E402
+from dense_diffusion.convert import load_diffusers_unet  # noqa: E402
+from dense_diffusion.models import unet as unet_lib  # noqa: E402
+
+SD1 = dict(
+    sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64),
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1,
+    cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8)
+SD2 = dict(
+    sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=(1, 2),
+    cross_attention_dim=24, attention_head_dim=(2, 4), use_linear_projection=True,
+    transformer_layers_per_block=2, upcast_attention=True, norm_num_groups=8)
+ODD = dict(
+    sample_size=16, in_channels=3, out_channels=5, block_out_channels=(24, 48, 48),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1,
+    cross_attention_dim=16, attention_head_dim=3, norm_num_groups=3, norm_eps=1e-6,
+    only_cross_attention=(True, False, False), flip_sin_to_cos=False, freq_shift=1,
+    mid_block_scale_factor=0.5)
+
+
+def _randomize(model, seed):
+  gen = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if p.ndim == 1 and "norm" in name and name.endswith("weight"):
+        p.copy_(1 + 0.2 * torch.randn(p.shape, generator=gen))
+      elif p.ndim == 1:
+        p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+      else:
+        fan_in = math.prod(p.shape[1:])
+        p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(fan_in))
+  return model.eval()
+
+
+def _build(config, seed):
+  return _randomize(diffusers.UNet2DConditionModel(**config), seed)
+
+
+def _inputs(config, h=16, w=16, batch=2, length=5, seed=0):
+  rng = np.random.default_rng(seed)
+  x = rng.standard_normal((batch, h, w, config["in_channels"])).astype(np.float32)
+  t = np.array([3.0, 700.0][:batch], np.float32)
+  ctx = rng.standard_normal((batch, length, config["cross_attention_dim"])).astype(np.float32)
+  return x, t, ctx
+
+
+def _torch_out(model, x, t, ctx):
+  with torch.no_grad():
+    out = model(torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(t),
+                torch.from_numpy(ctx)).sample
+  return out.permute(0, 2, 3, 1).numpy()
+
+
+@pytest.fixture(scope="module")
+def sd1(tmp_path_factory):
+  model = _build(SD1, 1)
+  path = tmp_path_factory.mktemp("sd1")
+  model.save_pretrained(path, safe_serialization=True)
+  return model, path
+
+
+@pytest.mark.parametrize("name,config,hw,save_kw,sub", [
+    ("sd2_sharded", SD2, (16, 16), dict(max_shard_size="60KB"), None),
+    ("odd_pipeline", ODD, (13, 10), {}, "unet"),
+])
+def test_parity_other_configs(tmp_path, name, config, hw, save_kw, sub):
+  model = _build(config, 2)
+  target = tmp_path / sub if sub else tmp_path
+  model.save_pretrained(target, safe_serialization=True, **save_kw)
+  if save_kw:
+    assert list(tmp_path.glob("*.index.json")), "expected the sharded form"
+  ours = load_diffusers_unet(tmp_path)
+  x, t, ctx = _inputs(config, *hw)
+  expected = _torch_out(model, x, t, ctx)
+  got = np.asarray(jax.jit(lambda m, *a: m(*a))(ours, x, t, ctx))
+  assert got.shape == expected.shape
+  np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+
+
+def test_parity_sd1(sd1):
+  model, path = sd1
+  ours = load_diffusers_unet(path)
+  x, t, ctx = _inputs(SD1)
+  expected = _torch_out(model, x, t, ctx)
+  got = np.asarray(ours(x, t, ctx))
+  np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+  # A scalar timestep is broadcast over the batch.
+  got_scalar = np.asarray(ours(x, 3.0, ctx))
+  expected_scalar = _torch_out(model, x, np.array([3.0, 3.0], np.float32), ctx)
+  np.testing.assert_allclose(got_scalar, expected_scalar, atol=1e-4, rtol=0)
+
+
+def test_features_and_remat(sd1):
+  _, path = sd1
+  x, t, ctx = _inputs(SD1)
+  plain = load_diffusers_unet(path)
+  remat = load_diffusers_unet(path, remat=True)
+  out, feats = plain(x, t, ctx, return_features=True)
+  assert [f.shape for f in feats] == [(2, 8, 8, 64), (2, 16, 16, 32)]
+
+  def loss(m):
+    return jnp.mean(m(x, t, ctx) ** 2)
+
+  l1, g1 = nnx.value_and_grad(loss)(plain)
+  l2, g2 = nnx.value_and_grad(loss)(remat)
+  np.testing.assert_allclose(float(l1), float(l2), rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-4)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(plain(x, t, ctx)), atol=0)
+
+
+def test_bf16_close_to_fp32(sd1):
+  _, path = sd1
+  x, t, ctx = _inputs(SD1)
+  ref = np.asarray(load_diffusers_unet(path)(x, t, ctx))
+  bf = load_diffusers_unet(path, dtype=jnp.bfloat16)
+  assert bf.conv_in.kernel[...].dtype == jnp.float32  # parameters stay float32.
+  got = np.asarray(bf(x, t, ctx))
+  assert got.dtype == np.float32
+  rel = np.linalg.norm(got - ref) / np.linalg.norm(ref)
+  assert rel < 3e-2, rel
+
+
+@pytest.mark.parametrize("new_in,rule", [(8, "copy_scale"), (6, "copy_scale"), (6, "zeros"),
+                                         (8, "zeros")])
+def test_input_widening(sd1, new_in, rule):
+  model, path = sd1
+  ours = load_diffusers_unet(path, in_channels=new_in, input_widening=rule)
+  w = model.conv_in.weight.detach().numpy().transpose(2, 3, 1, 0)  # [kh, kw, 4, out]
+  if rule == "copy_scale" and new_in % 4 == 0:
+    r = new_in // 4
+    expected = np.concatenate([w / r] * r, axis=2)
+  else:
+    expected = np.concatenate([w, np.zeros(w.shape[:2] + (new_in - 4, w.shape[3]))], axis=2)
+  np.testing.assert_allclose(np.asarray(ours.conv_in.kernel[...]), expected, atol=1e-7)
+  # Invariant: repeated inputs (copy_scale) or any extra input (zeros) leave the output unchanged.
+  x, t, ctx = _inputs(SD1)
+  if rule == "copy_scale" and new_in % 4 == 0:
+    wide = np.concatenate([x] * (new_in // 4), axis=-1)
+  else:
+    extra = np.random.default_rng(5).standard_normal(x.shape[:3] + (new_in - 4,))
+    wide = np.concatenate([x, extra.astype(np.float32)], axis=-1)
+  np.testing.assert_allclose(np.asarray(ours(wide, t, ctx)), _torch_out(model, x, t, ctx),
+                             atol=1e-4, rtol=0)
+
+
+def test_widening_rejects_bad_rule_and_narrowing(sd1):
+  _, path = sd1
+  with pytest.raises(ValueError, match="input_widening"):
+    load_diffusers_unet(path, in_channels=8, input_widening="random")
+  with pytest.raises(ValueError, match="narrow"):
+    load_diffusers_unet(path, in_channels=2)
+
+
+def test_missing_and_unused_keys_are_listed(sd1, tmp_path):
+  _, path = sd1
+  tensors = safetensors_torch.load_file(str(path / "diffusion_pytorch_model.safetensors"))
+  del tensors["down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight"]
+  del tensors["mid_block.resnets.1.norm2.bias"]
+  tensors["mid_block.extra_layer.weight"] = torch.zeros(3)
+  safetensors_torch.save_file(tensors, str(tmp_path / "diffusion_pytorch_model.safetensors"))
+  (tmp_path / "config.json").write_text((path / "config.json").read_text())
+  with pytest.raises(common.CheckpointMismatchError) as info:
+    load_diffusers_unet(tmp_path)
+  msg = str(info.value)
+  assert "mid_block.extra_layer.weight" in msg
+  assert "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.kernel" in msg
+  assert "mid_block.resnets.1.norm2.bias" in msg
+
+
+@pytest.mark.parametrize("key,value", [
+    ("class_embed_type", "timestep"), ("time_embedding_type", "fourier"),
+    ("resnet_time_scale_shift", "scale_shift"), ("down_block_types", ["AttnDownBlock2D"]),
+    ("dual_cross_attention", True), ("addition_embed_type", "text_time"),
+    ("some_new_key", 1)])
+def test_unsupported_config_raises_naming_key(sd1, key, value):
+  _, path = sd1
+  config = json.loads((path / "config.json").read_text())
+  config[key] = value
+  with pytest.raises(ValueError, match=key):
+    unet_lib.UNet(config, rngs=nnx.Rngs(0))
+
+
+def test_metadata_keys_ignored_and_every_diffusers_key_known(sd1):
+  _, path = sd1
+  config = json.loads((path / "config.json").read_text())
+  for key in config:  # everything diffusers writes is either a config key or known metadata.
+    assert key in unet_lib.UNET_CONFIG_KEYS or key in unet_lib.UNET_METADATA_KEYS, key
+  normalized = unet_lib.normalize_config(config)
+  assert "_class_name" not in normalized and normalized["block_out_channels"] == (32, 64)
+
+
+def test_logical_axis_names_on_every_parameter(sd1):
+  _, path = sd1
+  model = load_diffusers_unet(path)
+  for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    names = v.get_metadata().get("out_sharding")
+    assert names is not None and len(names) == v.get_value().ndim, p
+  assert model.conv_in.kernel.get_metadata()["out_sharding"] == (
+      "conv_height", "conv_width", "conv_in", "conv_out")
