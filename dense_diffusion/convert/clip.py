@@ -1,0 +1,101 @@
+"""transformers CLIP checkpoints (safetensors) -> our `TextEncoder` / `ImageEncoder`.
+
+Our module trees mirror transformers' attribute names (see `models/text_encoder.py` and
+`models/image_encoder.py`), so each converter is: strip the wrapper prefix of the checkpoint
+(`text_model.` in pre-5.x / pipeline checkpoints, `vision_model.` in `CLIPVisionModel
+WithProjection` and older checkpoints), then `common.torch_layer_rule` maps `weight`/`bias` of
+each layer by its type (Dense: transpose; Conv2d: OIHW -> HWIO; LayerNorm: weight -> scale;
+Embedding: weight -> embedding; `class_embedding` as is).
+
+Non-parameter tensors allowed to stay unused (and only these): `*.position_ids` buffers (stored
+by older transformers versions). Every other checkpoint tensor must be used and every parameter
+filled, or `CheckpointMismatchError` lists the names.
+"""
+from __future__ import annotations
+
+import re
+from typing import Optional
+
+import jax.numpy as jnp
+from flax import nnx
+
+from dense_diffusion.convert import common
+from dense_diffusion.models import image_encoder as image_encoder_lib
+from dense_diffusion.models import text_encoder as text_encoder_lib
+
+WEIGHTS_NAME = "model.safetensors"
+BUFFER_PATTERN = re.compile(r"(^|\.)position_ids$")
+
+common.register_layer_rule(text_encoder_lib.Embedding,
+                           {"weight": ("embedding", common.identity)})
+
+
+def _buffers(tensors) -> list[str]:
+  return [k for k in tensors if BUFFER_PATTERN.search(k)]
+
+
+def _strip(prefix: str):
+  def rename(key: str) -> str:
+    return key[len(prefix):] if key.startswith(prefix) else key
+  return rename
+
+
+def load_transformers_clip_text(path, *, subfolder: str = "text_encoder", dtype=None,
+                                param_dtype=jnp.float32, seed: int = 0
+                                ) -> text_encoder_lib.TextEncoder:
+  """A `TextEncoder` with the weights of a transformers `CLIPTextModel`.
+
+  Args:
+    path: folder from `CLIPTextModel.save_pretrained` (config.json + model.safetensors, or the
+      sharded index), or a pipeline folder whose `subfolder` holds it.
+    subfolder: pipeline sub-folder tried when `path` holds no weights.
+    dtype: compute dtype (None = float32); parameters are `param_dtype`.
+    seed: only seeds the (fully overwritten) initial parameters.
+
+  Returns:
+    The loaded `TextEncoder` (its `config` attribute holds the `CLIPTextConfig`).
+
+  Raises:
+    CheckpointMismatchError: unused checkpoint tensors / unfilled parameters / shape mismatches.
+  """
+  config, tensors = common.load_model_files(path, WEIGHTS_NAME, subfolder)
+  model = text_encoder_lib.TextEncoder(text_encoder_lib.CLIPTextConfig.from_dict(config),
+                                       dtype=dtype, param_dtype=param_dtype,
+                                       rngs=nnx.Rngs(seed))
+  return common.load_into(model, tensors, rename=_strip("text_model."), ignore=_buffers(tensors),
+                          what=f"CLIP text checkpoint {path}")
+
+
+def load_transformers_clip_vision(path, *, subfolder: str = "image_encoder",
+                                  context_dim: Optional[int] = None, layer: int = -1,
+                                  tokens: str = "all", post_layernorm: bool = False,
+                                  trainable: bool = False, dtype=None,
+                                  param_dtype=jnp.float32, seed: int = 0
+                                  ) -> image_encoder_lib.ImageEncoder:
+  """An `ImageEncoder` whose vision tower has the weights of a transformers CLIP vision model.
+
+  Args:
+    path: folder from `CLIPVisionModel.save_pretrained` or
+      `CLIPVisionModelWithProjection.save_pretrained` (then `visual_projection` is loaded into
+      `vision_model.visual_projection`), or a pipeline folder whose `subfolder` holds it.
+    subfolder: pipeline sub-folder tried when `path` holds no weights.
+    context_dim, layer, tokens, post_layernorm, trainable: see `ImageEncoder`. The projection to
+      `context_dim` is not in the checkpoint: it keeps its random initialisation (seeded by
+      `seed`).
+    dtype, param_dtype: compute / parameter dtypes.
+
+  Returns:
+    The `ImageEncoder`.
+
+  Raises:
+    CheckpointMismatchError: unused checkpoint tensors / unfilled tower parameters / shapes.
+  """
+  config, tensors = common.load_model_files(path, WEIGHTS_NAME, subfolder)
+  with_projection = "visual_projection.weight" in tensors
+  vcfg = image_encoder_lib.CLIPVisionConfig.from_dict(config, with_projection=with_projection)
+  model = image_encoder_lib.ImageEncoder(
+      vcfg, context_dim=context_dim, layer=layer, tokens=tokens, post_layernorm=post_layernorm,
+      trainable=trainable, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(seed))
+  common.load_into(model.vision_model, tensors, rename=_strip("vision_model."),
+                   ignore=_buffers(tensors), what=f"CLIP vision checkpoint {path}")
+  return model
