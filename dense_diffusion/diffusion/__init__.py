@@ -1,5 +1,5 @@
 """Diffusion core: schedules, objectives, samplers and the per-mode registry (`modes.get`)."""
-# modes imported below
+from dense_diffusion.diffusion import modes
 from dense_diffusion.diffusion import objectives
 from dense_diffusion.diffusion import samplers
 from dense_diffusion.diffusion import schedules

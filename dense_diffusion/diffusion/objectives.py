@@ -84,7 +84,7 @@ def target(schedule: Schedule, x0: jax.Array, noise: jax.Array, t,
   return a * noise - s * x0
 
 
-def _alpha_sigma(schedule: Schedule, t, x: jax.Array, final_alpha: bool = False):
+def _alpha_sigma(schedule: Schedule, t, x: jax.Array):
   a2 = gather(schedule.alphas_cumprod, t, x)
   return jnp.sqrt(a2), jnp.sqrt(1.0 - a2), a2
 
@@ -208,16 +208,20 @@ def dmp_v_target(schedule: Schedule, y: jax.Array, x: jax.Array, t) -> jax.Array
 
 def onestep_target(schedule: Schedule, y: jax.Array, x: jax.Array, t,
                    prediction_type: str) -> jax.Array:
-  """Target of a one-step model that sees the image x as its "noisy" input at a fixed t.
+  """Target of a one-step model that sees the image x as its x_t at a fixed t.
 
-  The input is taken to be z_t = sqrt(a) y + sqrt(1-a) x with a = alpha_bar_t, as in DMP; the
-  target is that of `prediction_type`. With the all-ones beta schedule (GenPercept, a = 0) the
-  input is exactly x and the v-target is -y; with `sample` (Lotus) it is y.
+  The target is the output whose implied x0 (`onestep_x0`, with x_t = x) is exactly y:
+    sample:       y                                   (Lotus)
+    v_prediction: (sqrt(a) x - y) / sqrt(1 - a)       (= -y when a = alpha_bar_t = 0: GenPercept,
+                                                       all-ones betas)
+  so training on this target in prediction space and training on y in image space agree.
+  Args:
+    y: f32[B, H, W, C] target. x: f32[B, H, W, C] image (latent). t: int32 [B] or [].
   """
   if prediction_type == "epsilon":
     raise ValueError("one-step prediction needs prediction_type 'v_prediction' or 'sample': "
                      "epsilon carries no information about the target when alpha_bar = 0.")
-  return target(schedule, y, x, t, prediction_type)
+  return convert(schedule, y, x, t, "sample", prediction_type)
 
 
 def onestep_x0(schedule: Schedule, pred: jax.Array, x: jax.Array, t,

@@ -158,7 +158,6 @@ def ddim_step(schedule: Schedule, model_output: jax.Array, t, t_prev, x_t: jax.A
                     clip_sample_range)
   a_t = objectives.gather(schedule.alphas_cumprod, t, x_t)
   a_prev = _alpha_prev(schedule, t_prev, x_t)
-  x_prev_mean_eps = None
   if isinstance(eta, (int, float)) and eta == 0:
     x_prev = jnp.sqrt(a_prev) * x0 + jnp.sqrt(1.0 - a_prev) * eps
   else:
@@ -166,8 +165,7 @@ def ddim_step(schedule: Schedule, model_output: jax.Array, t, t_prev, x_t: jax.A
       raise ValueError("ddim_step with eta > 0 needs `noise` (standard normal, shaped like x_t).")
     variance = (1.0 - a_prev) / (1.0 - a_t) * (1.0 - a_t / a_prev)
     std = eta * jnp.sqrt(variance)
-    x_prev_mean_eps = jnp.sqrt(1.0 - a_prev - std**2) * eps
-    x_prev = jnp.sqrt(a_prev) * x0 + x_prev_mean_eps + std * noise
+    x_prev = jnp.sqrt(a_prev) * x0 + jnp.sqrt(1.0 - a_prev - std**2) * eps + std * noise
   return (x_prev, x0) if return_x0 else x_prev
 
 

@@ -282,7 +282,7 @@ TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 # Keys that do not change the numbers of the DDPM/DDIM maths we implement, so reading them is
 # safe whatever their value. Anything else unknown raises.
 _IGNORED_KEYS = frozenset({
-    "_class_name", "_diffusers_version", "_name_or_path",
+    "_class_name", "_diffusers_version", "_name_or_path", "_use_default_values",
     "skip_prk_steps",  # PNDM-only: we never run PRK steps.
     "sample_max_value", "dynamic_thresholding_ratio",  # only used with thresholding (rejected).
     "timestep_type", "interpolation_type", "final_sigmas_type", "sigma_min", "sigma_max",
