@@ -1,0 +1,428 @@
+"""Samplers and modes: diffusers parity (timesteps, DDIM/DDPM steps and trajectories), oracle
+recovery for every sampler, compile-once, ensembling, and the mode registry."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dense_diffusion.diffusion import modes, objectives, samplers, schedules
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+
+PTS = ["epsilon", "v_prediction", "sample"]
+SPACINGS = ["leading", "trailing", "linspace"]
+SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+
+
+def _nchw(x):
+  return torch.tensor(np.asarray(x).transpose(0, 3, 1, 2))
+
+
+def _nhwc(x):
+  return x.numpy().transpose(0, 2, 3, 1)
+
+
+def fake_torch(x, t):
+  """A fixed nonlinear function of (x_t, t): the same maths as fake_jax."""
+  c = torch.cos(t.to(torch.float32) / 300.0).reshape(-1, 1, 1, 1)
+  return torch.tanh(0.9 * x + 0.1) * c + 0.05 * x
+
+
+def fake_jax(x, t):
+  c = jnp.cos(t.astype(jnp.float32) / 300.0).reshape(-1, 1, 1, 1)
+  return jnp.tanh(0.9 * x + 0.1) * c + 0.05 * x
+
+
+@pytest.fixture(scope="module")
+def sd():
+  return schedules.make("scaled_linear")
+
+
+@pytest.fixture(scope="module")
+def x_start():
+  return np.random.default_rng(0).standard_normal((2, 4, 4, 3)).astype(np.float32)
+
+
+# --- timesteps --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spacing", SPACINGS)
+@pytest.mark.parametrize("offset", [0, 1])
+@pytest.mark.parametrize("n", [1, 3, 5, 10, 50, 999])
+def test_ddim_timesteps_match_diffusers(spacing, offset, n):
+  ref = diffusers.DDIMScheduler(timestep_spacing=spacing, steps_offset=offset)
+  ref.set_timesteps(n)
+  ours = samplers.ddim_timesteps(1000, n, spacing, offset)
+  np.testing.assert_array_equal(ours, ref.timesteps.numpy())
+  ddpm = diffusers.DDPMScheduler(timestep_spacing=spacing, steps_offset=offset)
+  ddpm.set_timesteps(n)
+  np.testing.assert_array_equal(ours, ddpm.timesteps.numpy())
+  assert np.all(np.diff(ours) < 0)
+
+
+def test_ddim_timesteps_errors():
+  with pytest.raises(ValueError, match="num_inference_steps"):
+    samplers.ddim_timesteps(1000, 0)
+  with pytest.raises(ValueError, match="num_inference_steps"):
+    samplers.ddim_timesteps(1000, 1001)
+  with pytest.raises(ValueError, match="spacing"):
+    samplers.ddim_timesteps(1000, 10, "karras")
+  with pytest.raises(ValueError, match="steps_offset"):
+    samplers.ddim_timesteps(1000, 1000, "leading", 1)
+  with pytest.raises(KeyError, match="known"):
+    samplers.prev_timesteps(np.array([5, 1]), 10, rule="previous")
+
+
+def test_prev_timestep_rules():
+  ts = samplers.ddim_timesteps(1000, 3, "trailing")
+  np.testing.assert_array_equal(ts, [999, 666, 332])
+  np.testing.assert_array_equal(samplers.prev_timesteps(ts, 1000), [666, 333, -1])
+  np.testing.assert_array_equal(samplers.prev_timesteps(ts, 1000, rule="next"), [666, 332, -1])
+  ts = samplers.ddim_timesteps(1000, 10, "leading", 1)
+  np.testing.assert_array_equal(samplers.prev_timesteps(ts, 1000),
+                                samplers.prev_timesteps(ts, 1000, rule="next"))
+
+
+# --- single steps -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pt", PTS)
+@pytest.mark.parametrize("set_alpha_to_one", [True, False])
+def test_ddim_step_matches_diffusers(sd, x_start, pt, set_alpha_to_one):
+  ref = diffusers.DDIMScheduler(**SD, prediction_type=pt, clip_sample=False,
+                                set_alpha_to_one=set_alpha_to_one)
+  ref.set_timesteps(10)
+  sched = sd if set_alpha_to_one else schedules.from_diffusers_config(
+      dict(ref.config)).schedule
+  rng = np.random.default_rng(1)
+  out = rng.standard_normal(x_start.shape).astype(np.float32)
+  noise = rng.standard_normal(x_start.shape).astype(np.float32)
+  for t, t_prev in [(900, 800), (0, -1)]:  # diffusers: prev = t - 1000 // 10
+    for eta in [0.0, 0.5]:
+      exp = ref.step(_nchw(out), t, _nchw(x_start), eta=eta,
+                     variance_noise=_nchw(noise) if eta else None).prev_sample
+      got = samplers.ddim_step(sched, out, t, t_prev, x_start, pt, eta=eta,
+                               noise=noise if eta else None)
+      np.testing.assert_allclose(got, _nhwc(exp), atol=1e-5, rtol=1e-5)
+      got_arr = samplers.ddim_step(sched, out, jnp.full((2,), t), jnp.full((2,), t_prev),
+                                   x_start, pt, eta=eta, noise=noise if eta else None)
+      np.testing.assert_allclose(got_arr, got, atol=1e-6)
+  with pytest.raises(ValueError, match="noise"):
+    samplers.ddim_step(sd, out, 900, 800, x_start, pt, eta=0.5)
+
+
+def _patch_ddpm_noise(monkeypatch, noises):
+  """Makes diffusers' DDPMScheduler.step draw our noise, one array per call."""
+  import diffusers.schedulers.scheduling_ddpm as ddpm_mod  # pylint: disable=import-outside-toplevel
+  it = iter(noises)
+  monkeypatch.setattr(ddpm_mod, "randn_tensor", lambda *a, **k: _nchw(next(it)))
+
+
+@pytest.mark.parametrize("pt", PTS)
+def test_ddpm_loop_matches_diffusers(sd, x_start, pt, monkeypatch):
+  ref = diffusers.DDPMScheduler(**SD, prediction_type=pt, clip_sample=True)
+  ref.set_timesteps(10)
+  ts = samplers.ddim_timesteps(1000, 10, "leading")
+  noise = np.random.default_rng(2).standard_normal((10,) + x_start.shape).astype(np.float32)
+  _patch_ddpm_noise(monkeypatch, list(noise))
+  x = _nchw(x_start)
+  for t in ref.timesteps:
+    x = ref.step(fake_torch(x, t.repeat(2)), t, x).prev_sample
+  got = samplers.sample_ddpm(fake_jax, sd, jnp.asarray(x_start), ts, prediction_type=pt,
+                             noise=jnp.asarray(noise), clip_sample=True)
+  np.testing.assert_allclose(got, _nhwc(x), atol=1e-5, rtol=1e-5)
+  # One step with injected noise, as a plain function.
+  _patch_ddpm_noise(monkeypatch, [noise[0]])
+  out = fake_jax(x_start, jnp.full((2,), 900))
+  exp = ref.step(_nchw(out), 900, _nchw(x_start)).prev_sample
+  got = samplers.ddpm_step(sd, out, 900, 800, x_start, pt, noise[0], clip_sample=True)
+  np.testing.assert_allclose(got, _nhwc(exp), atol=1e-5)
+
+
+# --- full DDIM trajectories -------------------------------------------------------------------
+
+
+def _diffusers_ddim(x, pt, spacing, n, eta, noise, clip):
+  ref = diffusers.DDIMScheduler(**SD, prediction_type=pt, timestep_spacing=spacing,
+                                clip_sample=clip, steps_offset=1 if spacing == "leading" else 0)
+  ref.set_timesteps(n)
+  xt = _nchw(x)
+  for i, t in enumerate(ref.timesteps):
+    xt = ref.step(fake_torch(xt, t.repeat(x.shape[0])), t, xt, eta=eta,
+                  variance_noise=_nchw(noise[i]) if eta else None).prev_sample
+  return _nhwc(xt)
+
+
+@pytest.mark.parametrize("pt", PTS)
+@pytest.mark.parametrize("spacing", SPACINGS)
+@pytest.mark.parametrize("n,eta", [(1, 0.0), (3, 0.0), (10, 0.0), (10, 0.7)])
+def test_ddim_trajectory_matches_diffusers(sd, x_start, pt, spacing, n, eta):
+  ts = samplers.ddim_timesteps(1000, n, spacing, 1 if spacing == "leading" else 0)
+  noise = np.random.default_rng(3).standard_normal((len(ts),) + x_start.shape).astype(np.float32)
+  clip = pt == "epsilon"  # keeps epsilon's x0 = (x - s eps) / a in a range where 1e-5 is absolute
+  exp = _diffusers_ddim(x_start, pt, spacing, n, eta, noise, clip)
+  got = samplers.sample_ddim(fake_jax, sd, jnp.asarray(x_start), ts, prediction_type=pt, eta=eta,
+                             noise=jnp.asarray(noise) if eta else None, clip_sample=clip)
+  np.testing.assert_allclose(got, exp, atol=1e-5, rtol=1e-5)
+
+
+def test_ddim_trajectory_unclipped_epsilon_50_steps(sd, x_start):
+  """No clipping: values reach ~40; agreement to 1e-5 relative to the trajectory's scale."""
+  ts = samplers.ddim_timesteps(1000, 50, "trailing")
+  exp = _diffusers_ddim(x_start, "epsilon", "trailing", 50, 0.0, None, False)
+  got = np.asarray(samplers.sample_ddim(fake_jax, sd, jnp.asarray(x_start), ts))
+  assert np.abs(exp).max() > 10
+  assert np.abs(got - exp).max() / np.abs(exp).max() < 1e-5
+
+
+def test_trailing_follows_diffusers_implicit_prev(sd, x_start):
+  """trailing n=3: diffusers steps 666 -> 333 though its list says 332; we match diffusers by
+  default, and the self-consistent 'next' rule measurably differs."""
+  ts = samplers.ddim_timesteps(1000, 3, "trailing")
+  exp = _diffusers_ddim(x_start, "v_prediction", "trailing", 3, 0.0, None, False)
+  ours = samplers.sample_ddim(fake_jax, sd, jnp.asarray(x_start), ts,
+                              prediction_type="v_prediction")
+  np.testing.assert_allclose(ours, exp, atol=1e-5)
+  nxt = samplers.sample_ddim(fake_jax, sd, jnp.asarray(x_start), ts,
+                             samplers.prev_timesteps(ts, 1000, rule="next"),
+                             prediction_type="v_prediction")
+  assert np.abs(np.asarray(nxt) - exp).max() > 1e-4
+
+
+# --- oracle recovery --------------------------------------------------------------------------
+
+
+def _oracle(schedule, y, pt):
+  """Returns the true output for the known target y at the actual x_t."""
+  def model_fn(x_t, t):
+    a = objectives.gather(schedule.sqrt_alphas_cumprod, t, x_t)
+    s = objectives.gather(schedule.sqrt_one_minus_alphas_cumprod, t, x_t)
+    eps = (x_t - a * y) / s
+    return {"epsilon": eps, "sample": y, "v_prediction": a * eps - s * y}[pt]
+  return model_fn
+
+
+@pytest.fixture(scope="module")
+def target():
+  return jnp.asarray(np.random.default_rng(5).uniform(-1, 1, (2, 4, 4, 3)), jnp.float32)
+
+
+@pytest.mark.parametrize("pt", PTS)
+@pytest.mark.parametrize("n", [1, 5, 50])
+def test_oracle_recovery_ddim_ddpm(sd, x_start, target, pt, n):
+  model_fn = _oracle(sd, target, pt)
+  key = jax.random.PRNGKey(0)
+  for spacing in ["leading", "trailing"]:
+    ts = samplers.ddim_timesteps(1000, n, spacing)
+    for eta in [0.0, 1.0]:
+      got = samplers.sample_ddim(model_fn, sd, jnp.asarray(x_start), ts, prediction_type=pt,
+                                 eta=eta, key=key)
+      np.testing.assert_allclose(got, target, atol=1e-4)
+    got = samplers.sample_ddpm(model_fn, sd, jnp.asarray(x_start), ts, prediction_type=pt,
+                               key=key)
+    np.testing.assert_allclose(got, target, atol=1e-4)
+
+
+@pytest.mark.parametrize("n", [1, 5, 50])
+def test_oracle_recovery_dmp(sd, target, n):
+  image = jnp.asarray(np.random.default_rng(6).uniform(-1, 1, target.shape), jnp.float32)
+  model_fn = _oracle(sd, target, "v_prediction")
+  ts = samplers.ddim_timesteps(1000, n, "trailing")
+  for oracle in [False, True]:
+    got = samplers.sample_dmp(model_fn, sd, image, ts, oracle=oracle)
+    np.testing.assert_allclose(got, target, atol=1e-4)
+
+
+def test_dmp_starts_at_the_image_and_oracle_differs(sd, target):
+  image = jnp.asarray(np.random.default_rng(7).uniform(-1, 1, target.shape), jnp.float32)
+  seen = []
+
+  def model_fn(z, t):
+    seen.append(None)
+    return fake_jax(z, t)
+
+  ts = samplers.ddim_timesteps(1000, 1, "trailing")
+  got = samplers.sample_dmp(model_fn, sd, image, ts)
+  a, s = float(sd.sqrt_alphas_cumprod[999]), float(sd.sqrt_one_minus_alphas_cumprod[999])
+  np.testing.assert_allclose(got, a * image - s * fake_jax(image, jnp.full((2,), 999)), atol=1e-6)
+  ts = samplers.ddim_timesteps(1000, 5, "trailing")
+  plain = samplers.sample_dmp(model_fn, sd, image, ts)
+  oracle = samplers.sample_dmp(model_fn, sd, image, ts, oracle=True)
+  assert np.abs(np.asarray(plain) - np.asarray(oracle)).max() > 1e-3
+
+
+def test_onestep_equals_x0_prediction(target):
+  image = jnp.asarray(np.random.default_rng(8).uniform(-1, 1, target.shape), jnp.float32)
+  ones = schedules.make("ones")
+  sd = schedules.make("scaled_linear")
+
+  def model_fn(x, t):
+    return jnp.tanh(x) * (t.astype(jnp.float32)[:, None, None, None] / 1000.0)
+
+  got = samplers.sample_onestep(model_fn, ones, image, prediction_type="v_prediction")
+  np.testing.assert_allclose(got, -model_fn(image, jnp.full((2,), 999)), atol=1e-7)
+  got = samplers.sample_onestep(model_fn, sd, image, 500, prediction_type="sample")
+  np.testing.assert_allclose(got, model_fn(image, jnp.full((2,), 500)), atol=1e-7)
+  got = samplers.sample_onestep(model_fn, sd, image, 999, prediction_type="v_prediction")
+  exp = objectives.pred_to_x0_eps(sd, model_fn(image, jnp.full((2,), 999)), image,
+                                  jnp.full((2,), 999), "v_prediction")[0]
+  np.testing.assert_allclose(got, exp, atol=1e-7)
+  oracle = lambda x, t: objectives.onestep_target(sd, target, x, t, "v_prediction")
+  np.testing.assert_allclose(samplers.sample_onestep(oracle, sd, image), target, atol=1e-5)
+
+
+# --- compilation ------------------------------------------------------------------------------
+
+
+def test_sampler_compiles_once_per_batch_shape_and_step_count(sd, x_start):
+  traces = []
+
+  def model_fn(x, t):
+    traces.append(x.shape)  # runs at trace time only
+    return fake_jax(x, t)
+
+  x = jnp.asarray(x_start)
+  for spacing in SPACINGS:  # same count (10), different timestep values
+    samplers.sample_ddim(model_fn, sd, x, samplers.ddim_timesteps(1000, 10, spacing))
+  samplers.sample_ddim(model_fn, sd, x + 1.0, samplers.ddim_timesteps(1000, 10, "leading", 1))
+  assert len(traces) == 1
+  samplers.sample_ddim(model_fn, sd, x, samplers.ddim_timesteps(1000, 20, "leading"))
+  assert len(traces) == 2
+  samplers.sample_ddim(model_fn, sd, jnp.concatenate([x, x]),
+                       samplers.ddim_timesteps(1000, 20, "trailing"))
+  assert len(traces) == 3
+  # model_args are traced: new "parameters" do not recompile.
+  def model_with_args(x, t, scale):
+    traces.append("args")
+    return fake_jax(x, t) * scale
+
+  for scale in [1.0, 2.0, 3.0]:
+    samplers.sample_dmp(model_with_args, sd, x, samplers.ddim_timesteps(1000, 5, "trailing"),
+                        model_args=(jnp.float32(scale),))
+  assert traces.count("args") == 1
+
+
+# --- ensembling -------------------------------------------------------------------------------
+
+
+def test_ensemble_recovers_depth_from_affine_copies():
+  rng = np.random.default_rng(9)
+  d = rng.uniform(0.0, 1.0, (2, 6, 6, 1)).astype(np.float32)
+  # Non-crossing affine copies on [0, 1]: the median member is d itself; order scrambled.
+  params = [(2.0, 1.0), (1.0, 0.0), (0.5, -1.0), (3.0, 4.5), (0.25, -2.0)]
+  samples = jnp.stack([s * d + b for s, b in params])
+  out = samplers.ensemble(samples, "depth_affine")
+  np.testing.assert_allclose(out, d, atol=1e-5)
+  # Crossing copies: the ensemble is still an exact affine function of d (affine-invariant depth).
+  params = [(1.0, 0.0), (-0.3, 0.8), (2.0, -0.5), (0.7, 0.1)]
+  out = np.asarray(samplers.ensemble(jnp.stack([s * d + b for s, b in params]), "depth_affine"))
+  for b in range(2):
+    design = np.stack([d[b].ravel(), np.ones(d[b].size)], 1)
+    coef, *_ = np.linalg.lstsq(design, out[b].ravel(), rcond=None)
+    assert np.abs(design @ coef - out[b].ravel()).max() < 1e-4
+    assert coef[0] > 0.1
+
+
+def test_ensemble_mean_and_errors():
+  rng = np.random.default_rng(10)
+  samples = rng.standard_normal((3, 2, 4, 4, 3)).astype(np.float32)
+  np.testing.assert_allclose(samplers.ensemble(samples, "mean"), samples.mean(0), atol=1e-6)
+  with pytest.raises(KeyError, match="known"):
+    samplers.ensemble(samples, "median_of_means")
+
+
+def test_align_affine_with_mask():
+  rng = np.random.default_rng(11)
+  ref = rng.uniform(0, 1, (2, 5, 5, 1)).astype(np.float32)
+  pred = (ref - 0.3) / 2.5
+  mask = np.ones_like(ref)
+  mask[:, 0] = 0
+  pred[:, 0] = 100.0  # outliers outside the mask must not affect the fit
+  out = np.asarray(samplers.align_affine(jnp.asarray(pred), jnp.asarray(ref), mask))
+  np.testing.assert_allclose(out[:, 1:], ref[:, 1:], atol=1e-5)
+
+
+# --- modes ------------------------------------------------------------------------------------
+
+
+def test_mode_registry_and_config_errors():
+  assert set(modes.MODES) == {"generalist", "onestep", "dmp", "backbone"}
+  with pytest.raises(KeyError, match="known"):
+    modes.get("latent")
+  with pytest.raises(ValueError, match="unknown diffusion config keys"):
+    modes.make_config({"mode": "dmp", "steps": 5})
+  with pytest.raises(ValueError, match="v_prediction"):
+    modes.make_config(mode="dmp", prediction_type="epsilon")
+  with pytest.raises(ValueError, match="ensemble_size"):
+    modes.make_config(mode="onestep", prediction_type="sample", ensemble_size=3)
+  with pytest.raises(ValueError, match="sampler"):
+    modes.make_config(mode="generalist", sampler="euler")
+
+
+@pytest.mark.parametrize("name,kw", [
+    ("generalist", dict(prediction_type="epsilon", weighting="min_snr")),
+    ("generalist", dict(prediction_type="v_prediction")),
+    ("onestep", dict(prediction_type="v_prediction")),
+    ("onestep", dict(prediction_type="sample")),
+    ("dmp", dict(prediction_type="v_prediction", weighting="min_snr")),
+])
+def test_mode_training_batch_is_consistent(sd, target, name, kw):
+  cfg = modes.make_config(mode=name, **kw)
+  image = jnp.asarray(np.random.default_rng(12).uniform(-1, 1, target.shape), jnp.float32)
+  mode = modes.get(name)
+  batch = mode.training_batch(sd, cfg, target, image, jax.random.PRNGKey(1))
+  assert batch.x_t.shape == target.shape and batch.t.shape == (2,)
+  assert batch.t.dtype == jnp.int32 and batch.weight.shape == (2,)
+  loss, aux = mode.loss(sd, cfg, batch.target, batch)  # the target itself has zero loss
+  assert float(loss) == 0.0
+  np.testing.assert_allclose(aux["x0"], target, atol=2e-4)
+  loss, _ = mode.loss(sd, cfg, batch.target + 0.1, batch)
+  np.testing.assert_allclose(loss, 0.01 * np.mean(batch.weight), rtol=1e-4)
+  if name == "dmp":
+    np.testing.assert_allclose(batch.x_t, objectives.dmp_forward(sd, target, image, batch.t),
+                               atol=1e-6)
+  if name == "onestep":
+    np.testing.assert_array_equal(batch.x_t, image)
+    np.testing.assert_array_equal(batch.t, 999)
+
+
+@pytest.mark.parametrize("name,kw", [
+    ("generalist", dict(prediction_type="epsilon", num_inference_steps=5)),
+    ("generalist", dict(prediction_type="sample", sampler="ddpm", num_inference_steps=5,
+                        ensemble_size=2, ensemble="depth_affine")),
+    ("onestep", dict(prediction_type="sample")),
+    ("dmp", dict(prediction_type="v_prediction", num_inference_steps=5,
+                 timestep_spacing="trailing")),
+    ("dmp", dict(prediction_type="v_prediction", num_inference_steps=5, dmp_oracle=True)),
+])
+def test_mode_sample_with_oracle(sd, target, name, kw):
+  cfg = modes.make_config(mode=name, **kw)
+  image = jnp.asarray(np.random.default_rng(13).uniform(-1, 1, target.shape), jnp.float32)
+  if name == "onestep":
+    model_fn = lambda x, t: target
+  else:
+    model_fn = _oracle(sd, target, cfg.prediction_type)
+  got = modes.get(name).sample(sd, cfg, model_fn, image, jax.random.PRNGKey(2))
+  np.testing.assert_allclose(got, target, atol=1e-4)
+
+
+def test_backbone_mode(sd, target):
+  image = target
+  cfg = modes.make_config(mode="backbone")
+  mode = modes.get("backbone")
+  batch = mode.training_batch(sd, cfg, None, image, jax.random.PRNGKey(0))
+  np.testing.assert_array_equal(batch.x_t, image)
+  np.testing.assert_array_equal(batch.t, 0)
+  with pytest.raises(ValueError, match="task head"):
+    mode.loss(sd, cfg, image, batch)
+  cfg = modes.make_config(mode="backbone", timestep=50, backbone_noise=True)
+  batch = mode.training_batch(sd, cfg, None, image, jax.random.PRNGKey(0))
+  np.testing.assert_array_equal(batch.t, 50)
+  noise = (batch.x_t - sd.sqrt_alphas_cumprod[50] * image) / sd.sqrt_one_minus_alphas_cumprod[50]
+  assert 0.3 < float(jnp.std(noise)) < 3.0 and np.abs(np.asarray(batch.x_t - image)).max() > 0
+  feats = mode.sample(sd, cfg, lambda x, t: (x.mean(), t), image, jax.random.PRNGKey(0))
+  np.testing.assert_array_equal(feats[1], 50)
+  with pytest.raises(ValueError, match="outside"):
+    mode.training_batch(sd, modes.make_config(mode="backbone", timestep=1000), None, image,
+                        jax.random.PRNGKey(0))
