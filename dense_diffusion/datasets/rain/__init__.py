@@ -1,0 +1,2 @@
+"""Deraining builder."""
+from dense_diffusion.datasets.rain.rain import Rain

@@ -1,0 +1,2 @@
+"""SIDD denoising builder."""
+from dense_diffusion.datasets.sidd.sidd import Sidd
