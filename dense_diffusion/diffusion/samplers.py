@@ -6,7 +6,9 @@ timesteps) are int32 array arguments, not Python constants, so a sampler compile
 as `model_fn(x_t, t, *model_args) -> output` with x_t f32[B, H, W, C] and t int32[B];
 `model_args` (e.g. parameters and the condition image/embeddings) are traced arguments, so new
 parameters or conditions do not recompile. `model_fn` itself is a static argument (hashed by
-identity): build it once and reuse it.
+identity): build it once and reuse it. The schedule is an argument too (its tables are traced);
+a schedule built by `schedules.make` holds numpy tables that are copied to the device on every
+call, so for repeated sampling put it there once: `schedule = jax.device_put(schedule)`.
 
 Timesteps follow diffusers exactly (`ddim_timesteps`). For the step *after* t, diffusers' DDIM
 does not use the next entry of its own list: it uses t - T // n (T = num_train_timesteps,
@@ -236,8 +238,9 @@ def _ddim_loop(model_fn, schedule, x_start, timesteps, prev, model_args, eta, no
 
 
 def _as_steps(timesteps, prev):
-  ts = jnp.asarray(timesteps, jnp.int32)
-  pv = jnp.asarray(prev, jnp.int32)
+  # Host-side numpy (no device dispatch per call) unless the caller passes device arrays.
+  as_int = lambda a: a.astype(jnp.int32) if isinstance(a, jax.Array) else np.asarray(a, np.int32)
+  ts, pv = as_int(timesteps), as_int(prev)
   if ts.ndim != 1 or ts.shape != pv.shape:
     raise ValueError(f"timesteps and prev_timesteps must be 1-D of equal length, got "
                      f"{ts.shape} and {pv.shape}.")
@@ -275,9 +278,9 @@ def sample_ddim(model_fn: ModelFn, schedule: Schedule, x_start: jax.Array, times
   if stochastic:
     noise = _step_noise(key, noise, ts.shape[0], x_start.shape)
   else:
-    noise = jnp.zeros((ts.shape[0],), jnp.float32)
+    noise = np.zeros((ts.shape[0],), np.float32)
   return _ddim_loop(model_fn, schedule, x_start, ts, pv, tuple(model_args),
-                    jnp.asarray(eta, jnp.float32), noise, prediction_type, bool(clip_sample),
+                    np.float32(eta) if isinstance(eta, (int, float)) else eta, noise, prediction_type, bool(clip_sample),
                     float(clip_sample_range), stochastic)
 
 
@@ -340,7 +343,8 @@ def sample_onestep(model_fn: ModelFn, schedule: Schedule, image: jax.Array, t: i
   """
   if t is None:
     t = schedule.num_train_timesteps - 1
-  return _onestep(model_fn, schedule, image, jnp.asarray(t, jnp.int32), tuple(model_args),
+  t = t.astype(jnp.int32) if isinstance(t, jax.Array) else np.int32(t)
+  return _onestep(model_fn, schedule, image, t, tuple(model_args),
                   prediction_type, bool(clip_sample), float(clip_sample_range))
 
 
