@@ -50,7 +50,8 @@ def load_transformers_clip_text(path, *, subfolder: str = "text_encoder", dtype=
       sharded index), or a pipeline folder whose `subfolder` holds it.
     subfolder: pipeline sub-folder tried when `path` holds no weights.
     dtype: compute dtype (None = float32); parameters are `param_dtype`.
-    seed: only seeds the (fully overwritten) initial parameters.
+    seed: unused by the text encoder (all parameters come from the checkpoint); kept for
+      symmetry with the other loaders.
 
   Returns:
     The loaded `TextEncoder` (its `config` attribute holds the `CLIPTextConfig`).
@@ -59,9 +60,9 @@ def load_transformers_clip_text(path, *, subfolder: str = "text_encoder", dtype=
     CheckpointMismatchError: unused checkpoint tensors / unfilled parameters / shape mismatches.
   """
   config, tensors = common.load_model_files(path, WEIGHTS_NAME, subfolder)
-  model = text_encoder_lib.TextEncoder(text_encoder_lib.CLIPTextConfig.from_dict(config),
-                                       dtype=dtype, param_dtype=param_dtype,
-                                       rngs=nnx.Rngs(seed))
+  tcfg = text_encoder_lib.CLIPTextConfig.from_dict(config)
+  model = common.build_abstract(lambda: text_encoder_lib.TextEncoder(
+      tcfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(seed)), seed=seed)
   return common.load_into(model, tensors, rename=_strip("text_model."), ignore=_buffers(tensors),
                           what=f"CLIP text checkpoint {path}")
 
@@ -93,9 +94,12 @@ def load_transformers_clip_vision(path, *, subfolder: str = "image_encoder",
   config, tensors = common.load_model_files(path, WEIGHTS_NAME, subfolder)
   with_projection = "visual_projection.weight" in tensors
   vcfg = image_encoder_lib.CLIPVisionConfig.from_dict(config, with_projection=with_projection)
-  model = image_encoder_lib.ImageEncoder(
+  model = common.build_abstract(lambda: image_encoder_lib.ImageEncoder(
       vcfg, context_dim=context_dim, layer=layer, tokens=tokens, post_layernorm=post_layernorm,
-      trainable=trainable, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(seed))
+      trainable=trainable, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(seed)),
+                                seed=seed)
   common.load_into(model.vision_model, tensors, rename=_strip("vision_model."),
                    ignore=_buffers(tensors), what=f"CLIP vision checkpoint {path}")
+  # The projection to the context width is not in the checkpoint: initialise it for real.
+  model.proj = model.make_proj(nnx.Rngs(seed))
   return model

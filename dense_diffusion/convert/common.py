@@ -499,13 +499,51 @@ def assign(module: nnx.Module, tensors: Mapping[str, np.ndarray],
     raise CheckpointMismatchError(unused, missing, mismatches, duplicates, what=what)
   new_flat = []
   for path, var in flat.items():
-    old = var.get_value()
+    old = var.get_value()  # a jax.Array, or a ShapeDtypeStruct from `build_abstract`
     new = np.asarray(filled[path][1], dtype=old.dtype)
-    if isinstance(old, jax.Array):
-      new = jax.device_put(new, old.sharding)
+    sharding = getattr(old, "sharding", None)
+    new = (jax.device_put(new, sharding) if isinstance(sharding, jax.sharding.Sharding)
+           else jax.numpy.asarray(new))
     new_flat.append((path, var.replace(new)))
   nnx.update(module, nnx.from_flat_state(new_flat))
   return module
+
+
+def build_abstract(ctor: Callable[[], Any], *, seed: int = 0) -> Any:
+  """Builds the module `ctor()` without computing its random initial parameters.
+
+  For loading a checkpoint: random initialisation is wasted work (and compiling the random
+  initialisers for every parameter shape costs seconds on CPU). Parameters stay
+  `jax.ShapeDtypeStruct` placeholders (shape, dtype and logical-axis metadata intact) until
+  `assign` fills every one of them (it raises if any is left); all other state (RNG keys and
+  counters of dropout layers, ...) gets concrete values: RNG keys `fold_in(key(seed), i)`,
+  everything else zeros. Parameters that are not in the checkpoint must be replaced by freshly
+  initialised sub-modules by the caller before use.
+  """
+  module = nnx.eval_shape(ctor)
+  rest = nnx.to_flat_state(nnx.state(module, nnx.Not(nnx.Param)))
+  new = []
+  for i, (path, var) in enumerate(rest):
+    v = var.get_value()
+    if not isinstance(v, jax.ShapeDtypeStruct):
+      continue
+    if jax.dtypes.issubdtype(v.dtype, jax.dtypes.prng_key):
+      val = jax.random.fold_in(jax.random.key(seed), i)
+      val = _key_of_shape(val, v.shape)
+    else:
+      val = jax.numpy.zeros(v.shape, v.dtype)
+    new.append((path, var.replace(val)))
+  if new:
+    nnx.update(module, nnx.from_flat_state(new))
+  return module
+
+
+def _key_of_shape(key: jax.Array, shape: tuple) -> jax.Array:
+  """A PRNG key array of `shape` (split from `key`; `key` itself for shape ())."""
+  if shape == ():
+    return key
+  n = int(np.prod(shape))
+  return jax.random.split(key, n).reshape(shape)
 
 
 def load_into(module: nnx.Module, tensors: Mapping[str, np.ndarray], *,

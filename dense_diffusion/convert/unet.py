@@ -73,7 +73,9 @@ def unet_from_tensors(config: dict, tensors: dict[str, np.ndarray], *,
   if input_widening not in unet_lib.INPUT_WIDENING_RULES:
     raise ValueError(f"input_widening={input_widening!r} is unknown; choose one of "
                      f"{unet_lib.INPUT_WIDENING_RULES}")
-  model = unet_lib.UNet(config, rngs=nnx.Rngs(seed), **options)
+  # Built abstractly (no random initialisation: that compiles one initializer per shape and
+  # costs far more than reading the checkpoint); `assign` then fills every parameter.
+  model = nnx.eval_shape(lambda: unet_lib.UNet(config, rngs=nnx.Rngs(seed), **options))
   key_map = common.map_keys(tensors, common.torch_layer_rule(model))
   if new_in != ckpt_in and "conv_in.weight" in tensors:
     def widen(w, new_in=new_in):
@@ -81,4 +83,23 @@ def unet_from_tensors(config: dict, tensors: dict[str, np.ndarray], *,
                                                     input_widening))
     key_map["conv_in.weight"] = common.Target(("conv_in", "kernel"), widen)
   common.assign(model, tensors, key_map, what="diffusers UNet checkpoint")
+  _materialize(model, seed)
   return model
+
+
+def _materialize(model: nnx.Module, seed: int) -> None:
+  """Turns the values left abstract by `nnx.eval_shape` into arrays: the loaded parameters (numpy
+  -> jax) and the dropout RNG streams (keys from `seed`; present only when dropout > 0)."""
+  flat = []
+  for i, (path, var) in enumerate(nnx.to_flat_state(nnx.state(model))):
+    value = var.get_value()
+    if isinstance(var, nnx.RngKey) and isinstance(value, jax.ShapeDtypeStruct):
+      value = jax.random.fold_in(jax.random.key(seed), i)
+    elif isinstance(var, nnx.RngCount) and isinstance(value, jax.ShapeDtypeStruct):
+      value = jnp.zeros(value.shape, value.dtype)
+    elif isinstance(value, jax.ShapeDtypeStruct):
+      raise ValueError(f"UNet state {common.path_str(path)} was not filled by the checkpoint")
+    else:
+      value = jnp.asarray(value)
+    flat.append((path, var.replace(value)))
+  nnx.update(model, nnx.from_flat_state(flat))

@@ -136,22 +136,27 @@ def _per_image(pred, gt, valid, *, min_depth, max_depth, alignment):
   axes = (1, 2)
   n = valid.sum(axes)
   n_safe = np.maximum(n, 1)
-  # Invalid pixels get g = p = 1 so every term is finite there; they are then zeroed by `valid`.
+  n_invalid = valid[0].size - n
+  # Invalid pixels get p = g = 1: every error term is exactly 0 there, so plain sums over the
+  # image are sums over the valid pixels (and the delta counts subtract the invalid pixels).
   g = np.where(valid, gt, 1.0)
   p = np.where(valid, pred, 1.0)
-  mean = lambda v: np.where(valid, v, 0.0).sum(axes) / n_safe
   diff = p - g
+  sq = diff * diff
   log_diff = np.log(p) - np.log(g)
-  ratio = np.maximum(p / g, g / p)
+  abs_log = np.abs(log_diff)
+  mean = lambda v: v.sum(axes) / n_safe
+  # max(p / g, g / p) < 1.25^k  <=>  |ln p - ln g| < k ln 1.25 (no further divisions).
+  delta = lambda k: (np.count_nonzero(abs_log < k * np.log(1.25), axis=axes) - n_invalid) / n_safe
   out = {
       "abs_rel": mean(np.abs(diff) / g),
-      "sq_rel": mean(diff * diff / g),
-      "rmse": np.sqrt(mean(diff * diff)),
+      "sq_rel": mean(sq / g),
+      "rmse": np.sqrt(mean(sq)),
       "rmse_log": np.sqrt(mean(log_diff * log_diff)),
-      "log10": mean(np.abs(log_diff) / np.log(10.0)),
-      "delta1": mean(ratio < 1.25),
-      "delta2": mean(ratio < 1.25 ** 2),
-      "delta3": mean(ratio < 1.25 ** 3),
+      "log10": mean(abs_log) / np.log(10.0),
+      "delta1": delta(1),
+      "delta2": delta(2),
+      "delta3": delta(3),
   }
   empty = n == 0
   return {k: np.where(empty, np.nan, v) for k, v in out.items()}, n

@@ -186,11 +186,18 @@ class ImageEncoder(nnx.Module):
     self.mean = tuple(float(m) for m in mean)
     self.std = tuple(float(s) for s in std)
     self.dtype = dtype
+    self.param_dtype = param_dtype
+    self.context_dim = context_dim
     self.vision_model = CLIPVisionTransformer(config, dtype=dtype, param_dtype=param_dtype,
                                               rngs=rngs)
-    self.proj = (layers.Dense(config.hidden_size, context_dim, axes=("embed", "context"),
-                              dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-                 if context_dim is not None else None)
+    self.proj = self.make_proj(rngs)
+
+  def make_proj(self, rngs: nnx.Rngs) -> Optional[layers.Dense]:
+    """A freshly initialised projection to `context_dim` (None when `context_dim` is None)."""
+    if self.context_dim is None:
+      return None
+    return layers.Dense(self.config.hidden_size, self.context_dim, axes=("embed", "context"),
+                        dtype=self.dtype, param_dtype=self.param_dtype, rngs=rngs)
 
   @property
   def num_tokens(self) -> int:

@@ -40,6 +40,12 @@ def make_param(rngs: nnx.Rngs, init, shape: Sequence[int], param_dtype, axes: Ax
   return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
 
 
+def make_dropout(rate: float, rngs: nnx.Rngs) -> nnx.Dropout:
+  """`nnx.Dropout(rate)`; it holds an RNG stream only when rate > 0 (rate 0 is the identity), so
+  modules without dropout have no RNG state and can be built abstractly and then loaded."""
+  return nnx.Dropout(rate, rngs=rngs if rate > 0 else None)
+
+
 def _compute_dtype(dtype, x: jax.Array):
   return x.dtype if dtype is None else dtype
 
@@ -208,7 +214,7 @@ class ResnetBlock2D(nnx.Module):
     self.time_emb_proj = (Dense(temb_channels, out_channels, axes=("embed", "mlp"), **kw)
                           if temb_channels is not None else None)
     self.norm2 = GroupNorm(out_channels, groups_out, eps=eps, **kw)
-    self.dropout = nnx.Dropout(dropout, rngs=rngs)
+    self.dropout = make_dropout(dropout, rngs)
     self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1, **kw)
     if use_in_shortcut is None:
       use_in_shortcut = in_channels != out_channels

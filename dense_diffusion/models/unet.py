@@ -253,7 +253,7 @@ class FeedForward(nnx.Module):
                param_dtype=jnp.float32, rngs: nnx.Rngs):
     inner = dim * mult
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.net = nnx.List([GEGLU(dim, inner, **kw), nnx.Dropout(dropout, rngs=rngs),
+    self.net = nnx.List([GEGLU(dim, inner, **kw), layers.make_dropout(dropout, rngs),
                          layers.Dense(inner, dim, axes=("mlp", "embed"), **kw)])
 
   def __call__(self, x: jax.Array) -> jax.Array:

@@ -164,7 +164,12 @@ class InstanceTask(base.Task):
   vote_smoothing: float = 1.0  # Gaussian sigma (pixels) of the vote histogram before peak picking.
   peak_window: int = 5  # peaks are maxima of the smoothed histogram in this window (pixels).
   radius: float = 8.0  # a pixel joins the nearest peak within this distance (pixels) of its vote.
+  peak_dip: float = 0.5  # two peaks within `radius` are one centre unless the smoothed vote
+                        # histogram between them dips below this fraction of the weaker one.
   min_votes: int = 4  # peaks with fewer votes within `radius` are dropped.
+  centre_tolerance: float = 1.0  # pixels; see `_split_cluster`.
+  ambiguity_ratio: float = 0.6  # nearest / second-nearest peak distance above which a vote is
+                                # ambiguous; see `_assign_votes`.
   min_area: int = 1  # connected components smaller than this (pixels) are dropped.
 
   def _encode(self, instance_ids):
@@ -198,37 +203,127 @@ class InstanceTask(base.Task):
       return out
     vx = _from_unit(rgb[..., 0][fg], w)
     vy = _from_unit(rgb[..., 1][fg], h)
+    peaks = self._vote_peaks(vx, vy, h, w)
+    if peaks.size == 0:
+      return out
+    clusters = self._assign_votes(fg, vx, vy, peaks)
+    vote_x = np.zeros((h, w), np.float32)
+    vote_y = np.zeros((h, w), np.float32)
+    vote_x[fg], vote_y[fg] = vx, vy
+    next_id = 1
+    for c in range(1, len(peaks) + 1):
+      for mask in self._split_cluster(clusters == c, vote_x, vote_y):
+        out[mask] = next_id
+        next_id += 1
+    return out
+
+  def _assign_votes(self, fg: np.ndarray, vx: np.ndarray, vy: np.ndarray, peaks: np.ndarray
+                    ) -> np.ndarray:
+    """Foreground votes -> i32[H, W] cluster index 1..M (0 = background).
+
+    Each vote joins its nearest peak within `radius`. Votes about as close to a second peak
+    (distance ratio above `ambiguity_ratio`) follow whichever of the two more of their 8
+    neighbours joined; foreground pixels whose vote is near no peak take the cluster of the
+    nearest assigned pixel within `radius`. Both only touch pixels that noise made uncertain:
+    on clean input every vote sits on its peak.
+    """
+    h, w = fg.shape
+    dist2 = (vx[:, None] - peaks[None, :, 0]) ** 2 + (vy[:, None] - peaks[None, :, 1]) ** 2
+    dist2 = np.where(dist2 <= self.radius**2, dist2, np.inf)  # [P_fg, peaks]
+    order = np.argsort(dist2, axis=1)[:, :2]
+    first = order[:, 0]
+    d1 = np.take_along_axis(dist2, order[:, :1], 1)[:, 0]
+    clusters = np.zeros((h, w), np.int32)
+    clusters[fg] = np.where(np.isfinite(d1), first + 1, 0)
+    if len(peaks) > 1:
+      second = order[:, 1]
+      d2 = np.take_along_axis(dist2, order[:, 1:2], 1)[:, 0]
+      ambiguous = np.isfinite(d2) & (np.sqrt(d1) > self.ambiguity_ratio * np.sqrt(d2))
+      if ambiguous.any():
+        own = np.zeros((h, w), np.int32)
+        other = np.full((h, w), -1, np.int32)
+        own[fg], other[fg] = clusters[fg], np.where(ambiguous, second + 1, -1)
+        switch = (_neighbour_votes(clusters[None], other[None])[0]
+                  > _neighbour_votes(clusters[None], own[None])[0]) & (other > 0)
+        clusters = np.where(switch, other, clusters)
+    lost = fg & (clusters == 0)
+    if lost.any() and (clusters > 0).any():
+      distance, (iy, ix) = ndimage.distance_transform_edt(clusters == 0, return_indices=True)
+      joined = clusters[iy, ix]
+      # Only votes that missed their peak by less than twice the radius: a tiny object (fewer
+      # than `min_votes` pixels, so no peak of its own) is dropped, not glued to a neighbour.
+      vote_x = np.zeros((h, w), np.float32)
+      vote_y = np.zeros((h, w), np.float32)
+      vote_x[fg], vote_y[fg] = vx, vy
+      peak = peaks[np.maximum(joined - 1, 0)]
+      missed = np.hypot(vote_x - peak[..., 0], vote_y - peak[..., 1])
+      near = lost & (distance <= self.radius) & (missed <= 2 * self.radius)
+      clusters[near] = joined[near]
+    return clusters
+
+  def _split_cluster(self, mask: np.ndarray, vote_x: np.ndarray, vote_y: np.ndarray
+                     ) -> list[np.ndarray]:
+    """One cluster of votes for (nearly) the same centre -> the masks of its instances.
+
+    The encoding is the centre of mass of the whole instance. A connected component that is a
+    whole object has its own centre of mass at its mean vote; a piece of an object that an
+    occluder cut has not. So the cluster is split into its components only when every component
+    is whole in that sense (e.g. a ring and a disc inside it, or two objects whose nearby centres
+    merged into one peak); otherwise it is one instance in several pieces. "At" means
+    within `centre_tolerance` pixels. Instances smaller than `min_area` are dropped.
+    """
+    components, count = ndimage.label(mask)
+    if count == 0:
+      return []
+    instances = [mask]
+    if count > 1:
+      index = np.arange(1, count + 1)
+      centres = np.asarray(ndimage.center_of_mass(mask, components, index)).reshape(-1, 2)
+      mean_vx = ndimage.mean(vote_x, components, index)
+      mean_vy = ndimage.mean(vote_y, components, index)
+      whole = ((centres[:, 1] - mean_vx) ** 2 + (centres[:, 0] - mean_vy) ** 2
+               <= self.centre_tolerance**2)
+      if whole.all():
+        instances = [components == i for i in index]
+    return [m for m in instances if m.sum() >= self.min_area]
+
+  def _vote_peaks(self, vx: np.ndarray, vy: np.ndarray, h: int, w: int) -> np.ndarray:
+    """Centre votes (pixels) -> f32[M, 2] (x, y) cluster centres.
+
+    Local maxima of the smoothed vote histogram, strongest first. Noise smears one centre into
+    several maxima; they are told apart from distinct nearby centres by the histogram between
+    them: a maximum within `radius` of a stronger kept one, with no dip below `peak_dip` times its
+    height on the way, is dropped. So is one with fewer than `min_votes` votes within `radius`.
+    """
     hist = np.zeros((h, w), np.float32)
     np.add.at(hist, (np.clip(np.rint(vy), 0, h - 1).astype(int),
                      np.clip(np.rint(vx), 0, w - 1).astype(int)), 1.0)
     smooth = ndimage.gaussian_filter(hist, self.vote_smoothing) if self.vote_smoothing else hist
     is_peak = (smooth == ndimage.maximum_filter(smooth, self.peak_window)) & (smooth > 0)
     py, px = np.nonzero(is_peak)
-    if py.size == 0:
-      return out
-    dist2 = (vx[:, None] - px[None]) ** 2 + (vy[:, None] - py[None]) ** 2  # [P_fg, peaks]
-    within = dist2 <= self.radius**2
-    support = within.sum(0)
-    keep = support >= self.min_votes
-    if not keep.any():
-      return out
-    dist2 = np.where(within[:, keep], dist2[:, keep], np.inf)
-    nearest = np.argmin(dist2, axis=1)
-    cluster = np.where(np.isfinite(dist2.min(axis=1)), nearest + 1, 0)
-    clusters = np.zeros((h, w), np.int32)
-    clusters[fg] = cluster
-    # Split every cluster into connected components: two objects may vote for nearby centres.
-    next_id = 1
-    for c in range(1, int(keep.sum()) + 1):
-      components, count = ndimage.label(clusters == c)
-      if count == 0:
+    candidates = np.stack([px, py], -1).astype(np.float32)
+    dist2 = (vx[:, None] - px[None]) ** 2 + (vy[:, None] - py[None]) ** 2
+    support = (dist2 <= self.radius**2).sum(0)
+    order = np.argsort(-smooth[py, px], kind="stable")
+    kept: list[int] = []
+    steps = np.linspace(0.0, 1.0, 9)[1:-1]
+    for i in order:
+      if support[i] < self.min_votes:
         continue
-      areas = np.bincount(components.ravel(), minlength=count + 1)
-      for comp in range(1, count + 1):
-        if areas[comp] >= self.min_area:
-          out[components == comp] = next_id
-          next_id += 1
-    return out
+      if kept:
+        near = [j for j in kept
+                if ((candidates[j] - candidates[i]) ** 2).sum() <= self.radius**2]
+        if near:
+          # Points along the segment from this peak to each stronger nearby one: no dip between
+          # them means one centre smeared by noise; a dip means two centres.
+          line = (candidates[i][None, None] + steps[None, :, None]
+                  * (candidates[near][:, None] - candidates[i][None, None]))  # [J, S, (x, y)]
+          between = ndimage.map_coordinates(smooth, [line[..., 1].ravel(), line[..., 0].ravel()],
+                                            order=1).reshape(len(near), -1)
+          if (between.min(axis=1) >= self.peak_dip * smooth[py[i], px[i]]).any():
+            continue
+      kept.append(int(i))
+    return candidates[kept]
 
 
 def _to_unit(coord: np.ndarray, size: int) -> np.ndarray:
