@@ -204,6 +204,7 @@ def test_coco_panoptic_real_sample(shared_fixtures):
         assert np.all(inst[m] == 0)
     assert len(inst_ids) == sum(1 for s in segments
                                 if s["category_id"] in thing_ids and not s["iscrowd"])
+  assert n_crowd > 0, "the sample has crowd segments"
 
 
 def test_coco_panoptic_encode_decode_merge_has_pq_one(shared_fixtures):
