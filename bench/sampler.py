@@ -103,14 +103,14 @@ def main():
   steps = np.array(sorted(fit), np.float64)
   for col, name in ((0, "ddim scan"), (1, "python loop")):
     slope, intercept = np.polyfit(steps, [fit[n][col] for n in sorted(fit)], 1)
-    print(f"# {name}: least-squares fit time = {intercept * 1e3:.2f} ms + "
+    print(f"{name}: least-squares fit time = {intercept * 1e3:.2f} ms + "
           f"{slope * 1e3:.3f} ms x steps")
   for n in (1, 10, 50):
     ts = samplers.ddim_timesteps(1000, n, "trailing")
     call = timed(lambda: samplers.sample_dmp(model_fn, schedule, x, ts, model_args=(params,)),
                  args.repeats)
     print(f"| dmp (scan) | {n} | - | {call * 1e3:.2f} | {call / n * 1e3:.3f} | - |")
-  print(f"# traces of model_fn: {len(traces)} (one per sampler x step count)")
+  print(f"traces of model_fn: {len(traces)} (one per sampler x step count)")
   np.testing.assert_equal(len(traces), 6)
 
 
