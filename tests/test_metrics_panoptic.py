@@ -78,6 +78,10 @@ def test_hand_worked():
   assert res["All"]["rq"] == pytest.approx(1 / 3)
 
 
+def only_image_2(samples):
+  return metrics.panoptic_quality(samples[1:], CATS)["All"]
+
+
 def test_streaming_equals_one_shot_and_merge():
   samples = _hand_samples()
   a = metrics.PanopticQuality(CATS)
@@ -87,6 +91,15 @@ def test_streaming_equals_one_shot_and_merge():
   merged = a.merge(b).result()
   one_shot = metrics.panoptic_quality(samples, CATS)
   assert merged["All"] == one_shot["All"] and merged["num_images"] == 2
+  # A NaN prediction map: the one-shot function refuses it, the accumulator skips and counts it.
+  gt, gt_s, pr, pr_s = samples[0]
+  nan_pred = pr.astype(np.float64)
+  nan_pred[0, :2] = np.nan
+  with pytest.raises(ValueError, match="2 non-finite"):
+    metrics.panoptic_quality([samples[1], (gt, gt_s, nan_pred, pr_s)], CATS)
+  b.update(gt, gt_s, nan_pred, pr_s)
+  assert b.num_nonfinite == 1 and b.num_images == 1
+  assert b.result()["All"] == only_image_2(samples)
   # Sums before dividing: image 2 alone has no TP, so the per-image means would differ.
   only2 = metrics.panoptic_quality(samples[1:], CATS)
   assert only2["All"]["pq"] == 0.0 and only2["Stuff"]["n"] == 0

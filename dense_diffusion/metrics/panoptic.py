@@ -159,9 +159,18 @@ class PanopticQuality:
     self.fn = np.zeros(c, np.int64)
     self.iou = np.zeros(c, np.float64)
     self.num_images = 0
+    self.num_nonfinite = 0
 
   def update(self, gt_ids, gt_segments, pred_ids, pred_segments) -> None:
-    """Adds one image: int[H, W] id maps and their segment lists (COCO panoptic format)."""
+    """Adds one image: int[H, W] id maps and their segment lists (COCO panoptic format).
+
+    A float `pred_ids` map with NaN/inf values is skipped, counted in `num_nonfinite` and logged.
+    """
+    pred_arr = _checks.as_array(pred_ids, "pred_ids")
+    if _checks.nonfinite_count(pred_arr):
+      self.num_nonfinite += 1
+      _checks.warn_skipped("PanopticQuality", 1, self.num_nonfinite)
+      return
     tp, fp, fn, iou = image_stats(gt_ids, gt_segments, pred_ids, pred_segments, self.cat_index,
                                   image=f"image #{self.num_images}")
     self.tp += tp
@@ -178,10 +187,12 @@ class PanopticQuality:
     self.fn += other.fn
     self.iou += other.iou
     self.num_images += other.num_images
+    self.num_nonfinite += other.num_nonfinite
     return self
 
   def result(self) -> dict:
-    """{"All"|"Things"|"Stuff": {pq, sq, rq, n}, "per_class": {cat_id: {...}}, "num_images"}."""
+    """{"All"|"Things"|"Stuff": {pq, sq, rq, n}, "per_class": {cat_id: {...}}, "num_images",
+    "num_nonfinite"}."""
     tp, fp, fn, iou = (x.astype(np.float64) for x in (self.tp, self.fp, self.fn, self.iou))
     counted = (self.tp + self.fp + self.fn) > 0
     denom = np.where(counted, tp + 0.5 * fp + 0.5 * fn, 1.0)
@@ -203,6 +214,7 @@ class PanopticQuality:
               "fp": int(self.fp[i]), "fn": int(self.fn[i])}
         for i, cid in enumerate(self.cat_ids)}
     out["num_images"] = self.num_images
+    out["num_nonfinite"] = self.num_nonfinite
     return out
 
 
@@ -210,11 +222,13 @@ def panoptic_quality(samples: Iterable[tuple], categories: Sequence[Mapping]) ->
   """PQ over `samples`, an iterable of (gt_ids, gt_segments, pred_ids, pred_segments).
 
   See the module docstring for the algorithm and `PanopticQuality.result` for the output.
+  Raises ValueError (with the count) on a non-finite value in a prediction map.
   """
   acc = PanopticQuality(categories)
-  for sample in samples:
+  for i, sample in enumerate(samples):
     if len(sample) != 4:
       raise ValueError("each sample must be (gt_ids, gt_segments, pred_ids, pred_segments), got "
                        f"a tuple of {len(sample)}")
+    _checks.raise_if_nonfinite(_checks.as_array(sample[2], "pred_ids"), f"pred_ids of sample {i}")
     acc.update(*sample)
   return acc.result()
