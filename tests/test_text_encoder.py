@@ -1,4 +1,6 @@
 """Parity of our CLIP text encoder with transformers' CLIPTextModel (tiny random configs)."""
+import json
+
 import numpy as np
 import pytest
 
@@ -120,3 +122,53 @@ def test_missing_and_unused_keys_are_named(pair, tmp_path):
 def test_unsupported_activation_is_named():
   with pytest.raises(ValueError, match="hidden_act"):
     te.CLIPTextConfig(hidden_act="relu6")
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer: our ids equal transformers' CLIPTokenizer ids on a tiny byte-level BPE vocabulary.
+
+PROMPTS = ["Perform depth estimation", "perform   SEMANTIC segmentation!",
+           "a very long prompt that will surely be truncated here ok", "don't 42x", ""]
+
+
+def _write_tiny_vocab(folder, pad_token):
+  from tokenizers import pre_tokenizers
+  alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+  vocab = {c: i for i, c in enumerate(alphabet)}
+  vocab.update({c + "</w>": len(alphabet) + i for i, c in enumerate(alphabet)})
+  merges = [("p", "e"), ("pe", "r"), ("f", "o"), ("fo", "r"), ("for", "m</w>"), ("d", "e"),
+            ("de", "p"), ("dep", "t"), ("dept", "h</w>"), ("e", "s"), ("t", "i"), ("ti", "m")]
+  for a, b in merges:
+    vocab[a + b] = len(vocab)
+  vocab["<|startoftext|>"] = len(vocab)
+  vocab["<|endoftext|>"] = len(vocab)
+  folder.mkdir(parents=True)
+  (folder / "vocab.json").write_text(json.dumps(vocab))
+  (folder / "merges.txt").write_text(
+      "#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n")
+  (folder / "tokenizer_config.json").write_text(json.dumps({
+      "model_max_length": 12, "pad_token": pad_token, "bos_token": "<|startoftext|>",
+      "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+      "tokenizer_class": "CLIPTokenizer"}))
+
+
+@pytest.mark.parametrize("pad_token", ["<|endoftext|>", "!"])  # SD 1.x / SD 2.x padding
+def test_tokenizer_matches_transformers(tmp_path, pad_token):
+  from dense_diffusion.models import tokenizer as tokenizer_lib
+  _write_tiny_vocab(tmp_path / "pipe" / "tokenizer", pad_token)
+  ref = transformers.CLIPTokenizer.from_pretrained(tmp_path / "pipe" / "tokenizer")
+  want = np.asarray(ref(PROMPTS, padding="max_length", truncation=True, max_length=12)[
+      "input_ids"])
+  ours = tokenizer_lib.CLIPTokenizer.from_folder(tmp_path / "pipe")  # vocab.json + merges.txt
+  got = ours(PROMPTS)
+  assert got.dtype == np.int32 and got.shape == (len(PROMPTS), 12)
+  np.testing.assert_array_equal(got, want)
+  assert ours.pad_id == ref.pad_token_id
+  # Merges were applied: "perform" -> "per" + "form</w>".
+  assert list(got[0, 1:3]) == [ours.tokenizer.token_to_id("per"),
+                               ours.tokenizer.token_to_id("form</w>")]
+  # The same from the tokenizer.json that transformers writes.
+  ref.save_pretrained(tmp_path / "saved")
+  assert (tmp_path / "saved" / "tokenizer.json").is_file()
+  np.testing.assert_array_equal(tokenizer_lib.CLIPTokenizer.from_folder(tmp_path / "saved")(
+      PROMPTS), want)
