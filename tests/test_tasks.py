@@ -217,15 +217,57 @@ def test_instance_round_trip_clean():
   assert _same_partition(task.decode(task.encode(ids)), ids)
 
 
-def test_instance_same_centre_split_by_connectivity():
+def test_instance_whole_objects_with_one_centre_are_split():
+  """A ring and a disc inside it vote for the same centre; each is whole, so both come back."""
   task = tasks.get("instance")
-  ids = np.zeros((32, 32), np.int32)
-  ids[4:10, 4:10] = 1
-  ids[22:28, 22:28] = 1  # one instance id in two pieces...
-  ids[4:10, 22:28] = 2
-  ids[22:28, 4:10] = 2  # ...two instances with the same centre of mass (16, 16)
+  yy, xx = np.mgrid[:48, :48]
+  r = np.hypot(xx - 24, yy - 24)
+  ids = np.zeros((48, 48), np.int32)
+  ids[(r >= 12) & (r <= 16)] = 1
+  ids[r <= 5] = 2
+  assert _same_partition(task.decode(task.encode(ids)), ids)
+
+
+def test_instance_cut_by_occluder_stays_one():
+  """One object cut in two by a thing in front: its pieces are one instance, not two."""
+  task = tasks.get("instance")
+  ids = np.zeros((40, 40), np.int32)
+  ids[10:30, 5:35] = 1
+  ids[5:35, 25:29] = 2  # a bar in front splits instance 1 into two pieces
   decoded = task.decode(task.encode(ids))
-  assert len(np.unique(decoded[decoded > 0])) == 4  # pieces come back as components
+  assert _same_partition(decoded, ids)
+  assert len(np.unique(decoded[ids == 1])) == 1
+
+
+def _matched_instances(decoded, ids, min_area):
+  """How many ground-truth instances (of at least min_area pixels) have a prediction at IoU > 0.5."""
+  found = total = 0
+  for k in np.unique(ids[ids > 0]):
+    gt = ids == k
+    if gt.sum() < min_area:
+      continue
+    total += 1
+    for j in np.unique(decoded[gt]):
+      pred = decoded == j
+      if j and (gt & pred).sum() / (gt | pred).sum() > 0.5:
+        found += 1
+        break
+  return found, total
+
+
+def test_instance_scenes_recovered_under_vote_noise():
+  """Rendered 128x128 scenes with occlusions: every instance of 16+ pixels is found under 2 px
+  of noise on every vote (at 64x64 about 2 in 100 instances are lost at 1-2 px: docs/tasks.md)."""
+  from dense_diffusion.datasets.synthetic_scenes import render_scene
+  task = tasks.get("instance")
+  rng = np.random.default_rng(3)
+  for i in range(5):
+    ids = render_scene(np.random.default_rng((9, i)), 128)["instance"]
+    rgb = task.encode(ids)
+    fg = ids > 0
+    rgb[fg, :2] += rng.normal(0, 2.0, (fg.sum(), 2)).astype(np.float32) * 2 / 127
+    found, total = _matched_instances(task.decode(rgb), ids, min_area=16)
+    assert found == total, (i, found, total)
 
 
 def test_instance_recovered_under_vote_noise():

@@ -162,7 +162,7 @@ class InstanceTask(base.Task):
   name: str = "instance"
   prompt: str = "Perform instance segmentation"
   vote_smoothing: float = 1.0  # Gaussian sigma (pixels) of the vote histogram before peak picking.
-  peak_window: int = 5  # peaks are maxima of the smoothed histogram in this window (pixels).
+  peak_window: int = 3  # peaks are maxima of the smoothed histogram in this window (pixels).
   radius: float = 8.0  # a pixel joins the nearest peak within this distance (pixels) of its vote.
   peak_dip: float = 0.5  # two peaks within `radius` are one centre unless the smoothed vote
                         # histogram between them dips below this fraction of the weaker one.
@@ -290,40 +290,49 @@ class InstanceTask(base.Task):
   def _vote_peaks(self, vx: np.ndarray, vy: np.ndarray, h: int, w: int) -> np.ndarray:
     """Centre votes (pixels) -> f32[M, 2] (x, y) cluster centres.
 
-    Local maxima of the smoothed vote histogram, strongest first. Noise smears one centre into
-    several maxima; they are told apart from distinct nearby centres by the histogram between
-    them: a maximum within `radius` of a stronger kept one, with no dip below `peak_dip` times its
-    height on the way, is dropped. So is one with fewer than `min_votes` votes within `radius`.
+    Two passes. Sharp centres first: histogram bins holding at least `min_votes` votes and at
+    least half of the votes of their 3 x 3 neighbourhood (clean or lightly noisy votes of one object land in
+    one bin); they are kept even right next to a bigger object's centre. Then local maxima of
+    the smoothed histogram, strongest first: noise smears one centre into several maxima, told
+    apart from distinct nearby centres by the histogram between them: a maximum within `radius`
+    of a kept one, with no dip below `peak_dip` times its height on the way, is dropped. Maxima
+    with fewer than `min_votes` votes within `radius` are dropped too.
     """
     hist = np.zeros((h, w), np.float32)
     np.add.at(hist, (np.clip(np.rint(vy), 0, h - 1).astype(int),
                      np.clip(np.rint(vx), 0, w - 1).astype(int)), 1.0)
+    near_mass = ndimage.uniform_filter(hist, 3, mode="constant") * 9.0
+    sharp = ((hist >= self.min_votes) & (hist >= 0.5 * near_mass)
+             & (hist == ndimage.maximum_filter(hist, 3)))
+    sy, sx = np.nonzero(sharp)
+    kept_xy: list[np.ndarray] = []
+    for i in np.argsort(-hist[sy, sx], kind="stable"):
+      xy = np.array([sx[i], sy[i]], np.float32)
+      if not any(((k - xy) ** 2).sum() <= 2.0 for k in kept_xy):
+        kept_xy.append(xy)
+
     smooth = ndimage.gaussian_filter(hist, self.vote_smoothing) if self.vote_smoothing else hist
     is_peak = (smooth == ndimage.maximum_filter(smooth, self.peak_window)) & (smooth > 0)
     py, px = np.nonzero(is_peak)
     candidates = np.stack([px, py], -1).astype(np.float32)
     dist2 = (vx[:, None] - px[None]) ** 2 + (vy[:, None] - py[None]) ** 2
     support = (dist2 <= self.radius**2).sum(0)
-    order = np.argsort(-smooth[py, px], kind="stable")
-    kept: list[int] = []
     steps = np.linspace(0.0, 1.0, 9)[1:-1]
-    for i in order:
+    for i in np.argsort(-smooth[py, px], kind="stable"):
       if support[i] < self.min_votes:
         continue
-      if kept:
-        near = [j for j in kept
-                if ((candidates[j] - candidates[i]) ** 2).sum() <= self.radius**2]
-        if near:
-          # Points along the segment from this peak to each stronger nearby one: no dip between
-          # them means one centre smeared by noise; a dip means two centres.
-          line = (candidates[i][None, None] + steps[None, :, None]
-                  * (candidates[near][:, None] - candidates[i][None, None]))  # [J, S, (x, y)]
-          between = ndimage.map_coordinates(smooth, [line[..., 1].ravel(), line[..., 0].ravel()],
-                                            order=1).reshape(len(near), -1)
-          if (between.min(axis=1) >= self.peak_dip * smooth[py[i], px[i]]).any():
-            continue
-      kept.append(int(i))
-    return candidates[kept]
+      near = [k for k in kept_xy if ((k - candidates[i]) ** 2).sum() <= self.radius**2]
+      if near:
+        # Points along the segment from this maximum to each nearby kept centre: no dip between
+        # them means one centre smeared by noise; a dip means two centres.
+        near = np.stack(near)
+        line = candidates[i][None, None] + steps[None, :, None] * (near[:, None] - candidates[i])
+        between = ndimage.map_coordinates(smooth, [line[..., 1].ravel(), line[..., 0].ravel()],
+                                          order=1).reshape(len(near), -1)
+        if (between.min(axis=1) >= self.peak_dip * smooth[py[i], px[i]]).any():
+          continue
+      kept_xy.append(candidates[i])
+    return np.stack(kept_xy) if kept_xy else np.zeros((0, 2), np.float32)
 
 
 def _to_unit(coord: np.ndarray, size: int) -> np.ndarray:
