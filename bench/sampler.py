@@ -60,7 +60,7 @@ def main():
   parser.add_argument("--repeats", type=int, default=5)
   args = parser.parse_args()
 
-  schedule = jax.device_put(schedules.make("scaled_linear"))  # tables on the device once
+  schedule = jax.device_put(schedules.make("scaled_linear", 1000, 0.00085, 0.012))  # tables on the device once
   params = init_params(jax.random.PRNGKey(0))
   x = jax.random.normal(jax.random.PRNGKey(1), (args.batch, args.res, args.res, 3))
   traces = []

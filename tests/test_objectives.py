@@ -30,7 +30,7 @@ def data():
 
 @pytest.fixture(scope="module")
 def sd():
-  return schedules.make("scaled_linear")
+  return schedules.make("scaled_linear", 1000, 0.00085, 0.012)
 
 
 def test_q_sample_and_velocity_match_diffusers(data, sd):
@@ -103,7 +103,7 @@ def test_min_snr_is_the_same_x0_weighting_for_every_parameterisation(data, sd):
 
 
 def test_min_snr_zero_terminal_snr_is_finite():
-  s = schedules.make("scaled_linear", rescale_betas_zero_snr=True)
+  s = schedules.make("scaled_linear", 1000, 0.00085, 0.012, rescale_betas_zero_snr=True)
   t = np.array([998, 999], np.int32)
   for pt in PTS:
     w = np.asarray(objectives.loss_weight(s, t, pt, "min_snr"))

@@ -36,7 +36,7 @@ def fake_jax(x, t):
 
 @pytest.fixture(scope="module")
 def sd():
-  return schedules.make("scaled_linear")
+  return schedules.make("scaled_linear", 1000, 0.00085, 0.012)
 
 
 @pytest.fixture(scope="module")
@@ -140,6 +140,29 @@ def test_ddpm_loop_matches_diffusers(sd, x_start, pt, monkeypatch):
   np.testing.assert_allclose(got, _nhwc(exp), atol=1e-5)
 
 
+def test_stochastic_samplers_draw_noise_from_key(sd, x_start):
+  half = lambda x, t: 0.5 * x  # x0 = x_t / 2: the result carries the noise of earlier steps
+  zero = lambda x, t: jnp.zeros_like(x)
+  ts = samplers.ddim_timesteps(1000, 10, "leading")
+  x = jnp.asarray(x_start)
+  k1, k2 = jax.random.PRNGKey(1), jax.random.PRNGKey(2)
+  for run in [
+      lambda k: samplers.sample_ddpm(half, sd, x, ts, prediction_type="sample", key=k),
+      lambda k: samplers.sample_ddim(half, sd, x, ts, prediction_type="sample", eta=1.0, key=k,
+                                     prev=samplers.prev_timesteps(ts, 1000, rule="next")),
+  ]:
+    a, b, c = np.asarray(run(k1)), np.asarray(run(k1)), np.asarray(run(k2))
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(a - c).max() > 1e-3
+  # Deterministic DDIM with x0 = 0 leaves exactly 0; eta as a numpy zero needs no noise.
+  np.testing.assert_allclose(samplers.sample_ddim(zero, sd, x, ts, prediction_type="sample",
+                                                  eta=np.float32(0.0)), 0.0, atol=1e-6)
+  with pytest.raises(ValueError, match="key"):
+    samplers.sample_ddpm(zero, sd, x, ts)
+  with pytest.raises(ValueError, match="noise must have shape"):
+    samplers.sample_ddpm(zero, sd, x, ts, noise=jnp.zeros((3,) + x.shape))
+
+
 # --- full DDIM trajectories -------------------------------------------------------------------
 
 
@@ -156,7 +179,7 @@ def _diffusers_ddim(x, pt, spacing, n, eta, noise, clip):
 
 @pytest.mark.parametrize("pt", PTS)
 @pytest.mark.parametrize("spacing", SPACINGS)
-@pytest.mark.parametrize("n,eta", [(1, 0.0), (3, 0.0), (10, 0.0), (10, 0.7)])
+@pytest.mark.parametrize("n,eta", [(1, 0.0), (10, 0.0), (10, 0.7)])
 def test_ddim_trajectory_matches_diffusers(sd, x_start, pt, spacing, n, eta):
   ts = samplers.ddim_timesteps(1000, n, spacing, 1 if spacing == "leading" else 0)
   noise = np.random.default_rng(3).standard_normal((len(ts),) + x_start.shape).astype(np.float32)
@@ -213,15 +236,14 @@ def target():
 def test_oracle_recovery_ddim_ddpm(sd, x_start, target, pt, n):
   model_fn = _oracle(sd, target, pt)
   key = jax.random.PRNGKey(0)
-  for spacing in ["leading", "trailing"]:
-    ts = samplers.ddim_timesteps(1000, n, spacing)
-    for eta in [0.0, 1.0]:
-      got = samplers.sample_ddim(model_fn, sd, jnp.asarray(x_start), ts, prediction_type=pt,
-                                 eta=eta, key=key)
-      np.testing.assert_allclose(got, target, atol=1e-4)
-    got = samplers.sample_ddpm(model_fn, sd, jnp.asarray(x_start), ts, prediction_type=pt,
-                               key=key)
+  ts = samplers.ddim_timesteps(1000, n, "trailing")
+  for eta in ([0.0, 1.0] if n == 5 else [0.0]):  # eta > 0 once per type keeps compiles down
+    got = samplers.sample_ddim(model_fn, sd, jnp.asarray(x_start), ts, prediction_type=pt,
+                               eta=eta, key=key)
     np.testing.assert_allclose(got, target, atol=1e-4)
+  ts = samplers.ddim_timesteps(1000, n, "leading")
+  got = samplers.sample_ddpm(model_fn, sd, jnp.asarray(x_start), ts, prediction_type=pt, key=key)
+  np.testing.assert_allclose(got, target, atol=1e-4)
 
 
 @pytest.mark.parametrize("n", [1, 5, 50])
@@ -255,7 +277,7 @@ def test_dmp_starts_at_the_image_and_oracle_differs(sd, target):
 def test_onestep_equals_x0_prediction(target):
   image = jnp.asarray(np.random.default_rng(8).uniform(-1, 1, target.shape), jnp.float32)
   ones = schedules.make("ones")
-  sd = schedules.make("scaled_linear")
+  sd = schedules.make("scaled_linear", 1000, 0.00085, 0.012)
 
   def model_fn(x, t):
     return jnp.tanh(x) * (t.astype(jnp.float32)[:, None, None, None] / 1000.0)

@@ -36,10 +36,15 @@ def test_alphas_cumprod_match_diffusers(kind, rescale, betas_range, num_train_ti
   np.testing.assert_allclose(ours.alphas_cumprod, ddim.alphas_cumprod.numpy(), rtol=0, atol=1e-6)
 
 
+def test_make_defaults_are_diffusers_defaults():
+  ref = diffusers.DDPMScheduler()
+  np.testing.assert_array_equal(schedules.make().alphas_cumprod, ref.alphas_cumprod.numpy())
+
+
 def test_derived_tables():
   ref = diffusers.DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
   ac = ref.alphas_cumprod.numpy().astype(np.float64)
-  s = schedules.make("scaled_linear")
+  s = schedules.make("scaled_linear", 1000, 0.00085, 0.012)
   np.testing.assert_allclose(s.sqrt_alphas_cumprod, np.sqrt(ac), rtol=1e-6)
   np.testing.assert_allclose(s.sqrt_one_minus_alphas_cumprod, np.sqrt(1 - ac), rtol=1e-6)
   np.testing.assert_allclose(s.snr, ac / (1 - ac), rtol=1e-5)
@@ -50,8 +55,8 @@ def test_derived_tables():
 
 
 def test_zero_terminal_snr():
-  s0 = schedules.make("scaled_linear")
-  s = schedules.make("scaled_linear", rescale_betas_zero_snr=True)
+  s0 = schedules.make("scaled_linear", 1000, 0.00085, 0.012)
+  s = schedules.make("scaled_linear", 1000, 0.00085, 0.012, rescale_betas_zero_snr=True)
   assert float(s.alphas_cumprod[-1]) == 0.0
   assert float(s.snr[-1]) == 0.0
   assert np.isneginf(s.log_snr[-1])

@@ -160,7 +160,7 @@ def ddim_step(schedule: Schedule, model_output: jax.Array, t, t_prev, x_t: jax.A
                     clip_sample_range)
   a_t = objectives.gather(schedule.alphas_cumprod, t, x_t)
   a_prev = _alpha_prev(schedule, t_prev, x_t)
-  if isinstance(eta, (int, float)) and eta == 0:
+  if _is_zero(eta):
     x_prev = jnp.sqrt(a_prev) * x0 + jnp.sqrt(1.0 - a_prev) * eps
   else:
     if noise is None:
@@ -210,26 +210,49 @@ def _batch_t(t, x):
   return jnp.full((x.shape[0],), t, jnp.int32)
 
 
-def _step_noise(key, noise, num_steps, shape):
-  """Per-step standard normal noise [S, *shape]: given, or drawn from key."""
+def _is_zero(eta) -> bool:
+  """True when eta is a concrete 0 (Python, numpy or concrete jax scalar); False for tracers."""
+  try:
+    return float(eta) == 0.0
+  except (TypeError, jax.errors.ConcretizationTypeError):
+    return False
+
+
+# How the per-step noise reaches the scan body (a static argument of the loops):
+#   "none":  no noise (deterministic), the scanned input is a dummy f32[S];
+#   "keys":  the scanned input is one PRNG key per step, noise is drawn inside the step (memory
+#            O(one step), not O(steps): a 1000-step DDPM at 256x256 would otherwise hold GBs);
+#   "given": the scanned input is the caller's f32[S, B, H, W, C] noise (parity tests).
+def _noise_inputs(key, noise, num_steps, shape, stochastic):
+  if not stochastic:
+    return "none", np.zeros((num_steps,), np.float32)
   if noise is not None:
-    if noise.shape != (num_steps,) + tuple(shape):
+    if tuple(noise.shape) != (num_steps,) + tuple(shape):
       raise ValueError(f"noise must have shape {(num_steps,) + tuple(shape)}, got {noise.shape}.")
-    return noise.astype(jnp.float32)
+    return "given", noise
   if key is None:
     raise ValueError("a stochastic sampler needs `key` (or explicit `noise`).")
-  return jax.random.normal(key, (num_steps,) + tuple(shape), jnp.float32)
+  return "keys", jax.random.split(key, num_steps)
+
+
+def _draw(noise_mode, n, x):
+  if noise_mode == "none":
+    return None
+  if noise_mode == "keys":
+    return jax.random.normal(n, x.shape, jnp.float32)
+  return n.astype(jnp.float32)
 
 
 @functools.partial(jax.jit, static_argnames=("model_fn", "prediction_type", "clip_sample",
-                                             "clip_sample_range", "stochastic"))
+                                             "clip_sample_range", "noise_mode"))
 def _ddim_loop(model_fn, schedule, x_start, timesteps, prev, model_args, eta, noise,
-               prediction_type, clip_sample, clip_sample_range, stochastic):
+               prediction_type, clip_sample, clip_sample_range, noise_mode):
   def body(x, inputs):
     t, t_prev, n = inputs
     out = model_fn(x, _batch_t(t, x), *model_args)
+    stochastic = noise_mode != "none"
     x_prev = ddim_step(schedule, out, t, t_prev, x, prediction_type,
-                       eta=eta if stochastic else 0.0, noise=n if stochastic else None,
+                       eta=eta if stochastic else 0.0, noise=_draw(noise_mode, n, x),
                        clip_sample=clip_sample, clip_sample_range=clip_sample_range)
     return x_prev, None
 
@@ -263,7 +286,8 @@ def sample_ddim(model_fn: ModelFn, schedule: Schedule, x_start: jax.Array, times
       n = S.
     prediction_type: "epsilon" | "v_prediction" | "sample".
     eta: DDIM eta; > 0 needs key or noise.
-    key: PRNG key for eta > 0. noise: f32[S, B, H, W, C] explicit per-step noise (overrides key).
+    key: PRNG key for eta > 0 (one split per step, drawn inside the loop).
+    noise: f32[S, B, H, W, C] explicit per-step noise (overrides key).
     model_args: extra (traced) arguments of model_fn.
     clip_sample, clip_sample_range: clip predicted x0.
   Returns:
@@ -274,25 +298,23 @@ def sample_ddim(model_fn: ModelFn, schedule: Schedule, x_start: jax.Array, times
   if prev is None:
     prev = prev_timesteps(np.asarray(timesteps), schedule.num_train_timesteps)
   ts, pv = _as_steps(timesteps, prev)
-  stochastic = noise is not None or not (isinstance(eta, (int, float)) and eta == 0)
-  if stochastic:
-    noise = _step_noise(key, noise, ts.shape[0], x_start.shape)
-  else:
-    noise = np.zeros((ts.shape[0],), np.float32)
-  return _ddim_loop(model_fn, schedule, x_start, ts, pv, tuple(model_args),
-                    np.float32(eta) if isinstance(eta, (int, float)) else eta, noise, prediction_type, bool(clip_sample),
-                    float(clip_sample_range), stochastic)
+  stochastic = noise is not None or not _is_zero(eta)
+  noise_mode, noise_in = _noise_inputs(key, noise, ts.shape[0], x_start.shape, stochastic)
+  eta_in = np.float32(eta) if isinstance(eta, (int, float)) else eta
+  return _ddim_loop(model_fn, schedule, x_start, ts, pv, tuple(model_args), eta_in, noise_in,
+                    prediction_type, bool(clip_sample), float(clip_sample_range), noise_mode)
 
 
 @functools.partial(jax.jit, static_argnames=("model_fn", "prediction_type", "clip_sample",
-                                             "clip_sample_range"))
+                                             "clip_sample_range", "noise_mode"))
 def _ddpm_loop(model_fn, schedule, x_start, timesteps, prev, model_args, noise, prediction_type,
-               clip_sample, clip_sample_range):
+               clip_sample, clip_sample_range, noise_mode):
   def body(x, inputs):
     t, t_prev, n = inputs
     out = model_fn(x, _batch_t(t, x), *model_args)
-    return ddpm_step(schedule, out, t, t_prev, x, prediction_type, noise=n,
-                     clip_sample=clip_sample, clip_sample_range=clip_sample_range), None
+    return ddpm_step(schedule, out, t, t_prev, x, prediction_type,
+                     noise=_draw(noise_mode, n, x), clip_sample=clip_sample,
+                     clip_sample_range=clip_sample_range), None
 
   x, _ = jax.lax.scan(body, x_start, (timesteps, prev, noise))
   return x
@@ -306,16 +328,16 @@ def sample_ddpm(model_fn: ModelFn, schedule: Schedule, x_start: jax.Array, times
 
   Args: as `sample_ddim`; timesteps int[S] descending (all T steps: `np.arange(T)[::-1]`, or a
     spaced list from `ddim_timesteps`, which is how diffusers' DDPMScheduler spaces them too);
-    key or noise f32[S, B, H, W, C] required.
+    key (split per step, noise drawn inside the loop) or noise f32[S, B, H, W, C] required.
   Returns:
     f32[B, H, W, C].
   """
   _check_prediction_type(prediction_type)
   prev = prev_timesteps(np.asarray(timesteps), schedule.num_train_timesteps, rule="next")
   ts, pv = _as_steps(timesteps, prev)
-  noise = _step_noise(key, noise, ts.shape[0], x_start.shape)
-  return _ddpm_loop(model_fn, schedule, x_start, ts, pv, tuple(model_args), noise,
-                    prediction_type, bool(clip_sample), float(clip_sample_range))
+  noise_mode, noise_in = _noise_inputs(key, noise, ts.shape[0], x_start.shape, True)
+  return _ddpm_loop(model_fn, schedule, x_start, ts, pv, tuple(model_args), noise_in,
+                    prediction_type, bool(clip_sample), float(clip_sample_range), noise_mode)
 
 
 @functools.partial(jax.jit, static_argnames=("model_fn", "prediction_type", "clip_sample",

@@ -196,8 +196,8 @@ def from_betas(betas: np.ndarray, *, kind: str = "custom", rescale_betas_zero_sn
   return from_alphas_cumprod(ac, betas=betas, kind=kind, final_alpha_cumprod=final_alpha_cumprod)
 
 
-def make(kind: str = "scaled_linear", num_train_timesteps: int = 1000, beta_start: float = 0.00085,
-         beta_end: float = 0.012, *, rescale_betas_zero_snr: bool = False,
+def make(kind: str = "linear", num_train_timesteps: int = 1000, beta_start: float = 0.0001,
+         beta_end: float = 0.02, *, rescale_betas_zero_snr: bool = False,
          final_alpha_cumprod: float = 1.0) -> Schedule:
   """Builds a named schedule.
 
@@ -205,8 +205,8 @@ def make(kind: str = "scaled_linear", num_train_timesteps: int = 1000, beta_star
     kind: one of KINDS: linear, scaled_linear (Stable Diffusion), squaredcos_cap_v2 (cosine),
       ones (all betas 1: GenPercept one-step).
     num_train_timesteps: T.
-    beta_start, beta_end: first/last beta of the (scaled) linear schedules. Defaults are Stable
-      Diffusion's (0.00085, 0.012); diffusers' DDPM defaults are (1e-4, 0.02).
+    beta_start, beta_end: first/last beta of the (scaled) linear schedules. Defaults are
+      diffusers' (DDPM: 1e-4, 0.02); Stable Diffusion uses scaled_linear with (0.00085, 0.012).
     rescale_betas_zero_snr: apply `rescale_zero_terminal_snr` (alpha_bar_{T-1} = 0).
     final_alpha_cumprod: alpha_bar used at the clean end (t_prev < 0) of DDIM; 1.0 = diffusers'
       set_alpha_to_one=True.
