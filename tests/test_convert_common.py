@@ -1,6 +1,7 @@
 """Tests of the generic checkpoint reader: safetensors parsing, sharded index, strict assignment."""
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -149,3 +150,36 @@ def test_transforms_are_explicit():
     common.conv1x1_to_dense(w)
   with pytest.raises(ValueError):
     common.linear_to_dense(w)
+
+
+class WithDropout(nnx.Module):
+
+  def __init__(self, rngs):
+    self.inner = TinyNNX(rngs)
+    self.drop = nnx.Dropout(0.5, rngs=rngs)
+
+  def __call__(self, x, *, deterministic=True):
+    return self.drop(self.inner(x), deterministic=deterministic)
+
+
+def test_build_abstract_skips_init_and_assign_fills_it(tmp_path):
+  tm = _randomised_torch()
+  safetensors_torch.save_file(tm.state_dict(), tmp_path / "model.safetensors")
+  tensors = common.load_weights(tmp_path, "model.safetensors")
+  ours = common.build_abstract(lambda: WithDropout(nnx.Rngs(0)))
+  assert isinstance(ours.inner.blocks[0].kernel.get_value(), jax.ShapeDtypeStruct)
+  key_map = {k: common.Target(("inner",) + t.path, t.transform)
+             for k, t in _key_map(ours.inner, tensors).items()}
+  common.assign(ours, tensors, key_map)
+  x = np.random.default_rng(0).normal(size=(1, 4, 4, 3)).astype(np.float32)
+  want = tm(torch.from_numpy(x).permute(0, 3, 1, 2)).detach().numpy()
+  np.testing.assert_allclose(np.asarray(ours(jnp.asarray(x))), want, atol=1e-5, rtol=1e-5)
+  # The dropout RNG state is concrete and usable.
+  dropped = np.asarray(ours(jnp.asarray(x), deterministic=False))
+  assert np.all((dropped == 0) | np.isclose(dropped, 2 * want, atol=1e-4))
+  assert 0 < np.mean(dropped == 0) < 1
+  # A placeholder left unfilled is reported, not silently kept.
+  fresh = common.build_abstract(lambda: WithDropout(nnx.Rngs(0)))
+  del key_map["ln.bias"]
+  with pytest.raises(common.CheckpointMismatchError, match="inner.ln.bias"):
+    common.assign(fresh, tensors, key_map, ignore=["ln.bias"])

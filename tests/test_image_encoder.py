@@ -139,3 +139,12 @@ def test_missing_and_unused_keys_are_named(pair, tmp_path):
     clip_convert.load_transformers_clip_vision(tmp_path)
   assert info.value.missing == ["embeddings.class_embedding"]
   assert info.value.unused == ["embeddings.cls_token"]
+
+
+def test_every_parameter_has_logical_axes():
+  from test_text_encoder import assert_logical_axes
+  cfg = ie.CLIPVisionConfig(hidden_size=16, intermediate_size=16, num_hidden_layers=1,
+                            num_attention_heads=2, image_size=8, patch_size=4, projection_dim=4)
+  model = nnx.eval_shape(lambda: ie.ImageEncoder(cfg, context_dim=12, rngs=nnx.Rngs(0)))
+  assert_logical_axes(model)
+  assert model.proj.kernel.get_metadata()["out_sharding"] == ("embed", "context")

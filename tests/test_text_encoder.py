@@ -172,3 +172,29 @@ def test_tokenizer_matches_transformers(tmp_path, pad_token):
   assert (tmp_path / "saved" / "tokenizer.json").is_file()
   np.testing.assert_array_equal(tokenizer_lib.CLIPTokenizer.from_folder(tmp_path / "saved")(
       PROMPTS), want)
+
+
+LOGICAL_AXES = {"conv_height", "conv_width", "conv_in", "conv_out", "embed", "mlp", "heads",
+                "context", "norm", "vocab", "position"}
+
+
+def assert_logical_axes(module):
+  """Every parameter names one logical axis (docs/sharding.md vocabulary) per dimension."""
+  from flax import nnx
+  flat = list(nnx.to_flat_state(nnx.state(module, nnx.Param)))
+  assert flat
+  for path, var in flat:
+    names = var.get_metadata().get("out_sharding")
+    assert names is not None, path
+    assert len(names) == len(var.get_value().shape), (path, names)
+    assert set(names) <= LOGICAL_AXES, (path, names)
+
+
+def test_every_parameter_has_logical_axes():
+  from flax import nnx
+  cfg = te.CLIPTextConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=24,
+                          num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=8)
+  model = nnx.eval_shape(lambda: te.TextEncoder(cfg, rngs=nnx.Rngs(0)))
+  assert_logical_axes(model)
+  assert model.embeddings.token_embedding.embedding.get_metadata()["out_sharding"] == (
+      "vocab", "embed")

@@ -161,3 +161,10 @@ def test_unsupported_config_values_name_the_key(tmp_path):
   vae = nnx.eval_shape(lambda: vae_lib.AutoencoderKL(cfg, rngs=nnx.Rngs(0)))  # shapes only
   with pytest.raises(ValueError, match="channels"):
     vae.decode(jnp.zeros((1, 4, 4, 3)))
+
+
+def test_every_parameter_has_logical_axes():
+  from test_text_encoder import assert_logical_axes
+  cfg = vae_lib.VAEConfig(**{**CASES["quant"], "down_block_types": ("DownEncoderBlock2D",) * 2,
+                             "up_block_types": ("UpDecoderBlock2D",) * 2})
+  assert_logical_axes(nnx.eval_shape(lambda: vae_lib.AutoencoderKL(cfg, rngs=nnx.Rngs(0))))
