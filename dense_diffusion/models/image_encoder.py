@@ -22,11 +22,12 @@ the UNet's `cross_attention_dim` (no projection when `context_dim` is None).
 
 Freezing the tower: with `trainable=False` the tower's output goes through `stop_gradient` (no
 backward pass through it), and the optimizer must also leave its parameters out (weight decay
-would otherwise still move them): use `trainable_filter(model)`-style filters built on
-`FROZEN_TOWER_PATH` ("vision_model"), e.g.
-`nnx.All(nnx.Param, nnx.Not(nnx.PathContains(FROZEN_TOWER_PATH)))` for `nnx.Optimizer(...,
-wrt=...)`. `ImageEncoder.optimizer_filter()` returns that filter (or plain `nnx.Param` when
-trainable).
+would otherwise still move them). The tower's parameters all live under the path component
+`FROZEN_TOWER_PATH` ("vision_model"), so the optimizer filter is
+`nnx.All(nnx.Param, nnx.Not(nnx.PathContains(FROZEN_TOWER_PATH)))` (for `nnx.Optimizer(...,
+wrt=...)`; it works from any enclosing model as long as no other sub-module is called
+"vision_model"). `ImageEncoder.optimizer_filter()` returns that filter (or plain `nnx.Param` when
+trainable). The projection `proj` is always trainable.
 """
 from __future__ import annotations
 
