@@ -39,7 +39,8 @@ class TinyNNX(nnx.Module):
   def __init__(self, rngs):
     self.conv_in = nnx.Conv(3, 4, (3, 3), padding=1, rngs=rngs)
     self.norm = nnx.GroupNorm(4, num_groups=2, epsilon=1e-5, rngs=rngs)
-    self.blocks = nnx.List([nnx.Linear(4, 5, rngs=rngs), nnx.Linear(5, 4, use_bias=False, rngs=rngs)])
+    self.blocks = nnx.List([nnx.Linear(4, 5, rngs=rngs),
+                            nnx.Linear(5, 4, use_bias=False, rngs=rngs)])
     self.ln = nnx.LayerNorm(4, epsilon=1e-5, rngs=rngs)
     self.emb = nnx.Embed(7, 4, rngs=rngs)
     self.proj = nnx.Linear(4, 6, rngs=rngs)

@@ -7,6 +7,10 @@ WithProjection` and older checkpoints), then `common.torch_layer_rule` maps `wei
 each layer by its type (Dense: transpose; Conv2d: OIHW -> HWIO; LayerNorm: weight -> scale;
 Embedding: weight -> embedding; `class_embedding` as is).
 
+A full `CLIPModel` checkpoint (both towers in one file) is not accepted by either loader: the
+other tower's tensors would be unused. Save the tower alone (`CLIPTextModel` /
+`CLIPVisionModel[WithProjection]`), as diffusers pipelines do.
+
 Non-parameter tensors allowed to stay unused (and only these): `*.position_ids` buffers (stored
 by older transformers versions). Every other checkpoint tensor must be used and every parameter
 filled, or `CheckpointMismatchError` lists the names.
@@ -40,7 +44,8 @@ def _strip(prefix: str):
   return rename
 
 
-def load_transformers_clip_text(path, *, subfolder: str = "text_encoder", dtype=None,
+def load_transformers_clip_text(path, *, subfolder: str = "text_encoder", variant=None,
+                                dtype=None,
                                 param_dtype=jnp.float32, seed: int = 0
                                 ) -> text_encoder_lib.TextEncoder:
   """A `TextEncoder` with the weights of a transformers `CLIPTextModel`.
@@ -49,6 +54,7 @@ def load_transformers_clip_text(path, *, subfolder: str = "text_encoder", dtype=
     path: folder from `CLIPTextModel.save_pretrained` (config.json + model.safetensors, or the
       sharded index), or a pipeline folder whose `subfolder` holds it.
     subfolder: pipeline sub-folder tried when `path` holds no weights.
+    variant: weight variant ("fp16" -> model.fp16.safetensors); read as float32 either way.
     dtype: compute dtype (None = float32); parameters are `param_dtype`.
     seed: unused by the text encoder (all parameters come from the checkpoint); kept for
       symmetry with the other loaders.
@@ -59,7 +65,7 @@ def load_transformers_clip_text(path, *, subfolder: str = "text_encoder", dtype=
   Raises:
     CheckpointMismatchError: unused checkpoint tensors / unfilled parameters / shape mismatches.
   """
-  config, tensors = common.load_model_files(path, WEIGHTS_NAME, subfolder)
+  config, tensors = common.load_model_files(path, WEIGHTS_NAME, subfolder, variant=variant)
   tcfg = text_encoder_lib.CLIPTextConfig.from_dict(config)
   model = common.build_abstract(lambda: text_encoder_lib.TextEncoder(
       tcfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(seed)), seed=seed)
@@ -67,7 +73,7 @@ def load_transformers_clip_text(path, *, subfolder: str = "text_encoder", dtype=
                           what=f"CLIP text checkpoint {path}")
 
 
-def load_transformers_clip_vision(path, *, subfolder: str = "image_encoder",
+def load_transformers_clip_vision(path, *, subfolder: str = "image_encoder", variant=None,
                                   context_dim: Optional[int] = None, layer: int = -1,
                                   tokens: str = "all", post_layernorm: bool = False,
                                   trainable: bool = False, dtype=None,
@@ -80,6 +86,7 @@ def load_transformers_clip_vision(path, *, subfolder: str = "image_encoder",
       `CLIPVisionModelWithProjection.save_pretrained` (then `visual_projection` is loaded into
       `vision_model.visual_projection`), or a pipeline folder whose `subfolder` holds it.
     subfolder: pipeline sub-folder tried when `path` holds no weights.
+    variant: weight variant ("fp16" -> model.fp16.safetensors); read as float32 either way.
     context_dim, layer, tokens, post_layernorm, trainable: see `ImageEncoder`. The projection to
       `context_dim` is not in the checkpoint: it keeps its random initialisation (seeded by
       `seed`).
@@ -91,7 +98,7 @@ def load_transformers_clip_vision(path, *, subfolder: str = "image_encoder",
   Raises:
     CheckpointMismatchError: unused checkpoint tensors / unfilled tower parameters / shapes.
   """
-  config, tensors = common.load_model_files(path, WEIGHTS_NAME, subfolder)
+  config, tensors = common.load_model_files(path, WEIGHTS_NAME, subfolder, variant=variant)
   with_projection = "visual_projection.weight" in tensors
   vcfg = image_encoder_lib.CLIPVisionConfig.from_dict(config, with_projection=with_projection)
   model = common.build_abstract(lambda: image_encoder_lib.ImageEncoder(

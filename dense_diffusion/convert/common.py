@@ -28,9 +28,12 @@ Three layers, each usable on its own:
    `kernel` through `linear_to_dense`, `weight` of an `nnx.Conv` -> `kernel` through
    `conv_to_conv`, `weight` of a LayerNorm/GroupNorm -> `scale`, `weight` of an `nnx.Embed` ->
    `embedding`; the same for `dense_diffusion.models.layers` (Dense, Conv2d, LayerNorm,
-   GroupNorm), registered here. Layer classes that do not derive from these register their own table with
-   `register_layer_rule(cls, {...})`. A bare `nnx.Param` attribute with the same name as the torch
-   tensor (e.g. CLIP's `class_embedding`) is copied as is.
+   GroupNorm), registered here. Layer classes that do not derive from these register their own
+   table with `register_layer_rule(cls, {...})`. A bare `nnx.Param` attribute with the same name
+   as the torch tensor (e.g. CLIP's `class_embedding`) is copied as is.
+
+4. `build_abstract(ctor)` builds a module for loading without computing random initial
+   parameters (`nnx.eval_shape`); `assign` then fills the placeholders.
 """
 from __future__ import annotations
 
@@ -318,7 +321,8 @@ class Target:
 
 
 def parse_path(dotted: Union[str, Sequence]) -> ModulePath:
-  """'down_blocks.0.resnets.1.conv1.kernel' -> ('down_blocks', 0, 'resnets', 1, 'conv1', 'kernel')."""
+  """'down_blocks.0.resnets.1.conv1.kernel' -> ('down_blocks', 0, 'resnets', 1, 'conv1',
+  'kernel')."""
   if not isinstance(dotted, str):
     return tuple(dotted)
   return tuple(int(s) if s.isdigit() else s for s in dotted.split("."))

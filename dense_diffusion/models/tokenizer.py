@@ -1,4 +1,4 @@
-"""CLIP tokenizer for the fixed task prompts, through the `tokenizers` library (no hand-written BPE).
+"""CLIP tokenizer for the fixed task prompts, on the `tokenizers` library (no hand-written BPE).
 
 `CLIPTokenizer.from_folder(path)` reads a pipeline's `tokenizer/` folder (or the folder itself):
 `tokenizer.json` when present, else `vocab.json` + `merges.txt`, for which it builds the same
