@@ -9,10 +9,11 @@ window never leaves the image) and averaged over pixels and channels. This equal
 `skimage.metrics.structural_similarity(..., gaussian_weights=True, sigma=1.5,
 use_sample_covariance=False, data_range=..., channel_axis=-1)`, which filters the whole image and
 then crops (11 - 1) // 2 = 5 pixels from every border before averaging: the same pixels.
-We use `dm_pix.ssim` (same formula, 'valid' filtering; it matches scikit-image to ~5e-7 in the
+We use `dm_pix.ssim` (same formula, 'valid' filtering; it matches scikit-image to ~1e-6 in the
 tests) with one change: its default Gaussian filter runs `jnp.convolve` under a vmap, which is
-~2x slower on CPU than the separable shifted-slice sum we pass as `filter_fn` (identical
-weights). Images are divided by `data_range` first and SSIM is taken with max_val = 1: SSIM is
+slow on CPU (~260 ms CPU time per 512x512 RGB image on the dev machine), so we pass as
+`filter_fn` the same separable 11-tap Gaussian written as blocked banded matrix products
+(~36 ms; see `_filter_leading_axis`). Images are divided by `data_range` first and SSIM is taken with max_val = 1: SSIM is
 invariant under this joint rescaling (C1, C2 scale with data_range^2) and float32 keeps more
 precision on [0, 1] than on [0, 255].
 
@@ -50,13 +51,36 @@ def _gaussian_1d(size: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA) -> np.ndarr
   return g / g.sum()
 
 
-def _separable_valid_filter(z: jax.Array) -> jax.Array:
-  """2-D Gaussian filter of z f32[N, H, W, C] with 'valid' borders -> f32[N, H-10, W-10, C]."""
+def _filter_leading_axis(z: jax.Array, block: int = 32) -> jax.Array:
+  """Gaussian 'valid' filter along axis 0 of z f32[L, ...] -> f32[L - 10, ...].
+
+  Written as matrix products so that it runs at BLAS speed on CPU: output rows are taken in
+  blocks of `block`; each block is a (block x block+10) banded matrix, whose row i holds the 11
+  weights at columns i..i+10, times the block+10 input rows it needs. This does ~(block+10)/11
+  times the multiply-adds of a direct 11-tap sum, yet is ~3x faster than XLA's fused
+  shifted-slice sum and ~7x faster than dm-pix's `jnp.convolve` filter on CPU.
+  """
   g = _gaussian_1d()
   k = g.size
-  h, w = z.shape[-3], z.shape[-2]
-  rows = sum(float(g[i]) * z[..., i:h - k + 1 + i, :, :] for i in range(k))
-  return sum(float(g[i]) * rows[..., :, i:w - k + 1 + i, :] for i in range(k))
+  length = z.shape[0]
+  out_len = length - k + 1
+  block = min(block, out_len)
+  num_blocks = -(-out_len // block)
+  band = np.zeros((block, block + k - 1), np.float32)
+  for i in range(block):
+    band[i, i:i + k] = g
+  rows = np.arange(num_blocks)[:, None] * block + np.arange(block + k - 1)[None, :]
+  rows = np.minimum(rows, length - 1)  # rows past the end only feed outputs cropped below
+  gathered = z.reshape(length, -1)[rows]  # [blocks, block + 10, M]
+  out = jnp.einsum("ij,bjm->bim", band, gathered, precision=jax.lax.Precision.HIGHEST)
+  return out.reshape((num_blocks * block,) + z.shape[1:])[:out_len]
+
+
+def _separable_valid_filter(z: jax.Array) -> jax.Array:
+  """2-D Gaussian filter of z f32[N, H, W, C] with 'valid' borders -> f32[N, H-10, W-10, C]."""
+  y = _filter_leading_axis(jnp.moveaxis(z, 1, 0))  # [H', N, W, C]
+  y = _filter_leading_axis(jnp.moveaxis(y, 2, 0))  # [W', H', N, C]
+  return jnp.transpose(y, (2, 1, 0, 3))
 
 
 @jax.jit
