@@ -65,11 +65,20 @@ class Dense(nnx.Module):
     self.kernel = make_param(rngs, kernel_init, (in_features, out_features), param_dtype, axes)
     self.bias = (make_param(rngs, nnx.initializers.zeros, (out_features,), param_dtype,
                             (axes[1],)) if use_bias else None)
+    # Low-rank adapter, attached by `models.lora.apply_lora` (None = no adapter).
+    self.lora_down = nnx.data(None)  # LoRAParam [in, rank]
+    self.lora_up = nnx.data(None)  # LoRAParam [rank, out]
+    self.lora_scale = 0.0
+    self.lora_merged = False
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """[..., in] -> [..., out] in the compute dtype."""
     dtype = _compute_dtype(self.dtype, x)
-    y = jnp.dot(x.astype(dtype), self.kernel[...].astype(dtype))
+    x = x.astype(dtype)
+    y = jnp.dot(x, self.kernel[...].astype(dtype))
+    if self.lora_down is not None and not self.lora_merged:
+      low = jnp.dot(x, self.lora_down[...].astype(dtype))
+      y = y + jnp.dot(low, self.lora_up[...].astype(dtype)) * self.lora_scale
     if self.bias is not None:
       y = y + self.bias[...].astype(dtype)
     return y
@@ -93,18 +102,28 @@ class Conv2d(nnx.Module):
                                                  out_channels), param_dtype, CONV_KERNEL_AXES)
     self.bias = (make_param(rngs, nnx.initializers.zeros, (out_channels,), param_dtype,
                             ("conv_out",)) if use_bias else None)
+    # Low-rank adapter, attached by `models.lora.apply_lora` (None = no adapter).
+    self.lora_down = nnx.data(None)  # LoRAParam [kh, kw, in, rank]: same window as the kernel.
+    self.lora_up = nnx.data(None)  # LoRAParam [rank, out]: a 1x1 convolution.
+    self.lora_scale = 0.0
+    self.lora_merged = False
+
+  def _conv(self, x: jax.Array, kernel: jax.Array) -> jax.Array:
+    if kernel.shape[0] == 1 and kernel.shape[1] == 1 and self.stride == 1 and self.padding == 0:
+      return jnp.dot(x, kernel[0, 0])  # 1x1 convolution = dense layer.
+    p = self.padding
+    return jax.lax.conv_general_dilated(
+        x, kernel, window_strides=(self.stride, self.stride), padding=((p, p), (p, p)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """[B, H, W, in] -> [B, H', W', out]."""
     dtype = _compute_dtype(self.dtype, x)
-    kernel = self.kernel[...].astype(dtype)
-    if kernel.shape[0] == 1 and kernel.shape[1] == 1 and self.stride == 1 and self.padding == 0:
-      y = jnp.dot(x.astype(dtype), kernel[0, 0])  # 1x1 convolution = dense layer.
-    else:
-      p = self.padding
-      y = jax.lax.conv_general_dilated(
-          x.astype(dtype), kernel, window_strides=(self.stride, self.stride),
-          padding=((p, p), (p, p)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    x = x.astype(dtype)
+    y = self._conv(x, self.kernel[...].astype(dtype))
+    if self.lora_down is not None and not self.lora_merged:
+      low = self._conv(x, self.lora_down[...].astype(dtype))
+      y = y + jnp.dot(low, self.lora_up[...].astype(dtype)) * self.lora_scale
     if self.bias is not None:
       y = y + self.bias[...].astype(dtype)
     return y
