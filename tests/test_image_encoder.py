@@ -148,3 +148,18 @@ def test_every_parameter_has_logical_axes():
   model = nnx.eval_shape(lambda: ie.ImageEncoder(cfg, context_dim=12, rngs=nnx.Rngs(0)))
   assert_logical_axes(model)
   assert model.proj.kernel.get_metadata()["out_sharding"] == ("embed", "context")
+
+
+def test_full_size_vit_h14_key_set_maps_one_to_one():
+  # The IP-Adapter / SD image-variation image encoder (OpenCLIP ViT-H/14 with projection), on
+  # torch's meta device: keys and shapes only.
+  from test_text_encoder import param_count, stand_ins
+  cfg = transformers.CLIPVisionConfig(hidden_size=1280, intermediate_size=5120,
+                                      num_hidden_layers=32, num_attention_heads=16,
+                                      image_size=224, patch_size=14, projection_dim=1024,
+                                      hidden_act="gelu")
+  with torch.device("meta"):
+    ref = transformers.CLIPVisionModelWithProjection(cfg)
+  ours = clip_convert.clip_vision_from_tensors(cfg.to_dict(), stand_ins(ref), dry_run=True)
+  assert param_count(ours.vision_model) == sum(p.numel() for p in ref.parameters())
+  assert ours.num_tokens == 257

@@ -198,3 +198,42 @@ def test_every_parameter_has_logical_axes():
   assert_logical_axes(model)
   assert model.embeddings.token_embedding.embedding.get_metadata()["out_sharding"] == (
       "vocab", "embed")
+
+
+def stand_ins(torch_model, prefix=""):
+  """Zero-stride numpy stand-ins (no memory) with the shapes of a meta-device state dict."""
+  return {prefix + k: np.broadcast_to(np.zeros((), np.float32), tuple(v.shape))
+          for k, v in torch_model.state_dict().items()}
+
+
+def param_count(module):
+  from flax import nnx
+  return sum(int(np.prod(v.get_value().shape))
+             for _, v in nnx.to_flat_state(nnx.state(module, nnx.Param)))
+
+
+@pytest.mark.parametrize("name", ["sd1_vit_l14", "sd2_openclip_h14"])
+def test_full_size_key_sets_map_one_to_one(name):
+  # The real SD text encoders' configurations (SD 2.x: OpenCLIP ViT-H with the last of its 24
+  # layers already removed), built on torch's meta device: keys and shapes only.
+  kw = dict(vocab_size=49408, max_position_embeddings=77)
+  if name == "sd1_vit_l14":  # legacy eos_token_id=2 and "text_model." keys, as SD 1.x files
+    cfg = transformers.CLIPTextConfig(hidden_size=768, intermediate_size=3072,
+                                      num_hidden_layers=12, num_attention_heads=12,
+                                      hidden_act="quick_gelu", eos_token_id=2, **kw)
+    prefix = "text_model."
+  else:
+    cfg = transformers.CLIPTextConfig(hidden_size=1024, intermediate_size=4096,
+                                      num_hidden_layers=23, num_attention_heads=16,
+                                      hidden_act="gelu", **kw)
+    prefix = ""
+  with torch.device("meta"):
+    ref = transformers.CLIPTextModel(cfg)
+  tensors = stand_ins(ref, prefix)
+  if prefix:
+    tensors["text_model.embeddings.position_ids"] = np.arange(77)[None]
+  ours = clip_convert.clip_text_from_tensors(cfg.to_dict(), tensors, dry_run=True)
+  assert param_count(ours) == sum(p.numel() for p in ref.parameters())
+  tensors.pop(f"{prefix}final_layer_norm.weight")
+  with pytest.raises(common.CheckpointMismatchError, match="final_layer_norm.scale"):
+    clip_convert.clip_text_from_tensors(cfg.to_dict(), tensors, dry_run=True)

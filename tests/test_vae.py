@@ -168,3 +168,16 @@ def test_every_parameter_has_logical_axes():
   cfg = vae_lib.VAEConfig(**{**CASES["quant"], "down_block_types": ("DownEncoderBlock2D",) * 2,
                              "up_block_types": ("UpDecoderBlock2D",) * 2})
   assert_logical_axes(nnx.eval_shape(lambda: vae_lib.AutoencoderKL(cfg, rngs=nnx.Rngs(0))))
+
+
+def test_full_size_sd_vae_key_set_maps_one_to_one():
+  # Stable Diffusion's VAE configuration on torch's meta device: keys and shapes only.
+  from test_text_encoder import param_count, stand_ins
+  kw = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+            norm_num_groups=32, sample_size=512, down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4)
+  with torch.device("meta"):
+    ref = diffusers.AutoencoderKL(**kw)
+  ours = vae_convert.vae_from_tensors(dict(ref.config), stand_ins(ref), dry_run=True)
+  n = sum(p.numel() for p in ref.parameters())
+  assert param_count(ours) == n == 83_653_863

@@ -18,9 +18,10 @@ filled, or `CheckpointMismatchError` lists the names.
 from __future__ import annotations
 
 import re
-from typing import Optional
+from typing import Mapping, Optional
 
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from dense_diffusion.convert import common
@@ -44,9 +45,22 @@ def _strip(prefix: str):
   return rename
 
 
+def clip_text_from_tensors(config: Mapping, tensors: Mapping[str, np.ndarray], *, dtype=None,
+                           param_dtype=jnp.float32, seed: int = 0, dry_run: bool = False,
+                           what: str = "CLIP text checkpoint") -> text_encoder_lib.TextEncoder:
+  """A `TextEncoder` from an in-memory transformers config dict and {key: torch-layout array}.
+
+  `dry_run=True` only checks keys and shapes (the returned model's parameters stay abstract).
+  """
+  tcfg = text_encoder_lib.CLIPTextConfig.from_dict(config)
+  model = common.build_abstract(lambda: text_encoder_lib.TextEncoder(
+      tcfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(seed)), seed=seed)
+  return common.load_into(model, tensors, rename=_strip("text_model."), ignore=_buffers(tensors),
+                          what=what, dry_run=dry_run)
+
+
 def load_transformers_clip_text(path, *, subfolder: str = "text_encoder", variant=None,
-                                dtype=None,
-                                param_dtype=jnp.float32, seed: int = 0
+                                dtype=None, param_dtype=jnp.float32, seed: int = 0
                                 ) -> text_encoder_lib.TextEncoder:
   """A `TextEncoder` with the weights of a transformers `CLIPTextModel`.
 
@@ -66,11 +80,33 @@ def load_transformers_clip_text(path, *, subfolder: str = "text_encoder", varian
     CheckpointMismatchError: unused checkpoint tensors / unfilled parameters / shape mismatches.
   """
   config, tensors = common.load_model_files(path, WEIGHTS_NAME, subfolder, variant=variant)
-  tcfg = text_encoder_lib.CLIPTextConfig.from_dict(config)
-  model = common.build_abstract(lambda: text_encoder_lib.TextEncoder(
-      tcfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(seed)), seed=seed)
-  return common.load_into(model, tensors, rename=_strip("text_model."), ignore=_buffers(tensors),
-                          what=f"CLIP text checkpoint {path}")
+  return clip_text_from_tensors(config, tensors, dtype=dtype, param_dtype=param_dtype, seed=seed,
+                                what=f"CLIP text checkpoint {path}")
+
+
+def clip_vision_from_tensors(config: Mapping, tensors: Mapping[str, np.ndarray], *,
+                             context_dim: Optional[int] = None, layer: int = -1,
+                             tokens: str = "all", post_layernorm: bool = False,
+                             trainable: bool = False, dtype=None, param_dtype=jnp.float32,
+                             seed: int = 0, dry_run: bool = False,
+                             what: str = "CLIP vision checkpoint"
+                             ) -> image_encoder_lib.ImageEncoder:
+  """An `ImageEncoder` from an in-memory transformers config dict and {key: array}.
+
+  `dry_run=True` only checks keys and shapes (the tower's parameters stay abstract).
+  """
+  with_projection = "visual_projection.weight" in tensors
+  vcfg = image_encoder_lib.CLIPVisionConfig.from_dict(config, with_projection=with_projection)
+  model = common.build_abstract(lambda: image_encoder_lib.ImageEncoder(
+      vcfg, context_dim=context_dim, layer=layer, tokens=tokens, post_layernorm=post_layernorm,
+      trainable=trainable, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(seed)),
+                                seed=seed)
+  common.load_into(model.vision_model, tensors, rename=_strip("vision_model."),
+                   ignore=_buffers(tensors), what=what, dry_run=dry_run)
+  if not dry_run:
+    # The projection to the context width is not in the checkpoint: initialise it for real.
+    model.proj = model.make_proj(nnx.Rngs(seed))
+  return model
 
 
 def load_transformers_clip_vision(path, *, subfolder: str = "image_encoder", variant=None,
@@ -88,7 +124,7 @@ def load_transformers_clip_vision(path, *, subfolder: str = "image_encoder", var
     subfolder: pipeline sub-folder tried when `path` holds no weights.
     variant: weight variant ("fp16" -> model.fp16.safetensors); read as float32 either way.
     context_dim, layer, tokens, post_layernorm, trainable: see `ImageEncoder`. The projection to
-      `context_dim` is not in the checkpoint: it keeps its random initialisation (seeded by
+      `context_dim` is not in the checkpoint: it gets a fresh random initialisation (seeded by
       `seed`).
     dtype, param_dtype: compute / parameter dtypes.
 
@@ -99,14 +135,7 @@ def load_transformers_clip_vision(path, *, subfolder: str = "image_encoder", var
     CheckpointMismatchError: unused checkpoint tensors / unfilled tower parameters / shapes.
   """
   config, tensors = common.load_model_files(path, WEIGHTS_NAME, subfolder, variant=variant)
-  with_projection = "visual_projection.weight" in tensors
-  vcfg = image_encoder_lib.CLIPVisionConfig.from_dict(config, with_projection=with_projection)
-  model = common.build_abstract(lambda: image_encoder_lib.ImageEncoder(
-      vcfg, context_dim=context_dim, layer=layer, tokens=tokens, post_layernorm=post_layernorm,
-      trainable=trainable, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(seed)),
-                                seed=seed)
-  common.load_into(model.vision_model, tensors, rename=_strip("vision_model."),
-                   ignore=_buffers(tensors), what=f"CLIP vision checkpoint {path}")
-  # The projection to the context width is not in the checkpoint: initialise it for real.
-  model.proj = model.make_proj(nnx.Rngs(seed))
-  return model
+  return clip_vision_from_tensors(
+      config, tensors, context_dim=context_dim, layer=layer, tokens=tokens,
+      post_layernorm=post_layernorm, trainable=trainable, dtype=dtype, param_dtype=param_dtype,
+      seed=seed, what=f"CLIP vision checkpoint {path}")

@@ -449,7 +449,8 @@ def torch_layer_rule(module: nnx.Module, rename: Optional[Callable[[str], Option
 
 def assign(module: nnx.Module, tensors: Mapping[str, np.ndarray],
            key_map: Mapping[str, Union[Target, tuple]], *, ignore: Iterable[str] = (),
-           variables: Any = nnx.Param, what: str = "checkpoint") -> nnx.Module:
+           variables: Any = nnx.Param, what: str = "checkpoint",
+           dry_run: bool = False) -> nnx.Module:
   """Fills every parameter of `module` from `tensors`, in place, or raises one clear error.
 
   Args:
@@ -461,6 +462,9 @@ def assign(module: nnx.Module, tensors: Mapping[str, np.ndarray],
       allowed to stay unused. Listed explicitly by each converter.
     variables: the NNX filter of the variables that must all be filled (default `nnx.Param`).
     what: a name for the checkpoint in the error message.
+    dry_run: only check (keys, transforms, shapes); write nothing. Transformed tensors are
+      dropped one by one, so zero-stride stand-ins (`np.broadcast_to(0., shape)`) check a full
+      size model's key set at the memory cost of its largest tensor.
 
   Returns:
     `module`.
@@ -496,11 +500,13 @@ def assign(module: nnx.Module, tensors: Mapping[str, np.ndarray],
     if tuple(value.shape) != pshape:
       mismatches.append((key, path_str(path), tuple(value.shape), pshape))
       continue
-    filled[path] = (key, value)
+    filled[path] = (key, None if dry_run else value)
   missing = [path_str(p) for p in flat if p not in filled]
   # Keys not in `tensors` but in key_map are fine (a shared table may cover optional layers).
   if unused or missing or mismatches or duplicates:
     raise CheckpointMismatchError(unused, missing, mismatches, duplicates, what=what)
+  if dry_run:
+    return module
   new_flat = []
   for path, var in flat.items():
     old = var.get_value()  # a jax.Array, or a ShapeDtypeStruct from `build_abstract`
@@ -553,9 +559,10 @@ def _key_of_shape(key: jax.Array, shape: tuple) -> jax.Array:
 def load_into(module: nnx.Module, tensors: Mapping[str, np.ndarray], *,
               rename: Optional[Callable[[str], Optional[str]]] = None,
               extra: Optional[Mapping[str, Union[Target, tuple]]] = None,
-              ignore: Iterable[str] = (), what: str = "checkpoint") -> nnx.Module:
+              ignore: Iterable[str] = (), what: str = "checkpoint",
+              dry_run: bool = False) -> nnx.Module:
   """`assign` with `torch_layer_rule(module, rename)`, plus explicit `extra` entries that win."""
   key_map = map_keys(tensors, torch_layer_rule(module, rename))
   if extra:
     key_map.update(extra)
-  return assign(module, tensors, key_map, ignore=ignore, what=what)
+  return assign(module, tensors, key_map, ignore=ignore, what=what, dry_run=dry_run)

@@ -9,8 +9,10 @@ tensor must be used (the VAE has no buffers) and every parameter filled.
 from __future__ import annotations
 
 import re
+from typing import Mapping
 
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from dense_diffusion.convert import common
@@ -32,6 +34,23 @@ def _squeeze_1x1(w):
   return common.conv1x1_to_dense(w) if w.ndim == 4 else common.linear_to_dense(w)
 
 
+def vae_from_tensors(config: Mapping, tensors: Mapping[str, np.ndarray], *, dtype=None,
+                     param_dtype=jnp.float32, seed: int = 0, dry_run: bool = False,
+                     what: str = "diffusers VAE checkpoint") -> vae_lib.AutoencoderKL:
+  """An `AutoencoderKL` from an in-memory diffusers config dict and {key: torch-layout array}.
+
+  `dry_run=True` only checks keys and shapes (the returned model's parameters stay abstract).
+  """
+  vcfg = vae_lib.VAEConfig.from_dict(config)
+  model = common.build_abstract(lambda: vae_lib.AutoencoderKL(
+      vcfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(seed)), seed=seed)
+  key_map = common.map_keys(tensors, common.torch_layer_rule(model, _LEGACY_ATTENTION))
+  for key, target in list(key_map.items()):
+    if _ATTN_WEIGHT.search(_LEGACY_ATTENTION(key)):
+      key_map[key] = common.Target(target.path, _squeeze_1x1)
+  return common.assign(model, tensors, key_map, what=what, dry_run=dry_run)
+
+
 def load_diffusers_vae(path, *, subfolder: str = "vae", variant=None, dtype=None,
                        param_dtype=jnp.float32, seed: int = 0) -> vae_lib.AutoencoderKL:
   """An `AutoencoderKL` with the weights of a diffusers `AutoencoderKL`.
@@ -50,11 +69,5 @@ def load_diffusers_vae(path, *, subfolder: str = "vae", variant=None, dtype=None
     CheckpointMismatchError: unused checkpoint tensors / unfilled parameters / shape mismatches.
   """
   config, tensors = common.load_model_files(path, WEIGHTS_NAME, subfolder, variant=variant)
-  vcfg = vae_lib.VAEConfig.from_dict(config)
-  model = common.build_abstract(lambda: vae_lib.AutoencoderKL(
-      vcfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(seed)), seed=seed)
-  key_map = common.map_keys(tensors, common.torch_layer_rule(model, _LEGACY_ATTENTION))
-  for key, target in list(key_map.items()):
-    if _ATTN_WEIGHT.search(_LEGACY_ATTENTION(key)):
-      key_map[key] = common.Target(target.path, _squeeze_1x1)
-  return common.assign(model, tensors, key_map, what=f"diffusers VAE checkpoint {path}")
+  return vae_from_tensors(config, tensors, dtype=dtype, param_dtype=param_dtype, seed=seed,
+                          what=f"diffusers VAE checkpoint {path}")
