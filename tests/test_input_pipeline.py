@@ -171,3 +171,21 @@ def test_config_errors(data_dir):
     _train(data_dir, [_entry("depth", weight=0.0)], ["depth"])
   with pytest.raises(ValueError, match="unknown keys"):
     _train(data_dir, [{**_entry("depth"), "wieght": 2}], ["depth"])
+
+
+def test_eval_stream_keeps_panoptic_ground_truth(data_dir):
+  from dense_diffusion.datasets.synthetic_scenes import renderer
+  ds, _ = ip.get_eval_dataset(_entry("instance"), ["instance"], 4, data_dir=data_dir,
+                              process_index=0, process_count=1)
+  b = next(iter(tfds.as_numpy(ds)))
+  task = tasks.get("panoptic", categories=renderer.CATEGORIES)
+  for row in range(4):
+    n = int(b["label/segment_id_shape"][row, 0])
+    segments = [{"id": int(i), "category_id": int(c), "iscrowd": int(z)} for i, c, z in zip(
+        b["label/segment_id"][row, :n], b["label/category_id"][row, :n],
+        b["label/iscrowd"][row, :n])]
+    semantic, instance = task.split(b["label/panoptic_ids"][row], segments)
+    np.testing.assert_array_equal(instance, b["label/instance"][row])
+    # The target is the instance encoding of that ground truth.
+    np.testing.assert_allclose(b["target"][row], tasks.get("instance").encode(instance))
+    assert semantic.max() < renderer.NUM_CLASSES

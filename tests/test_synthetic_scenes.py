@@ -128,7 +128,7 @@ def test_tfds_builder_matches_renderer(tmp_path):
   import tensorflow_datasets as tfds
   from dense_diffusion.datasets import synthetic_scenes
   cfg = synthetic_scenes.SyntheticScenesConfig(name="t", resolution=32, num_train=4,
-                                               num_validation=2, seed=5)
+                                               num_validation=2, seed=5, num_workers=2)
   builder = tfds.builder("synthetic_scenes", config=cfg, data_dir=str(tmp_path))
   builder.download_and_prepare()
   assert builder.info.splits["train"].num_examples == 4

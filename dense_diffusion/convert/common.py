@@ -267,7 +267,13 @@ def _load_sharded(index_file: pathlib.Path, dtype) -> dict[str, np.ndarray]:
 def load_model_files(path: PathLike, weights_name: str, subfolder: Optional[str] = None, *,
                      variant: Optional[str] = None,
                      dtype: Optional[Any] = np.float32) -> tuple[dict, dict[str, np.ndarray]]:
-  """`(config, tensors)` of the model at `path` (config.json read next to the weights)."""
+  """`(config, tensors)` of the model at `path` (config.json read next to the weights).
+
+  `path` may also be a weights file of any name (`*.safetensors` or `*.index.json`); its folder
+  must then hold the config.json.
+  """
+  if pathlib.Path(path).is_file():
+    return read_config(pathlib.Path(path).parent), load_weights(path, weights_name, dtype=dtype)
   folder = resolve_model_dir(path, weights_name, subfolder, variant=variant)
   return read_config(folder), load_weights(folder, weights_name, variant=variant, dtype=dtype)
 

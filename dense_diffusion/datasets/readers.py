@@ -170,16 +170,20 @@ SYNTHETIC_TASKS = tuple(_SYNTHETIC_TASKS)
 @register("synthetic_scenes")
 def synthetic_scenes(task: str, config: str = "res64", split: str = "train",
                      weight: float = 1.0, flip: bool = True) -> dict:
-  """One task of the built-in `synthetic_scenes/<config>` (no resize: already at R x R)."""
+  """One task of the built-in `synthetic_scenes/<config>` (no resize: already at R x R).
+
+  Panoptic categories are `renderer.CATEGORIES` (category id = class index + 1); the evaluation
+  entries of semantic and instance keep `label/panoptic_ids` and the segment lists for PQ.
+  """
   if task not in _SYNTHETIC_TASKS:
     raise ValueError(f"synthetic_scenes has no task {task!r}; tasks: {SYNTHETIC_TASKS}")
   prefix, label_keys, normals_keys, enc = _SYNTHETIC_TASKS[task]
-  keep = ("image",) + label_keys + normals_keys
   train = _join(prefix, _flip(("image",) + label_keys, normals_keys) if flip else "",
                 "value_range(-1, 1)", enc, 'keep("image", "target")')
   raw = (label_keys + normals_keys)[0]
-  evalp = _join(prefix, f'copy("{raw}", "label/{raw}")', "value_range(-1, 1)", enc)
-  del keep
+  # Semantic and instance (the two halves of panoptic) also keep the panoptic ground truth.
+  panoptic = "panoptic_labels" if task in ("semantic", "instance") else ""
+  evalp = _join(prefix, f'copy("{raw}", "label/{raw}")', panoptic, "value_range(-1, 1)", enc)
   return {"dataset": f"synthetic_scenes/{config}", "split": split, "eval_split": "validation",
           "task": task, "pp": train, "pp_eval": evalp, "weight": weight}
 

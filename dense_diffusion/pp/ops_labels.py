@@ -123,3 +123,22 @@ def get_coco_panoptic(categories: Sequence[dict] | None = None,
     data[f"{ids_key}/iscrowd"] = crowd
     return data
   return _convert
+
+
+@register("panoptic_labels")
+def get_panoptic_labels(key: str = "panoptic", prefix: str = "label/"):
+  """Flattens a nested panoptic feature {ids, segments: {id, category_id, iscrowd, ...}} into
+  `{prefix}panoptic_ids` i32[H, W], `{prefix}segment_id`, `{prefix}category_id`,
+  `{prefix}iscrowd` (i32[n]) -- the raw labels the PQ evaluator reads (same keys as the COCO
+  reader's evaluation entries). Used by synthetic_scenes.
+  """
+  def _flatten(data):
+    data = dict(data)
+    pan = data[key]
+    segs = pan["segments"]
+    data[f"{prefix}panoptic_ids"] = tf.cast(pan["ids"], tf.int32)
+    data[f"{prefix}segment_id"] = tf.cast(segs["id"], tf.int32)
+    data[f"{prefix}category_id"] = tf.cast(segs["category_id"], tf.int32)
+    data[f"{prefix}iscrowd"] = tf.cast(segs["iscrowd"], tf.int32)
+    return data
+  return _flatten

@@ -9,6 +9,8 @@ Needs no download. Each example is rendered by `renderer.render_scene` from the 
 from __future__ import annotations
 
 import dataclasses
+import multiprocessing
+import os
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -25,6 +27,10 @@ class SyntheticScenesConfig(tfds.core.BuilderConfig):
   num_train: int = 2000
   num_validation: int = 200
   seed: int = 0
+  # Rendering processes: 0 = one per CPU core when generating >= 256 examples, 1 = in-process.
+  # Examples are rendered from their own seeds and written in index order, so the dataset is
+  # the same for any number of workers.
+  num_workers: int = 0
 
 
 def _config(name, resolution, num_train, num_validation, description):
@@ -87,10 +93,32 @@ class SyntheticScenes(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self, split, num_examples):
     cfg = self.builder_config
-    for index in range(num_examples):
-      yield f"{split}_{index:06d}", example_from_render(
-          renderer.render_scene((cfg.seed, _SPLIT_IDS[split], index), cfg.resolution),
-          key=f"{split}_{index:06d}")
+    seeds = [(cfg.seed, _SPLIT_IDS[split], index) for index in range(num_examples)]
+    workers = cfg.num_workers or (os.cpu_count() or 1 if num_examples >= 256 else 1)
+    render = _Render(cfg.resolution)
+    if workers > 1 and "fork" in multiprocessing.get_all_start_methods():
+      # fork: the workers only run numpy (no TF), and need no re-import of the package.
+      with multiprocessing.get_context("fork").Pool(workers) as pool:
+        for index, ex in enumerate(pool.imap(render, seeds, chunksize=16)):
+          yield _key(split, index), ex
+    else:
+      for index, seed in enumerate(seeds):
+        yield _key(split, index), render(seed)
+
+
+def _key(split: str, index: int) -> str:
+  return f"{split}_{index:06d}"
+
+
+class _Render:
+  """Picklable callable: seed (seed, split id, index) -> builder example."""
+
+  def __init__(self, resolution: int):
+    self.resolution = resolution
+
+  def __call__(self, seed):
+    return example_from_render(renderer.render_scene(seed, self.resolution),
+                               key=_key({v: k for k, v in _SPLIT_IDS.items()}[seed[1]], seed[2]))
 
 
 def example_from_render(ex: dict, key: str) -> dict:
