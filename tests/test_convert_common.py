@@ -115,6 +115,10 @@ def test_sharded_index_and_pipeline_subfolder(tmp_path):
   assert set(tensors) == set(sd)
   for k in sd:
     np.testing.assert_array_equal(tensors[k], sd[k].numpy())
+  # A weights file of another name, given directly (config.json beside it).
+  (sub / "model.safetensors.index.json").rename(sub / "other.index.json")
+  config2, tensors2 = common.load_model_files(sub / "other.index.json", "model.safetensors")
+  assert config2 == config and set(tensors2) == set(sd)
   with pytest.raises(FileNotFoundError, match="vae"):
     common.load_weights(tmp_path / "pipe", "model.safetensors", "vae")
 
