@@ -30,8 +30,7 @@ PathLike = Union[str, os.PathLike]
 
 SOURCES = ("diffusers",)
 
-# component: (pipeline sub-folder, loader module, loader function, builder "module:callable" of
-# the model from its config for `restore`, or None when restore does not know the class).
+# component: (pipeline sub-folder, loader module, loader function `loader(folder) -> module`).
 COMPONENTS: dict[str, tuple[str, str, str]] = {
     "unet": ("unet", "dense_diffusion.convert.unet", "load_diffusers_unet"),
     "vae": ("vae", "dense_diffusion.convert.vae", "load_diffusers_vae"),
