@@ -63,3 +63,14 @@ def warn_skipped(kind: str, num: int, total_so_far: int) -> None:
   logger.warning(
       "%s: skipped %d image(s) with non-finite predictions (%d skipped so far)", kind, num,
       total_so_far)
+
+
+# Elementwise float64 work is done on chunks of images of at most this many pixels (one 512x512
+# image), so that the temporaries stay in the CPU cache: ~2x faster than whole batches.
+CHUNK_PIXELS = 1 << 18
+
+
+def image_chunks(num_images: int, pixels_per_image: int, max_pixels: int = CHUNK_PIXELS):
+  """Slices over the leading (image) axis, each covering about `max_pixels` pixels (>= 1 image)."""
+  step = max(1, max_pixels // max(1, pixels_per_image))
+  return [slice(i, min(i + step, num_images)) for i in range(0, num_images, step)]

@@ -131,6 +131,14 @@ def align_depth(pred: np.ndarray, gt: np.ndarray, valid: np.ndarray,
 
 def _per_image(pred, gt, valid, *, min_depth, max_depth, alignment):
   """f64[N] per metric (NaN for images without valid pixels) and int64[N] valid counts."""
+  parts = [_per_image_chunk(pred[c], gt[c], valid[c], min_depth=min_depth, max_depth=max_depth,
+                            alignment=alignment)
+           for c in _checks.image_chunks(pred.shape[0], pred[0].size)]
+  return ({k: np.concatenate([m[k] for m, _ in parts]) for k in DEPTH_KEYS},
+          np.concatenate([n for _, n in parts]))
+
+
+def _per_image_chunk(pred, gt, valid, *, min_depth, max_depth, alignment):
   pred = align_depth(pred, gt, valid, alignment)
   pred = np.clip(pred, min_depth, max_depth)
   axes = (1, 2)

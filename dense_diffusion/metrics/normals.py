@@ -66,6 +66,15 @@ def angular_error(pred, gt) -> tuple[np.ndarray, np.ndarray]:
   return np.degrees(np.arccos(cos)), valid
 
 
+def _valid_errors(pred, gt, mask):
+  """Yields f64[k] angular errors of the valid pixels, chunk by chunk of images (cache-sized)."""
+  for c in _checks.image_chunks(pred.shape[0], pred.shape[1] * pred.shape[2]):
+    err, valid = angular_error(pred[c], gt[c])
+    if mask is not None:
+      valid &= mask[c]
+    yield err[valid]
+
+
 def _summary(err_sum, err_sq_sum, below, count, median):
   if count == 0:
     return {k: float("nan") for k in NORMAL_KEYS}
@@ -92,10 +101,7 @@ def normal_metrics(pred, gt, mask=None) -> dict[str, float]:
   """
   pred, gt, mask = _prepare(pred, gt, mask)
   _checks.raise_if_nonfinite(pred, "pred")
-  err, valid = angular_error(pred, gt)
-  if mask is not None:
-    valid &= mask
-  e = err[valid]
+  e = np.concatenate(list(_valid_errors(pred, gt, mask)))
   if e.size == 0:
     raise ValueError("no valid pixel: every ground-truth normal is zero/non-finite or masked out")
   below = [np.count_nonzero(e < t) for t in THRESHOLDS]
@@ -138,17 +144,17 @@ class NormalMetrics:
       mask = None if mask is None else mask[~bad]
     if pred.shape[0] == 0:
       return
-    err, valid = angular_error(pred, gt)
-    if mask is not None:
-      valid &= mask
-    e = err[valid]
+    for e in _valid_errors(pred, gt, mask):
+      self._add(e)
+    self.num_images += int(pred.shape[0])
+
+  def _add(self, e: np.ndarray) -> None:
     self._hist += np.bincount(np.minimum((e / self.bin).astype(np.int64), self.num_bins - 1),
                               minlength=self.num_bins)
     self._sum += float(e.sum())
     self._sq_sum += float((e * e).sum())
     self._below += np.array([np.count_nonzero(e < t) for t in THRESHOLDS])
     self.num_pixels += int(e.size)
-    self.num_images += int(pred.shape[0])
 
   def _median(self) -> float:
     n = self.num_pixels
