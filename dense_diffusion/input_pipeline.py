@@ -35,7 +35,7 @@ ON_BAD_EXAMPLE = ("fail", "skip")
 EVAL_PREFIX = "label/"  # keys kept by the evaluation stream besides image/target/task/mask
 
 _ENTRY_DEFAULTS = {"split": "train", "weight": 1.0, "pp": "", "data_dir": None,
-                   "check_keys": None}
+                   "check_keys": None, "features": None}
 
 
 class BadExampleError(ValueError):
@@ -65,7 +65,7 @@ def _as_entry(entry: Any) -> dict:
     if key not in entry:
       raise ValueError(f"input entry {entry} lacks {key!r}")
   unknown = set(entry) - set(_ENTRY_DEFAULTS) - {"dataset", "task", "pp_eval", "eval_split",
-                                                 "pad_values"}
+                                                 "pad_values", "eval_features"}
   if unknown:
     raise ValueError(f"input entry for {entry['dataset']} has unknown keys {sorted(unknown)}")
   return {**_ENTRY_DEFAULTS, **entry}
@@ -102,9 +102,9 @@ def _inspect_image(data: bytes) -> tuple[bool, int, int, str]:
     return False, -1, -1, f"{type(e).__name__}: {e}"
 
 
-def _check_and_decode(ds: tf.data.Dataset, *, name: str, split: str, image_keys: Mapping[str, int],
-                      check_keys: Sequence[str] | None, on_bad_example: str) -> tf.data.Dataset:
-  """Validates every example (see module doc), then decodes its image features."""
+def _check(ds: tf.data.Dataset, *, name: str, split: str, image_keys: Mapping[str, int],
+           check_keys: Sequence[str] | None, on_bad_example: str) -> tf.data.Dataset:
+  """Validates every example (see module doc) while its images are still encoded."""
   if on_bad_example not in ON_BAD_EXAMPLE:
     raise ValueError(f"on_bad_example must be one of {ON_BAD_EXAMPLE}, got {on_bad_example!r}")
   spec = ds.element_spec
@@ -165,8 +165,11 @@ def _check_and_decode(ds: tf.data.Dataset, *, name: str, split: str, image_keys:
     ok.set_shape([])
     return ok
 
-  ds = ds.filter(check)
+  return ds.filter(check)
 
+
+def _decode_images(image_keys: Mapping[str, int]):
+  """Example fn decoding the (checked) encoded image features to uint8 [H, W, C]."""
   def decode(ex):
     ex = dict(ex)
     for key, channels in image_keys.items():
@@ -175,16 +178,22 @@ def _check_and_decode(ds: tf.data.Dataset, *, name: str, split: str, image_keys:
         img.set_shape([None, None, channels])
         ex[key] = img
     return ex
-
-  return ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE)
+  return decode
 
 
 def read_split(dataset: str, split: str, *, data_dir: str | None = None,
                process_index: int | None = None, process_count: int | None = None,
                shuffle_files: bool = False, seed: int = 0, on_bad_example: str = "fail",
-               check_keys: Sequence[str] | None = None,
-               drop_remainder: bool = False) -> tuple[tf.data.Dataset, Any]:
-  """This host's share of a TFDS split, checked and with image features decoded.
+               check_keys: Sequence[str] | None = None, features: Sequence[str] | None = None,
+               drop_remainder: bool = False, shuffle_buffer: int = 0,
+               repeat: bool = False) -> tuple[tf.data.Dataset, Any]:
+  """This host's share of a TFDS split: read, checked, (shuffled, repeated,) images decoded.
+
+  Args:
+    features: top-level features to read (default all); others are never parsed.
+    shuffle_buffer: > 0 shuffles the examples (seeded) while images are still encoded, which
+      keeps the buffer small.
+    repeat: repeat forever (after the shuffle, before decoding).
 
   Returns (dataset of example dicts incl. `tfds_id`, builder).
   """
@@ -194,13 +203,27 @@ def read_split(dataset: str, split: str, *, data_dir: str | None = None,
                                           process_count=process_count,
                                           drop_remainder=drop_remainder)
   image_keys = _image_features(builder)
+  if features is not None:
+    unknown = set(features) - set(builder.info.features)
+    if unknown:
+      raise ValueError(f"{dataset} has no features {sorted(unknown)}; it has "
+                       f"{sorted(builder.info.features)}")
+    image_keys = {k: v for k, v in image_keys.items() if k in features}
+    decoders = tfds.decode.PartialDecoding(
+        {k: True for k in features}, decoders={k: tfds.decode.SkipDecoding() for k in image_keys})
+  else:
+    decoders = {k: tfds.decode.SkipDecoding() for k in image_keys}
   ds = builder.as_dataset(
-      split=host_split, shuffle_files=shuffle_files,
-      decoders={k: tfds.decode.SkipDecoding() for k in image_keys},
+      split=host_split, shuffle_files=shuffle_files, decoders=decoders,
       read_config=tfds.ReadConfig(add_tfds_id=True, shuffle_seed=seed,
                                   shuffle_reshuffle_each_iteration=True))
-  ds = _check_and_decode(ds, name=dataset, split=split, image_keys=image_keys,
-                         check_keys=check_keys, on_bad_example=on_bad_example)
+  ds = _check(ds, name=dataset, split=split, image_keys=image_keys, check_keys=check_keys,
+              on_bad_example=on_bad_example)
+  if shuffle_buffer:
+    ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+  if repeat:
+    ds = ds.repeat()
+  ds = ds.map(_decode_images(image_keys), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   return ds, builder
 
 
@@ -231,19 +254,21 @@ def _task_index(entry: dict, task_names: Sequence[str]) -> int:
 def get_train_dataset(entries: Iterable[Any], task_names: Sequence[str], batch_size: int, *,
                       seed: int = 0, data_dir: str | None = None,
                       process_index: int | None = None, process_count: int | None = None,
-                      shuffle_buffer: int = 10_000, on_bad_example: str = "fail",
+                      shuffle_buffer: int = 2_000, on_bad_example: str = "fail",
                       prefetch: int = 2, num_parallel_calls: int | None = None) -> tf.data.Dataset:
   """The mixed training stream of this host: infinite, shuffled, batched to `batch_size`.
 
   Args:
     entries: one dict / ConfigDict per (dataset, task): dataset, split, task, pp, weight
-      (relative sampling weight), optional data_dir and check_keys.
+      (relative sampling weight), optional data_dir, check_keys and features (top-level
+      features to read; default all).
     task_names: the config's task list; `task` in the batch indexes it.
     batch_size: per-host batch size B.
     seed: makes the stream deterministic (file order, shuffling, mixing, random pp ops).
     data_dir: TFDS data directory (an entry's own data_dir wins).
     process_index, process_count: this host's slice (default: jax.process_index/count()).
-    shuffle_buffer: examples in each entry's shuffle buffer.
+    shuffle_buffer: examples in each entry's shuffle buffer (held with images still encoded,
+      and only the entry's `features` parsed).
     on_bad_example: "fail" or "skip" (see module doc).
 
   Returns:
@@ -264,8 +289,8 @@ def get_train_dataset(entries: Iterable[Any], task_names: Sequence[str], batch_s
                        data_dir=entry["data_dir"] or data_dir, process_index=process_index,
                        process_count=process_count, shuffle_files=True, seed=entry_seed,
                        on_bad_example=on_bad_example, check_keys=entry["check_keys"],
-                       drop_remainder=True)
-    ds = ds.shuffle(shuffle_buffer, seed=entry_seed, reshuffle_each_iteration=True).repeat()
+                       features=entry["features"], drop_remainder=True,
+                       shuffle_buffer=shuffle_buffer, repeat=True)
     ds = _add_rng(ds, entry_seed)
     ds = ds.map(pp_lib.get_preprocess_fn(entry["pp"]), num_parallel_calls=parallel,
                 deterministic=True)
@@ -321,7 +346,8 @@ def get_eval_dataset(entry: Any, task_names: Sequence[str], batch_size: int, *,
   split = entry.get("eval_split") or entry["split"]
   ds, builder = read_split(entry["dataset"], split, data_dir=entry["data_dir"] or data_dir,
                            process_index=process_index, process_count=process_count,
-                           on_bad_example=on_bad_example, check_keys=entry["check_keys"])
+                           on_bad_example=on_bad_example, check_keys=entry["check_keys"],
+                           features=entry.get("eval_features") or entry["features"])
   ds = _add_rng(ds, 0)
   ds = ds.map(pp_lib.get_preprocess_fn(entry.get("pp_eval") or entry["pp"]),
               num_parallel_calls=num_parallel_calls or tf.data.AUTOTUNE, deterministic=True)

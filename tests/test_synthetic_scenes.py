@@ -142,3 +142,42 @@ def test_tfds_builder_matches_renderer(tmp_path):
     np.testing.assert_array_equal(ex["panoptic"]["ids"], ref["panoptic_ids"])
     np.testing.assert_array_equal(ex["panoptic"]["segments"]["category_id"],
                                   [s["category_id"] for s in ref["segments"]])
+
+
+def _on_surface(kind, params, p, tol=1e-3):
+  """Whether world points p[N, 3] lie on the surface of the object (written from its definition)."""
+  if kind == "sphere":
+    return np.abs(np.linalg.norm(p - params["center"], axis=-1) - params["radius"]) < tol
+  if kind == "box":
+    c, s = np.cos(params["yaw"]), np.sin(params["yaw"])
+    rot = np.array([[c, 0, s], [0, 1, 0], [-s, 0, c]])
+    local = (p - params["center"]) @ rot
+    excess = np.abs(local) - params["half"]
+    return (np.abs(excess.max(-1)) < tol)
+  base, r, h = params["base"], params["radius"], params["height"]
+  radial = np.hypot(p[:, 0] - base[0], p[:, 2] - base[2])
+  above = base[1] - p[:, 1]  # height above the floor (y down)
+  inside_h = (above > -tol) & (above < h + tol)
+  if kind == "cylinder":
+    side = (np.abs(radial - r) < tol) & inside_h
+    cap = (np.abs(above - h) < tol) & (radial < r + tol)
+    return side | cap
+  if kind == "cone":
+    return (np.abs(radial - r * (h - above) / h) < tol) & inside_h
+  raise ValueError(kind)
+
+
+def test_every_thing_pixel_lies_on_an_object_of_its_class(scenes):
+  for ex in scenes:
+    world = _backproject(ex) @ _cam_to_world(ex["pitch"]).T
+    for c, name in enumerate(renderer.CLASS_NAMES):
+      if name not in renderer.THING_CLASSES:
+        continue
+      sel = ex["semantic"] == c
+      if not sel.any():
+        continue
+      on_any = np.zeros(sel.sum(), bool)
+      for obj in ex["objects"]:
+        if obj["kind"] == name:
+          on_any |= _on_surface(name, obj["params"], world[sel])
+      assert on_any.all(), f"{name}: {np.sum(~on_any)} pixels off every {name}"

@@ -184,8 +184,12 @@ def synthetic_scenes(task: str, config: str = "res64", split: str = "train",
   # Semantic and instance (the two halves of panoptic) also keep the panoptic ground truth.
   panoptic = "panoptic_labels" if task in ("semantic", "instance") else ""
   evalp = _join(prefix, f'copy("{raw}", "label/{raw}")', panoptic, "value_range(-1, 1)", enc)
+  source = {"denoise": "noisy", "derain": "rainy", "lowlight": "dark"}.get(task)
+  features = ["image", "key"] + ([source] if source else list(label_keys + normals_keys))
+  eval_features = features + (["panoptic"] if panoptic else [])
   return {"dataset": f"synthetic_scenes/{config}", "split": split, "eval_split": "validation",
-          "task": task, "pp": train, "pp_eval": evalp, "weight": weight}
+          "task": task, "pp": train, "pp_eval": evalp, "weight": weight,
+          "features": features, "eval_features": eval_features}
 
 
 def synthetic_mixture(tasks: tuple[str, ...] = SYNTHETIC_TASKS, config: str = "res64",

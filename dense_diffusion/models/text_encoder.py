@@ -116,12 +116,13 @@ class CLIPAttention(nnx.Module):
     self.v_proj = layers.Dense(dim, dim, axes=("embed", "heads"), **kw)
     self.out_proj = layers.Dense(dim, dim, axes=("heads", "embed"), **kw)
 
-  def __call__(self, x: jax.Array, *, causal: bool) -> jax.Array:
-    """[B, L, D] -> [B, L, D]."""
+  def __call__(self, x: jax.Array, *, causal: bool, mask: Optional[jax.Array] = None
+               ) -> jax.Array:
+    """[B, L, D] -> [B, L, D]; `mask` bool broadcastable to [B, H, L, L] (True = attend)."""
     b, n, d = x.shape
     split = lambda t: t.reshape(b, n, self.heads, self.head_dim)
     o = attention_lib.attention(split(self.q_proj(x)), split(self.k_proj(x)),
-                                split(self.v_proj(x)), is_causal=causal,
+                                split(self.v_proj(x)), mask=mask, is_causal=causal,
                                 scale=self.head_dim ** -0.5)
     return self.out_proj(o.reshape(b, n, d))
 
@@ -151,8 +152,9 @@ class CLIPEncoderLayer(nnx.Module):
     self.layer_norm2 = layers.LayerNorm(dim, eps=eps, **kw)
     self.mlp = CLIPMLP(dim, hidden, act, **kw)
 
-  def __call__(self, x: jax.Array, *, causal: bool) -> jax.Array:
-    x = x + self.self_attn(self.layer_norm1(x), causal=causal)
+  def __call__(self, x: jax.Array, *, causal: bool, mask: Optional[jax.Array] = None
+               ) -> jax.Array:
+    x = x + self.self_attn(self.layer_norm1(x), causal=causal, mask=mask)
     return x + self.mlp(self.layer_norm2(x))
 
 
@@ -165,12 +167,12 @@ class CLIPEncoder(nnx.Module):
         CLIPEncoderLayer(dim, heads, hidden, act, eps, dtype=dtype, param_dtype=param_dtype,
                          rngs=rngs) for _ in range(num_layers)])
 
-  def __call__(self, x: jax.Array, *, causal: bool, num_layers: Optional[int] = None
-               ) -> jax.Array:
+  def __call__(self, x: jax.Array, *, causal: bool, num_layers: Optional[int] = None,
+               mask: Optional[jax.Array] = None) -> jax.Array:
     """Runs the first `num_layers` layers (all if None). [B, L, D] -> [B, L, D]."""
     n = len(self.layers) if num_layers is None else num_layers
     for layer in list(self.layers)[:n]:
-      x = layer(x, causal=causal)
+      x = layer(x, causal=causal, mask=mask)
     return x
 
 
@@ -219,7 +221,8 @@ class TextEncoder(nnx.Module):
                                              dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
   def encode(self, input_ids: jax.Array, *, skip_last_layers: int = 0,
-             final_norm: bool = True) -> tuple[jax.Array, jax.Array]:
+             final_norm: bool = True, attention_mask: Optional[jax.Array] = None
+             ) -> tuple[jax.Array, jax.Array]:
     """Hidden states and pooled (end-of-text) output.
 
     Args:
@@ -228,6 +231,8 @@ class TextEncoder(nnx.Module):
         1), ... (see the module docstring for SD 2.x).
       final_norm: apply `final_layer_norm` to the chosen layer's output (transformers and
         diffusers do).
+      attention_mask: optional [B, L] (1 = token, 0 = padding) hiding padding keys, as
+        transformers' `attention_mask`; the SD 1.x / 2.x pipelines pass none (the default).
 
     Returns:
       hidden [B, L, D] and pooled [B, D], in the compute dtype.
@@ -236,7 +241,10 @@ class TextEncoder(nnx.Module):
     x = self.embeddings(input_ids)
     if self.dtype is not None:
       x = x.astype(self.dtype)
-    x = self.encoder(x, causal=True, num_layers=n)
+    mask = None
+    if attention_mask is not None:
+      mask = (jnp.asarray(attention_mask) > 0)[:, None, None, :]
+    x = self.encoder(x, causal=True, num_layers=n, mask=mask)
     if final_norm:
       x = self.final_layer_norm(x)
     pooled = x[jnp.arange(x.shape[0]), self.eos_positions(input_ids)]
@@ -251,3 +259,26 @@ class TextEncoder(nnx.Module):
   def __call__(self, input_ids: jax.Array, *, skip_last_layers: int = 0) -> jax.Array:
     """int32 [B, L] -> hidden states [B, L, D] (final layer norm applied)."""
     return self.encode(input_ids, skip_last_layers=skip_last_layers)[0]
+
+
+def embed_prompts(encoder: TextEncoder, tokenizer, prompts, *, skip_last_layers: int = 0,
+                  batch_size: int = 16) -> jax.Array:
+  """Text-encoder embeddings of fixed prompts, to compute once and cache (frozen encoder).
+
+  Args:
+    encoder: the `TextEncoder`.
+    tokenizer: a callable texts -> int32 [B, L] (e.g. `models.tokenizer.CLIPTokenizer`).
+    prompts: a sequence of strings.
+    skip_last_layers: see `TextEncoder.encode`.
+    batch_size: prompts per encoder call.
+
+  Returns:
+    float32 [len(prompts), L, D], with no gradient path to the encoder.
+  """
+  prompts = list(prompts)
+  if not prompts:
+    raise ValueError("embed_prompts needs at least one prompt")
+  ids = jnp.asarray(tokenizer(prompts), jnp.int32)
+  run = nnx.jit(lambda m, i: m(i, skip_last_layers=skip_last_layers))
+  out = [run(encoder, ids[i:i + batch_size]) for i in range(0, len(prompts), batch_size)]
+  return jax.lax.stop_gradient(jnp.concatenate(out, axis=0).astype(jnp.float32))
