@@ -237,3 +237,35 @@ def test_full_size_key_sets_map_one_to_one(name):
   tensors.pop(f"{prefix}final_layer_norm.weight")
   with pytest.raises(common.CheckpointMismatchError, match="final_layer_norm.scale"):
     clip_convert.clip_text_from_tensors(cfg.to_dict(), tensors, dry_run=True)
+
+
+def test_embed_prompts_matches_transformers_end_to_end(tmp_path):
+  # Tokenizer + text encoder together against transformers' CLIPTokenizer + CLIPTextModel.
+  from dense_diffusion.models import tokenizer as tokenizer_lib
+  _write_tiny_vocab(tmp_path / "tokenizer", "<|endoftext|>")
+  ref_tok = transformers.CLIPTokenizer.from_pretrained(tmp_path / "tokenizer")
+  cfg = transformers.CLIPTextConfig(
+      vocab_size=len(ref_tok), hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+      num_attention_heads=2, max_position_embeddings=12, hidden_act="quick_gelu",
+      bos_token_id=ref_tok.bos_token_id, eos_token_id=ref_tok.eos_token_id,
+      pad_token_id=ref_tok.pad_token_id)
+  ref = transformers.CLIPTextModel(cfg).eval()
+  randomise(ref, 5)
+  ref.save_pretrained(tmp_path / "text_encoder")
+  batch = ref_tok(PROMPTS, padding="max_length", max_length=12, truncation=True,
+                  return_tensors="pt")
+  with torch.no_grad():  # ids only, no attention mask: what the SD 1.x / 2.x pipelines do
+    want = ref(input_ids=batch["input_ids"]).last_hidden_state.numpy()
+  ours = te.embed_prompts(clip_convert.load_transformers_clip_text(tmp_path),
+                          tokenizer_lib.CLIPTokenizer.from_folder(tmp_path), PROMPTS,
+                          batch_size=3)
+  assert ours.shape == (len(PROMPTS), 12, 16)
+  np.testing.assert_allclose(np.asarray(ours), want, atol=1e-4, rtol=0)
+  # With transformers' padding mask.
+  with torch.no_grad():
+    want_masked = ref(**batch).last_hidden_state.numpy()
+  model = clip_convert.load_transformers_clip_text(tmp_path)
+  got, _ = model.encode(jnp.asarray(batch["input_ids"].numpy(), jnp.int32),
+                        attention_mask=jnp.asarray(batch["attention_mask"].numpy()))
+  np.testing.assert_allclose(np.asarray(got), want_masked, atol=1e-4, rtol=0)
+  assert np.abs(want_masked - want).max() > 1e-3  # the mask matters on padding positions
