@@ -3,9 +3,12 @@
 Usage: .venv/bin/python bench/metrics.py [--num_images 500] [--size 512] [--batch 8]
 
 Random data is generated once, as a pool of `--pool` distinct images (16 by default, to keep
-memory and set-up time small on a shared machine) that is streamed cyclically in batches of `--batch` through
-each accumulator (PQ takes one image per update, as it works per image). One warm-up batch per
-metric (JAX compilation of SSIM) runs before timing and is not counted.
+memory and set-up time small on a shared machine) that is streamed cyclically in batches of
+`--batch` through each accumulator (PQ takes one image per update, as it works per image).
+One warm-up batch per metric (JAX compilation of SSIM) runs before timing and is not counted.
+
+Columns: wall-clock seconds, and CPU seconds of this process (all threads; less sensitive to
+other load on a shared machine). The load average before and after is printed with the table.
 """
 import argparse
 import os

@@ -15,7 +15,6 @@ arithmetic is float64 numpy, vectorised over the batch.
 """
 from __future__ import annotations
 
-from typing import Mapping
 
 import numpy as np
 

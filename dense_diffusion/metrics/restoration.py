@@ -13,9 +13,9 @@ We use `dm_pix.ssim` (same formula, 'valid' filtering; it matches scikit-image t
 tests) with one change: its default Gaussian filter runs `jnp.convolve` under a vmap, which is
 slow on CPU (~260 ms CPU time per 512x512 RGB image on the dev machine), so we pass as
 `filter_fn` the same separable 11-tap Gaussian written as blocked banded matrix products
-(~36 ms; see `_filter_leading_axis`). Images are divided by `data_range` first and SSIM is taken with max_val = 1: SSIM is
-invariant under this joint rescaling (C1, C2 scale with data_range^2) and float32 keeps more
-precision on [0, 1] than on [0, 255].
+(~36 ms; see `_filter_leading_axis`). Images are divided by `data_range` first and SSIM is
+taken with max_val = 1: SSIM is invariant under this joint rescaling (C1, C2 scale with
+data_range^2) and float32 keeps more precision on [0, 1] than on [0, 255].
 
 Y channel (deraining protocol): RGB in [0, data_range] is mapped to ITU-R BT.601 luma as MATLAB
 `rgb2ycbcr(im2double(img))` does, Y = (16 + 65.481 R + 128.553 G + 24.966 B) / 255 with R, G, B
@@ -29,7 +29,6 @@ first). Predictions are not clipped or quantised here: do that beforehand if the
 """
 from __future__ import annotations
 
-import functools
 
 import dm_pix
 import jax
