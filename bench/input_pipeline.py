@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import tempfile
 import time
 
@@ -33,13 +34,20 @@ def bench_render(res: int, n: int) -> float:
   return n / (time.perf_counter() - t)
 
 
-def bench_generate(data_dir: str, res: int, n: int) -> float:
+def _cpu_seconds() -> float:
+  own = resource.getrusage(resource.RUSAGE_SELF)
+  kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+  return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def bench_generate(data_dir: str, res: int, n: int) -> tuple[float, float]:
+  """(wall seconds, CPU seconds of this process and its rendering workers)."""
   cfg = synthetic_scenes.SyntheticScenesConfig(name=f"bench{res}_{n}", resolution=res,
                                                num_train=n, num_validation=0)
   builder = tfds.builder("synthetic_scenes", config=cfg, data_dir=data_dir)
-  t = time.perf_counter()
+  t, c = time.perf_counter(), _cpu_seconds()
   builder.download_and_prepare()
-  return time.perf_counter() - t
+  return time.perf_counter() - t, _cpu_seconds() - c
 
 
 def bench_stream(data_dir: str, config: str, task_list, batch: int, batches: int,
@@ -78,12 +86,12 @@ def main():
   print(f"| render_scene | 64x64, 400 scenes | {bench_render(64, 400):.0f} scenes/s |")
   print(f"| render_scene | {args.res}x{args.res}, 100 scenes | "
         f"{bench_render(args.res, 100):.0f} scenes/s |")
-  secs = bench_generate(data_dir, 64, args.gen64)
+  secs, cpu = bench_generate(data_dir, 64, args.gen64)
   print(f"| synthetic_scenes download_and_prepare | 64x64, {args.gen64} examples | "
-        f"{secs:.1f} s ({args.gen64 / secs:.0f} ex/s) |")
-  secs = bench_generate(data_dir, args.res, args.examples)
+        f"{secs:.1f} s wall ({args.gen64 / secs:.0f} ex/s), {cpu:.1f} CPU-s |")
+  secs, cpu = bench_generate(data_dir, args.res, args.examples)
   print(f"| synthetic_scenes download_and_prepare | {args.res}x{args.res}, {args.examples} "
-        f"examples | {secs:.1f} s ({args.examples / secs:.0f} ex/s) |")
+        f"examples | {secs:.1f} s wall ({args.examples / secs:.0f} ex/s), {cpu:.1f} CPU-s |")
   config = f"bench{args.res}_{args.examples}"
   rows = [("9-task mixture", readers.SYNTHETIC_TASKS), ("depth only", ("depth",)),
           ("semantic only", ("semantic",)), ("instance only", ("instance",)),

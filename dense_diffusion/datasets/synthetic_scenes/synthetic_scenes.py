@@ -9,6 +9,7 @@ Needs no download. Each example is rendered by `renderer.render_scene` from the 
 from __future__ import annotations
 
 import dataclasses
+import io
 import multiprocessing
 import os
 
@@ -18,6 +19,7 @@ import tensorflow_datasets as tfds
 from dense_diffusion.datasets.synthetic_scenes import renderer
 
 _SPLIT_IDS = {"train": 0, "validation": 1}
+_IMAGE_KEYS = ("image", "albedo", "noisy", "rainy", "dark")
 
 
 @dataclasses.dataclass
@@ -100,10 +102,22 @@ class SyntheticScenes(tfds.core.GeneratorBasedBuilder):
       # fork: the workers only run numpy (no TF), and need no re-import of the package.
       with multiprocessing.get_context("fork").Pool(workers) as pool:
         for index, ex in enumerate(pool.imap(render, seeds, chunksize=16)):
-          yield _key(split, index), ex
+          yield _key(split, index), _wrap_png(ex)
     else:
       for index, seed in enumerate(seeds):
-        yield _key(split, index), render(seed)
+        yield _key(split, index), _wrap_png(render(seed))
+
+
+def _wrap_png(ex: dict) -> dict:
+  """PNG bytes -> file objects, which TFDS stores as they are (no re-encoding)."""
+  return {k: io.BytesIO(v) if k in _IMAGE_KEYS else v for k, v in ex.items()}
+
+
+def _png(array: np.ndarray) -> bytes:
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  buf = io.BytesIO()
+  Image.fromarray(array).save(buf, format="PNG", compress_level=1)
+  return buf.getvalue()
 
 
 def _key(split: str, index: int) -> str:
@@ -117,8 +131,10 @@ class _Render:
     self.resolution = resolution
 
   def __call__(self, seed):
-    return example_from_render(renderer.render_scene(seed, self.resolution),
-                               key=_key({v: k for k, v in _SPLIT_IDS.items()}[seed[1]], seed[2]))
+    """Renders, and PNG-encodes the images here (in the worker, in parallel)."""
+    ex = example_from_render(renderer.render_scene(seed, self.resolution),
+                             key=_key({v: k for k, v in _SPLIT_IDS.items()}[seed[1]], seed[2]))
+    return {k: _png(v) if k in _IMAGE_KEYS else v for k, v in ex.items()}
 
 
 def example_from_render(ex: dict, key: str) -> dict:
