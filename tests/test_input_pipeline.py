@@ -189,3 +189,14 @@ def test_eval_stream_keeps_panoptic_ground_truth(data_dir):
     # The target is the instance encoding of that ground truth.
     np.testing.assert_allclose(b["target"][row], tasks.get("instance").encode(instance))
     assert semantic.max() < renderer.NUM_CLASSES
+
+
+def test_configdict_entries(data_dir):
+  import ml_collections
+  entries = [ml_collections.ConfigDict(_entry("normals")), ml_collections.ConfigDict(
+      _entry("lowlight"))]
+  b = next(iter(tfds.as_numpy(_train(data_dir, entries, ["lowlight", "normals"], batch=8))))
+  assert b["target"].shape == (8, RES, RES, 3)
+  normals_rows = b["task"] == 1
+  if normals_rows.any():  # normals targets are unit vectors (flipped ones too)
+    np.testing.assert_allclose(np.linalg.norm(b["target"][normals_rows], axis=-1), 1.0, atol=1e-5)
