@@ -17,7 +17,6 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import numpy as np  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402
 
 from dense_diffusion import input_pipeline as ip  # noqa: E402

@@ -132,7 +132,7 @@ def test_encode_task_is_the_task_encoding():
   assert out["target"].shape == (8, 9, 3)
 
 
-# -- COCO panoptic on the real panopticapi sample ------------------------------------------------
+# -- COCO panoptic on the real panopticapi sample --
 def _coco_fixture(shared_fixtures):
   root = shared_fixtures / "coco_panoptic_sample"
   meta = json.loads((root / "sample_data" / "panoptic_examples.json").read_text())

@@ -42,7 +42,7 @@ def _read_all(name, split, data_dir):
   return {os.path.splitext(ex["image/filename"].decode())[0]: ex for ex in tfds.as_numpy(ds)}
 
 
-# -- ADE20K ----------------------------------------------------------------------------------------
+# -- ADE20K --
 def _ade_tree(root, n_train=3, n_val=2, bad=None):
   files = {}
   for folder, n in (("training", n_train), ("validation", n_val)):
@@ -105,7 +105,7 @@ def test_ade20k_bad_label_size_fails_or_skips(tmp_path):
   assert builder.info.splits["train"].num_examples == 2
 
 
-# -- Restoration -------------------------------------------------------------------------------------
+# -- Restoration --
 def test_sidd_pairs_and_validation_mat(tmp_path):
   manual = tmp_path / "manual"
   pairs = {}
@@ -170,7 +170,7 @@ def test_lol_and_corrupt_image(tmp_path):
     _prepare("lol", manual, tmp_path / "data2")
 
 
-# -- TFDS datasets through mock_data -----------------------------------------------------------------
+# -- TFDS datasets through mock_data --
 def _encode_png(array):
   return tf.io.encode_png(array).numpy()
 

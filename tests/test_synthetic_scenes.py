@@ -1,4 +1,4 @@
-"""Exact geometric and photometric relations of the synthetic_scenes renderer and its TFDS builder."""
+"""Exact geometric and photometric relations of the synthetic_scenes renderer and builder."""
 import numpy as np
 import pytest
 

@@ -63,8 +63,8 @@ def get_decode(key: str = "image", channels: int = 3):
 
 
 @register("resize")
-def get_resize(size, key: str = "image", method: str = "bilinear", keys: Sequence[str] | None = None,
-               antialias: bool = False):
+def get_resize(size, key: str = "image", method: str = "bilinear",
+               keys: Sequence[str] | None = None, antialias: bool = False):
   """Resizes [H, W] or [H, W, C] tensors to `size`.
 
   Use method="nearest" for labels (class ids, instance ids, depth with invalid zeros, normals):

@@ -41,7 +41,7 @@ def _config(name, resolution, num_train, num_validation, description):
 
 
 class SyntheticScenes(tfds.core.GeneratorBasedBuilder):
-  """Synthetic indoor scenes: image, depth, normals, semantic, panoptic, albedo, shading, noisy/rainy/dark inputs."""
+  """Synthetic rooms: image, depth, normals, semantic, panoptic, albedo/shading, degraded inputs."""
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "First release."}

@@ -1,0 +1,104 @@
+"""The generalist: one UNet that turns an image into any task's RGB-encoded answer.
+
+Conditioning (DESIGN.md s.4):
+  UNet input  = concat(x_t, image) over channels     [B, H, W, C_target + 3]
+  context     = concat(task tokens, image tokens)    [B, L_task + L_image, cross_attention_dim]
+Task tokens are the cached last hidden states of a frozen text encoder on each task's prompt
+(`PromptCache`, not trained), or, when no text encoder weights are given, a learned embedding per
+task (`num_task_tokens` tokens each). Image tokens come from a CLIP-layout ViT (`ImageEncoder`).
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dense_diffusion.models import image_encoder as image_encoder_lib
+from dense_diffusion.models import unet as unet_lib
+
+
+class PromptCache(nnx.Variable):
+  """Frozen prompt embeddings [num_tasks, L, D]: part of the model state, never trained."""
+
+
+class GeneralistModel(nnx.Module):
+  """UNet denoiser of RGB-encoded answers, conditioned on the input image and the task.
+
+  Args:
+    unet_config: diffusers-style UNet config; `in_channels` must be target channels + 3.
+    num_tasks: size of the task list (the `task` index of a batch).
+    image_encoder_config: `CLIPVisionConfig` of the image tower, or None for no image tokens.
+    image_encoder_options: keyword options of `ImageEncoder` (layer, tokens, trainable, ...).
+    prompt_embeddings: f32[num_tasks, L, D] from a frozen text encoder, or None for learned
+      task embeddings.
+    num_task_tokens: tokens per task of the learned embedding.
+    dtype: compute dtype (None = float32; bfloat16 on accelerators). remat: per-block remat.
+  """
+
+  def __init__(self, unet_config: Mapping[str, Any], *, num_tasks: int,
+               image_encoder_config: Optional[image_encoder_lib.CLIPVisionConfig] = None,
+               image_encoder_options: Optional[Mapping[str, Any]] = None,
+               prompt_embeddings: Optional[np.ndarray] = None, num_task_tokens: int = 4,
+               dtype=None, remat: bool = False, rngs: nnx.Rngs,
+               unet: Optional[unet_lib.UNet] = None):
+    self.unet = unet if unet is not None else unet_lib.UNet(
+        unet_config, dtype=dtype, remat=remat, rngs=rngs)
+    context_dim = self.unet.config["cross_attention_dim"]
+    if not isinstance(context_dim, int):
+      raise ValueError("the generalist needs one cross_attention_dim for all blocks, got "
+                       f"{context_dim}")
+    self.num_tasks = num_tasks
+    self.target_channels = self.unet.config["in_channels"] - 3
+    if self.target_channels <= 0:
+      raise ValueError(f"UNet in_channels={self.unet.config['in_channels']} leaves no room for "
+                       "the target next to the 3-channel condition image")
+    if prompt_embeddings is not None:
+      prompt_embeddings = np.asarray(prompt_embeddings, np.float32)
+      if prompt_embeddings.ndim != 3 or prompt_embeddings.shape[0] != num_tasks:
+        raise ValueError(f"prompt_embeddings must be [num_tasks={num_tasks}, L, D], got "
+                         f"{prompt_embeddings.shape}")
+      if prompt_embeddings.shape[-1] != context_dim:
+        raise ValueError(f"prompt embedding width {prompt_embeddings.shape[-1]} != UNet "
+                         f"cross_attention_dim {context_dim}")
+      self.prompts = PromptCache(jnp.asarray(prompt_embeddings))
+      self.task_embedding = None
+    else:
+      self.prompts = None
+      init = nnx.initializers.normal(0.02)
+      self.task_embedding = nnx.Param(
+          init(rngs.params(), (num_tasks, num_task_tokens, context_dim), jnp.float32),
+          out_sharding=(None, None, "embed"), eager_sharding=False)
+    if image_encoder_config is not None:
+      self.image_encoder = image_encoder_lib.ImageEncoder(
+          image_encoder_config, context_dim=context_dim, dtype=dtype, rngs=rngs,
+          **dict(image_encoder_options or {}))
+    else:
+      self.image_encoder = None
+
+  def context(self, image: jax.Array, task: jax.Array) -> jax.Array:
+    """[B, H, W, 3] images, i32[B] task indices -> [B, L, D] cross-attention tokens."""
+    table = self.prompts[...] if self.prompts is not None else self.task_embedding[...]
+    tokens = [jnp.take(table, task, axis=0)]
+    if self.image_encoder is not None:
+      tokens.append(self.image_encoder(image).astype(jnp.float32))
+    return jnp.concatenate(tokens, axis=1)
+
+  def __call__(self, x_t: jax.Array, t: jax.Array, image: jax.Array, task: jax.Array
+               ) -> jax.Array:
+    """x_t f32[B, H, W, C], t i32[B], image f32[B, H, W, 3] in [-1, 1], task i32[B] -> [B,H,W,C]."""
+    if x_t.shape[:3] != image.shape[:3]:
+      raise ValueError(f"x_t {x_t.shape} and image {image.shape} differ in batch or size")
+    sample = jnp.concatenate([x_t, image.astype(x_t.dtype)], axis=-1)
+    return self.unet(sample, t, self.context(image, task))
+
+  def trainable_filter(self, lora_only: bool = False):
+    """NNX filter of the parameters the optimizer updates."""
+    if lora_only:
+      return nnx.LoRAParam
+    if self.image_encoder is not None and not self.image_encoder.trainable:
+      return nnx.All(nnx.Param, nnx.Not(nnx.PathContains(
+          image_encoder_lib.FROZEN_TOWER_PATH)))
+    return nnx.Param
