@@ -366,8 +366,8 @@ def get_eval_dataset(entry: Any, task_names: Sequence[str], batch_size: int, *,
   ds = ds.map(fin)
   pad_values = dict(entry.get("pad_values") or {})
   spec = ds.element_spec
-  padding_values = {k: tf.constant(pad_values.get(k, 0), s.dtype) if s.dtype != tf.string
-                    else tf.constant("", tf.string) for k, s in spec.items()}
+  padding_values = {k: tf.constant(pad_values[k], s.dtype) if k in pad_values
+                    else tf.zeros([], s.dtype) for k, s in spec.items()}
   ds = ds.padded_batch(batch_size, padding_values=padding_values).map(_pad_batch(batch_size))
   try:
     total = builder.info.splits[split].num_examples
