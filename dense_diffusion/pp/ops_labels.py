@@ -7,8 +7,7 @@ import numpy as np
 import tensorflow as tf
 
 from dense_diffusion.pp.registry import register
-
-IGNORE_LABEL = 255
+from dense_diffusion.tasks import IGNORE_LABEL  # 255, the semantic ignore label of DESIGN.md
 # Eigen et al. crop of 480x640 NYUv2 frames: rows 45:471, columns 41:601.
 EIGEN_CROP = (45, 471, 41, 601)
 
