@@ -15,6 +15,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["dense_diffusion", "dense_diffusion.*"]),
     include_package_data=True,
+    package_data={"dense_diffusion.datasets": ["*.json"]},
     install_requires=[
         "jax>=0.8",
         "flax>=0.12",
@@ -34,6 +35,7 @@ setup(
         "matplotlib>=3.8",
         "absl-py>=2.1",
         "tqdm>=4.66",
+        "importlib_resources>=6.0",  # TFDS builders import it.
     ],
     extras_require={
         "test": [
