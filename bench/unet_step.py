@@ -21,7 +21,20 @@ import numpy as np
 import optax
 from flax import nnx
 
+from dense_diffusion.models import attention as attention_lib
+from dense_diffusion.models import layers
 from dense_diffusion.models import unet as unet_lib
+
+
+def _matmul_attention(query, key, value, *, mask=None, is_causal=False, scale=None, **_):
+  """softmax(q k^T * scale) v with heads-major batched matmuls (no mask support: UNet only)."""
+  del mask, is_causal
+  scale = query.shape[-1] ** -0.5 if scale is None else scale
+  q, k, v = (jnp.swapaxes(t, 1, 2) for t in (query, key.astype(query.dtype),
+                                             value.astype(query.dtype)))
+  logits = jnp.matmul(q * scale, jnp.swapaxes(k, -1, -2))
+  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(q.dtype)
+  return jnp.swapaxes(jnp.matmul(probs, v), 1, 2)
 
 
 def make_config(channels, layers, heads, cross_dim, groups):
@@ -110,7 +123,14 @@ def main():
   p.add_argument("--steps", type=int, default=5, help="timed steps per round")
   p.add_argument("--rounds", type=int, default=3)
   p.add_argument("--which", default="jax,torch")
+  p.add_argument("--conv_weight_grad", default="auto", help="auto | xla | matmul (models.layers)")
+  p.add_argument("--attention", default="library",
+                 help="library (models.attention) | matmul (bench-only einsum/softmax stand-in, "
+                      "to measure what the attention backend costs on CPU)")
   args = p.parse_args()
+  layers.set_conv_weight_grad(args.conv_weight_grad)
+  if args.attention == "matmul":
+    attention_lib.attention = _matmul_attention
   channels = [int(c) for c in args.channels.split(",")]
   config = make_config(channels, args.layers, args.heads, args.cross_dim, args.groups)
   rng = np.random.default_rng(0)
@@ -139,7 +159,8 @@ def main():
   med = {k: statistics.median(v) for k, v in times.items()}
   print(f"\nUNet training step, batch {args.batch}, {args.res}x{args.res}x4, channels {channels}, "
         f"layers_per_block {args.layers}, {jax.device_count()} x {jax.devices()[0].platform}, "
-        f"{os.cpu_count()} cores, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+        f"{os.cpu_count()} cores, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, "
+        f"conv_weight_grad={args.conv_weight_grad}, attention={args.attention}")
   print(f"| implementation | median step (ms) | min (ms) | steps/s |")
   print(f"| --- | --- | --- | --- |")
   for k, v in times.items():
