@@ -52,9 +52,23 @@ def test_bf16_close_to_fp32():
 
 
 def test_implementation_choice():
-  on_gpu = jax.default_backend() == "gpu"
-  assert attention_lib.implementation_for(jnp.bfloat16) == ("cudnn" if on_gpu else "xla")
-  assert attention_lib.implementation_for(jnp.float32) == "xla"
+  backend = jax.default_backend()
+  expected = {"gpu": ("cudnn", "xla"), "cpu": ("matmul", "matmul")}.get(backend, ("xla", "xla"))
+  assert attention_lib.implementation_for(jnp.bfloat16) == expected[0]
+  assert attention_lib.implementation_for(jnp.float32) == expected[1]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_matmul_and_xla_implementations_agree_with_gradients(causal):
+  rng = np.random.default_rng(3)
+  q, k, v = (jnp.asarray(rng.normal(size=(2, 7, 3, 8)), jnp.float32) for _ in range(3))
+  def loss(impl, q, k, v):
+    out = attention_lib.attention(q, k, v, is_causal=causal, implementation=impl)
+    return jnp.sum(jnp.sin(out))
+  for argnum in range(3):
+    g_xla = jax.grad(lambda *a: loss("xla", *a), argnums=argnum)(q, k, v)
+    g_mm = jax.grad(lambda *a: loss("matmul", *a), argnums=argnum)(q, k, v)
+    np.testing.assert_allclose(np.asarray(g_mm), np.asarray(g_xla), atol=1e-5)
 
 
 def test_bad_shapes_raise():
