@@ -1,6 +1,8 @@
 """Command-line entry point: `python -m dense_diffusion.main COMMAND [flags]`.
 
 Commands (a registry, not an if-chain; each command module is imported only when it runs):
+  train     --config configs/X.py[:arg] --workdir DIR [--config.key=value ...]
+  eval      --workdir DIR [--config ...]: evaluate the latest checkpoint
   demo      the README's main job (see dense_diffusion/demo.py)
   convert   --from diffusers --src DIR --dst DIR: converted weights -> orbax checkpoint
 """
@@ -13,9 +15,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app
 from absl import flags
+from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).",
+                                lock_config=True)
 flags.DEFINE_string("workdir", None, "Where checkpoints, logs, metrics and pictures go.")
+flags.DEFINE_bool("distributed", False,
+                  "Call jax.distributed.initialize() first (multi-host launchers set this).")
 flags.DEFINE_string("from", "diffusers", "convert: source format of the checkpoint.")
 flags.DEFINE_string("src", None, "convert: folder of the source checkpoint.")
 flags.DEFINE_string("dst", None, "convert: folder for the converted orbax checkpoint.")
@@ -26,6 +33,28 @@ def _require(command: str, *names: str) -> None:
   missing = [f"--{n}" for n in names if FLAGS[n].value is None]
   if missing:
     raise app.UsageError(f"{command} needs {' '.join(missing)}")
+
+
+def _maybe_distributed() -> None:
+  if FLAGS.distributed:
+    import jax
+    jax.distributed.initialize()
+
+
+def _train(_) -> int | None:
+  _require("train", "config", "workdir")
+  _maybe_distributed()
+  from dense_diffusion import train
+  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  return 0
+
+
+def _eval(_) -> int | None:
+  _require("eval", "workdir")
+  _maybe_distributed()
+  from dense_diffusion import train
+  train.evaluate_latest(FLAGS.config, FLAGS.workdir)
+  return 0
 
 
 def _demo(_) -> int | None:
@@ -41,6 +70,8 @@ def _convert(_) -> int | None:
 
 # command name -> function(FLAGS) returning an exit code or None.
 COMMANDS = {
+    "train": _train,
+    "eval": _eval,
     "demo": _demo,
     "convert": _convert,
 }

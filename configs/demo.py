@@ -1,0 +1,96 @@
+"""The README's main job: the generalist on `synthetic_scenes`, every task at once, on a CPU.
+
+    python -m dense_diffusion.main train --config configs/demo.py --workdir runs/demo
+    python -m dense_diffusion.main train --config configs/demo.py:res=64 --config.total_steps=200 ...
+
+Random initialisation (no pre-trained weights can be downloaded here), a small UNet with learned
+task embeddings and a tiny ViT image encoder, x0-prediction diffusion sampled with a few DDIM
+steps (trailing spacing, so the first step starts from pure noise at t = T - 1).
+"""
+import ml_collections
+from ml_collections import config_dict
+
+from dense_diffusion.datasets import readers
+
+TASKS = ("depth", "normals", "semantic", "instance", "albedo", "shading", "denoise", "derain",
+         "lowlight")
+
+
+def parse_arg(arg, **defaults):
+  """'res=64,steps=100' -> ConfigDict of the defaults with those values (types from defaults)."""
+  out = ml_collections.ConfigDict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    key, value = item.split("=", 1)
+    if key not in defaults:
+      raise ValueError(f"unknown config argument {key!r}; known: {sorted(defaults)}")
+    out[key] = type(defaults[key])(value)
+  return out
+
+
+def get_config(arg=None):
+  arg = parse_arg(arg, res=32)
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.tasks = TASKS
+  c.total_steps = 2500  # optimizer steps; the demo budget is ~10 minutes on 2 CPU cores.
+  c.batch_size = 32  # global batch, split over the mesh's ("data", "fsdp") axes.
+
+  c.input = ml_collections.ConfigDict()
+  c.input.data_dir = config_dict.placeholder(str)  # TFDS data_dir (None: TFDS's default, ~/tensorflow_datasets).
+  c.input.entries = readers.synthetic_mixture(TASKS, config=f"res{arg.res}")
+  c.input.shuffle_buffer = 1000  # examples per entry held for shuffling.
+  c.input.on_bad_example = "fail"  # or "skip" (counted and logged).
+
+  c.model = ml_collections.ConfigDict()
+  c.model.unet = dict(  # diffusers UNet2DConditionModel keys.
+      sample_size=arg.res, in_channels=6, out_channels=3,
+      block_out_channels=[32, 64, 96], layers_per_block=1,
+      down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+      up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+      cross_attention_dim=64, attention_head_dim=4, norm_num_groups=16)
+  c.model.pretrained_unet = config_dict.placeholder(str)  # folder of a diffusers UNet (or pipeline) to start from.
+  c.model.input_widening = "copy_scale"  # rule for 4 -> 6 input channels of a pretrained UNet.
+  c.model.text_encoder = config_dict.placeholder(str)  # pipeline / CLIPTextModel folder; None = learned task tokens.
+  c.model.num_task_tokens = 4  # learned tokens per task (when no text encoder).
+  c.model.image_encoder = dict(  # CLIP-layout ViT, random init here.
+      hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+      image_size=arg.res, patch_size=4)
+  c.model.image_encoder_options = dict(trainable=True, tokens="patch")
+  c.model.pretrained_image_encoder = config_dict.placeholder(str)  # CLIPVisionModel folder.
+  c.model.dtype = "float32"  # compute dtype; "bfloat16" on accelerators.
+  c.model.remat = False  # recompute UNet blocks in the backward pass (saves memory).
+  c.model.lora = None  # e.g. dict(rank=4, alpha=4.0, pattern=...) to train adapters only.
+
+  c.diffusion = ml_collections.ConfigDict(dict(
+      mode="generalist",  # generalist | onestep | dmp
+      prediction_type="sample",  # x0-prediction: learns fastest from scratch.
+      sampler="ddim", num_inference_steps=4, timestep_spacing="trailing",
+      weighting="none", clip_sample=True))
+  c.schedule = ml_collections.ConfigDict(dict(
+      kind="squaredcos_cap_v2", num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02,
+      rescale_betas_zero_snr=False))
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.lr = 2e-3  # peak learning rate (AdamW).
+  c.optimizer.warmup_steps = 100
+  c.optimizer.end_lr_fraction = 0.05  # cosine decays to lr * this.
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.99
+  c.optimizer.weight_decay = 1e-4
+  c.optimizer.grad_clip_norm = 1.0
+  c.optimizer.ema_decay = 0.999  # EMA of parameters, used for evaluation and prediction.
+
+  c.mesh = dict(data=-1, fsdp=1, tensor=1)  # -1 = all remaining devices.
+  c.sharding = dict(fsdp_largest_dim=True, fsdp_min_size=2**14)
+  c.nonfinite = "stop"  # "stop" the run, or "skip" the update, when loss or grads are not finite.
+
+  c.log_every = 50  # steps between console / TensorBoard training metrics.
+  c.checkpoint_every = 500  # steps between checkpoints (and one at the end).
+  c.keep_checkpoints = 2
+  c.eval_every = 0  # steps between evaluations during training (0 = only at the end).
+  c.eval = ml_collections.ConfigDict()
+  c.eval.batch_size = 64
+  c.eval.max_examples = 64  # per task (None = the whole split).
+  c.eval.num_grid_examples = 4  # examples per task in the prediction grid image.
+  c.eval.use_ema = True
+  return c

@@ -1,0 +1,77 @@
+"""Builds the generalist model from the `model` section of a config (random or pre-trained)."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from absl import logging
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dense_diffusion.models import generalist
+from dense_diffusion.models import image_encoder as image_encoder_lib
+
+DTYPES = {"float32": None, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def compute_dtype(name: str):
+  if name not in DTYPES:
+    raise ValueError(f"model.dtype={name!r}; choose one of {sorted(DTYPES)}")
+  return DTYPES[name]
+
+
+def prompt_embeddings(model_config: Any, prompts: Sequence[str]) -> np.ndarray | None:
+  """Frozen text-encoder embeddings [T, L, D] of the task prompts, or None (learned tokens)."""
+  path = model_config.get("text_encoder")
+  if not path:
+    return None
+  from dense_diffusion.convert import clip
+  from dense_diffusion.models import text_encoder as text_encoder_lib
+  from dense_diffusion.models import tokenizer as tokenizer_lib
+  encoder = clip.load_transformers_clip_text(path)
+  tokenizer = tokenizer_lib.CLIPTokenizer.from_folder(path)
+  emb = text_encoder_lib.embed_prompts(
+      encoder, tokenizer, prompts, skip_last_layers=int(model_config.get("text_skip_layers", 0)))
+  logging.info("cached text embeddings of %d prompts: %s", len(prompts), emb.shape)
+  return np.asarray(emb)
+
+
+def build_generalist(model_config: Any, prompts: Sequence[str], *, seed: int = 0
+                     ) -> generalist.GeneralistModel:
+  """The generalist for these task prompts (their order is the `task` index of batches)."""
+  dtype = compute_dtype(model_config.get("dtype", "float32"))
+  rngs = nnx.Rngs(seed)
+  unet_config = dict(model_config.unet)
+  unet = None
+  if model_config.get("pretrained_unet"):
+    from dense_diffusion.convert import unet as unet_convert
+    unet = unet_convert.load_diffusers_unet(
+        model_config.pretrained_unet, input_widening=model_config.get("input_widening",
+                                                                      "copy_scale"),
+        in_channels=unet_config.get("in_channels", 6), out_channels=unet_config.get(
+            "out_channels", 3), dtype=dtype, remat=bool(model_config.get("remat", False)),
+        seed=seed)
+  image_options = dict(model_config.get("image_encoder_options") or {})
+  vision_config = None
+  if model_config.get("image_encoder"):
+    vision_config = image_encoder_lib.CLIPVisionConfig(**dict(model_config.image_encoder))
+  model = generalist.GeneralistModel(
+      unet_config, num_tasks=len(prompts), image_encoder_config=vision_config,
+      image_encoder_options=image_options, prompt_embeddings=prompt_embeddings(
+          model_config, prompts),
+      num_task_tokens=int(model_config.get("num_task_tokens", 4)), dtype=dtype,
+      remat=bool(model_config.get("remat", False)), rngs=rngs, unet=unet)
+  if model_config.get("pretrained_image_encoder"):
+    from dense_diffusion.convert import clip
+    loaded = clip.load_transformers_clip_vision(
+        model_config.pretrained_image_encoder,
+        context_dim=model.unet.config["cross_attention_dim"], dtype=dtype, seed=seed,
+        **image_options)
+    model.image_encoder = loaded
+  if model_config.get("lora"):
+    from dense_diffusion.models import lora
+    opts = dict(model_config.lora)
+    names = lora.apply_lora(model.unet, opts.pop("pattern", lora.DEFAULT_PATTERN), rngs=rngs,
+                            **opts)
+    logging.info("LoRA on %d layers", len(names))
+  return model
