@@ -33,8 +33,8 @@ def test_conv_matmul_kernel_gradient_matches_xla(k, c):
   for a, b in zip(grads["xla"], grads["matmul"]):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5)
   # Same forward either way, and equal to torch's conv.
-  ref = torch.nn.functional.conv2d(torch.from_numpy(np.asarray(x)).permute(0, 3, 1, 2),
-                                   torch.from_numpy(np.asarray(kernel)).permute(3, 2, 0, 1),
+  ref = torch.nn.functional.conv2d(torch.from_numpy(np.array(x)).permute(0, 3, 1, 2),
+                                   torch.from_numpy(np.array(kernel)).permute(3, 2, 0, 1),
                                    padding=(k - 1) // 2)
   np.testing.assert_allclose(np.asarray(conv(x)), ref.permute(0, 2, 3, 1).numpy(), atol=1e-5)
   with pytest.raises(ValueError, match="unknown"):
@@ -65,8 +65,8 @@ def test_downsample_padding_and_avgpool_and_nearest_resize_match_torch():
   tx = torch.from_numpy(x).permute(0, 3, 1, 2)
   for padding in (0, 1):
     down = layers.Downsample2D(4, padding=padding, rngs=nnx.Rngs(0))
-    k = torch.from_numpy(np.asarray(down.conv.kernel[...])).permute(3, 2, 0, 1)
-    b = torch.from_numpy(np.asarray(down.conv.bias[...]))
+    k = torch.from_numpy(np.array(down.conv.kernel[...])).permute(3, 2, 0, 1)
+    b = torch.from_numpy(np.array(down.conv.bias[...]))
     tin = torch.nn.functional.pad(tx, (0, 1, 0, 1)) if padding == 0 else tx
     ref = torch.nn.functional.conv2d(tin, k, b, stride=2, padding=padding)
     np.testing.assert_allclose(np.asarray(down(jnp.asarray(x))),

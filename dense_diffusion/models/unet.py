@@ -481,9 +481,9 @@ class UNet(nnx.Module):
     layers_per_block = _per_block(c["layers_per_block"], n)
     cross_dims = _per_block(c["cross_attention_dim"], n)
     tlpb = _per_block(c["transformer_layers_per_block"], n)
-    for g_key, ch in [("block_out_channels", x) for x in channels]:
+    for ch in channels:
       if ch % c["norm_num_groups"]:
-        raise ValueError(f"UNet config: {g_key} entry {ch} is not divisible by "
+        raise ValueError(f"UNet config: block_out_channels entry {ch} is not divisible by "
                          f"norm_num_groups={c['norm_num_groups']}")
 
     time_dim = c["time_embedding_dim"] or channels[0] * 4
