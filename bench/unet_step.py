@@ -102,11 +102,12 @@ def torch_stepper(config, x, t, ctx, target):
 
 
 def time_steps(fn, steps):
+  """[(wall seconds, process CPU seconds)] per step."""
   times = []
   for _ in range(steps):
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     fn()
-    times.append(time.perf_counter() - t0)
+    times.append((time.perf_counter() - t0, time.process_time() - c0))
   return times
 
 
@@ -156,15 +157,18 @@ def main():
   for _ in range(args.rounds):
     for k, fn in runners.items():
       times[k] += time_steps(fn, args.steps)
-  med = {k: statistics.median(v) for k, v in times.items()}
+  med = {k: statistics.median(w for w, _ in v) for k, v in times.items()}
+  cpu = {k: statistics.median(c for _, c in v) for k, v in times.items()}
   print(f"\nUNet training step, batch {args.batch}, {args.res}x{args.res}x4, channels {channels}, "
         f"layers_per_block {args.layers}, {jax.device_count()} x {jax.devices()[0].platform}, "
         f"{os.cpu_count()} cores, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, "
         f"conv_weight_grad={args.conv_weight_grad}, attention={args.attention}")
-  print(f"| implementation | median step (ms) | min (ms) | steps/s |")
-  print(f"| --- | --- | --- | --- |")
+  print(f"load average {os.getloadavg()[0]:.1f} (other processes slow both sides)")
+  print("| implementation | median step (ms) | min (ms) | median CPU time (ms) | steps/s |")
+  print("| --- | --- | --- | --- | --- |")
   for k, v in times.items():
-    print(f"| {k} | {1e3 * med[k]:.1f} | {1e3 * min(v):.1f} | {1 / med[k]:.2f} |")
+    print(f"| {k} | {1e3 * med[k]:.1f} | {1e3 * min(w for w, _ in v):.1f} | "
+          f"{1e3 * cpu[k]:.1f} | {1 / med[k]:.2f} |")
   if len(med) == 2:
     ratio = med["torch eager"] / med["jax (jit)"]
     print(f"\nspeed ratio jax / torch (>1 = jax faster): {ratio:.2f}")
