@@ -238,3 +238,16 @@ def test_logical_axis_names_on_every_parameter(sd1):
     assert names is not None and len(names) == v.get_value().ndim, p
   assert model.conv_in.kernel.get_metadata()["out_sharding"] == (
       "conv_height", "conv_width", "conv_in", "conv_out")
+
+
+def test_num_attention_heads_takes_precedence(sd1):
+  """diffusers' SD configs store the head count in attention_head_dim; an explicit
+  num_attention_heads (rejected by diffusers' UNet2DConditionModel) means the same here."""
+  model, path = sd1
+  ours = load_diffusers_unet(path, num_attention_heads=SD1["attention_head_dim"],
+                             attention_head_dim=7)
+  block = ours.down_blocks[0].attentions[0].transformer_blocks[0].attn1
+  assert (block.heads, block.dim_head) == (4, 8)
+  x, t, ctx = _inputs(SD1)
+  np.testing.assert_allclose(np.asarray(_apply(ours, x, t, ctx)), _torch_out(model, x, t, ctx),
+                             atol=1e-4, rtol=0)
