@@ -1,0 +1,37 @@
+"""DMP-style interpolation (Lee et al. 2024): the image takes the place of the noise.
+
+    python -m dense_diffusion.main train --config configs/dmp.py --workdir runs/dmp
+    python -m dense_diffusion.main train --config configs/dmp.py:real=1 \
+        --config.model.pretrained_unet=weights/sd2-unet --config.input.data_dir=/data/tfds ...
+
+z_t = sqrt(a_t) y + sqrt(1 - a_t) x (y: the answer, x: the image), v-prediction on Stable
+Diffusion's scaled_linear schedule, 5 DDIM steps from z_T = x, LoRA adapters (rank 4) on the
+UNet's attention projections as the only trained UNet weights.
+
+`arg`: `real=0` (0: small synthetic_scenes set-up of configs/demo.py, 1: the real-data SD2-size
+set-up of configs/generalist_pixel128.py), `res` (image size), `rank` (LoRA rank).
+"""
+from configs import demo
+from configs import generalist_pixel128
+
+
+def get_config(arg=None):
+  arg = demo.parse_arg(arg, real=0, res=0, rank=4)
+  if arg.real:
+    c = generalist_pixel128.get_config(f"res={arg.res or 128}")
+  else:
+    c = demo.get_config(f"res={arg.res or 32}")
+  c.diffusion.mode = "dmp"
+  c.diffusion.prediction_type = "v_prediction"  # DMP's parameterisation.
+  c.diffusion.sampler = "ddim"
+  c.diffusion.num_inference_steps = 5  # DDIM steps from z_T = image.
+  c.diffusion.timestep_spacing = "trailing"  # the first step is at t = T - 1.
+  c.diffusion.weighting = "none"
+  c.schedule.kind = "scaled_linear"  # Stable Diffusion's schedule.
+  c.schedule.beta_start = 0.00085
+  c.schedule.beta_end = 0.012
+  c.schedule.rescale_betas_zero_snr = False
+  c.model.lora = dict(rank=arg.rank, alpha=4.0)  # adapters on attention (lora.DEFAULT_PATTERN).
+  if not arg.real:
+    c.optimizer.lr = 1e-3  # LoRA from a random UNet on synthetic data: a larger step.
+  return c

@@ -1,0 +1,107 @@
+"""The seed paper's set-up: one generalist at 128x128 in pixel space on six real datasets.
+
+    python -m dense_diffusion.main train --config configs/generalist_pixel128.py \
+        --config.model.pretrained_unet=weights/sd2-unet --config.model.text_encoder=weights/sd2 \
+        --config.input.data_dir=/data/tfds --workdir runs/generalist128
+
+An SD-2 UNet (diffusers `UNet2DConditionModel` keys) works directly on 128x128 RGB (no VAE),
+input = concat(noisy target, condition image) = 6 channels: the converted 4-channel `conv_in`
+is widened by `model.input_widening` (docs/models.md). Context = frozen text-encoder embeddings of
+the task prompts (cached once) + CLIP image-encoder tokens of the condition image. Tasks: depth
+(NYUv2), semantic (ADE20K), semantic + instance (COCO panoptic), denoise (SIDD), derain (Rain13K),
+low-light (LOL); DDIM sampling; bf16 compute with float32 parameters; remat; FSDP mesh.
+Data: data/README.md says how to prepare each TFDS dataset.
+
+`arg`: `res=128` (image size), `batch=256` (global batch).
+"""
+import ml_collections
+from ml_collections import config_dict
+
+from configs import demo
+from dense_diffusion.datasets import readers
+
+TASKS = ("depth", "semantic", "instance", "denoise", "derain", "lowlight")
+
+
+def mixture(res: int) -> list:
+  """The six datasets; weights roughly balance the tasks (COCO counts as two tasks)."""
+  return [readers.nyu_depth_v2(res, weight=1.0),
+          readers.ade20k(res, weight=1.0),
+          *readers.coco_panoptic(res, weight=2.0),  # split evenly: semantic and instance.
+          readers.sidd(res, weight=1.0),
+          readers.rain(res, weight=1.0),
+          readers.lol(res, weight=0.5)]  # LOL has 485 training pairs: sampled less.
+
+
+def get_config(arg=None):
+  arg = demo.parse_arg(arg, res=128, batch=256)
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.tasks = TASKS
+  c.total_steps = 100_000  # optimizer steps.
+  c.batch_size = arg.batch  # global batch, split over the mesh's ("data", "fsdp") axes.
+
+  c.input = ml_collections.ConfigDict()
+  c.input.data_dir = config_dict.placeholder(str)  # TFDS data_dir with the prepared datasets.
+  c.input.entries = mixture(arg.res)
+  c.input.shuffle_buffer = 10_000  # examples per entry held for shuffling.
+  c.input.on_bad_example = "skip"  # real data: count and log undecodable examples.
+
+  c.model = ml_collections.ConfigDict()
+  c.model.unet = dict(  # diffusers UNet2DConditionModel keys of stabilityai/stable-diffusion-2.
+      sample_size=arg.res, in_channels=6, out_channels=3,  # pixel space: RGB in and out.
+      block_out_channels=[320, 640, 1280, 1280], layers_per_block=2,
+      down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                        "CrossAttnDownBlock2D", "DownBlock2D"],
+      up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
+                      "CrossAttnUpBlock2D"],
+      attention_head_dim=[5, 10, 20, 20],  # SD2's config: these are head counts (64-dim heads).
+      use_linear_projection=True, cross_attention_dim=1024,  # OpenCLIP ViT-H text width.
+      upcast_attention=False, norm_num_groups=32, norm_eps=1e-5, act_fn="silu",
+      flip_sin_to_cos=True, freq_shift=0, downsample_padding=1)
+  c.model.pretrained_unet = config_dict.placeholder(str)  # converted SD2 UNet folder (None: random init).
+  c.model.input_widening = "copy_scale"  # 4 -> 6 input channels: copy, scale by 4/6 (docs/models.md).
+  c.model.text_encoder = config_dict.placeholder(str)  # SD2 pipeline / CLIPTextModel folder.
+  c.model.text_skip_layers = 1  # SD2 uses the penultimate text-encoder layer.
+  c.model.num_task_tokens = 4  # learned tokens per task, used only without a text encoder.
+  c.model.image_encoder = dict(  # CLIP ViT-L/14 vision tower (transformers CLIPVisionConfig).
+      hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+      image_size=224, patch_size=14, hidden_act="quick_gelu")
+  c.model.image_encoder_options = dict(trainable=False, tokens="all", layer=-2)  # frozen tower.
+  c.model.pretrained_image_encoder = config_dict.placeholder(str)  # CLIPVisionModel folder.
+  c.model.dtype = "bfloat16"  # compute dtype; parameters stay float32.
+  c.model.remat = True  # recompute UNet blocks in the backward pass.
+  c.model.lora = None  # full fine-tuning.
+
+  c.diffusion = ml_collections.ConfigDict(dict(
+      mode="generalist", prediction_type="v_prediction",  # SD2's parameterisation.
+      sampler="ddim", num_inference_steps=20, timestep_spacing="trailing",
+      weighting="min_snr", snr_gamma=5.0, clip_sample=True))
+  c.schedule = ml_collections.ConfigDict(dict(
+      kind="scaled_linear", num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+      rescale_betas_zero_snr=True))  # SD2 numbers; zero terminal SNR so sampling starts at noise.
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.lr = 1e-4  # peak learning rate (AdamW); fine-tuning a pre-trained UNet.
+  c.optimizer.warmup_steps = 1000
+  c.optimizer.end_lr_fraction = 0.01  # cosine decays to lr * this.
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.999
+  c.optimizer.weight_decay = 1e-2
+  c.optimizer.grad_clip_norm = 1.0
+  c.optimizer.ema_decay = 0.9999  # EMA of parameters for evaluation.
+
+  c.mesh = dict(data=1, fsdp=-1, tensor=1)  # FSDP over all devices (ZeRO-3).
+  c.sharding = dict(fsdp_largest_dim=True, fsdp_min_size=2**14)  # elements; smaller replicate.
+  c.nonfinite = "skip"  # bf16 at scale: drop the rare bad step, the count is logged.
+
+  c.log_every = 100  # steps between training metrics.
+  c.checkpoint_every = 2000  # steps between checkpoints.
+  c.keep_checkpoints = 3
+  c.eval_every = 10_000  # steps between evaluations.
+  c.eval = ml_collections.ConfigDict()
+  c.eval.batch_size = 64
+  c.eval.max_examples = 500  # per task (None = the whole split).
+  c.eval.num_grid_examples = 4  # examples per task in the prediction grid.
+  c.eval.use_ema = True
+  return c
