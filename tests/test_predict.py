@@ -1,0 +1,237 @@
+"""`predict`: a restored tiny run predicts on user images of any size and mode, writes every task's
+files at the original size, reports unreadable files and batches with padding."""
+import json
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs import tiny
+from dense_diffusion import checkpointing
+from dense_diffusion import main as cli
+from dense_diffusion import predict
+from dense_diffusion import tasks as tasks_lib
+from dense_diffusion import train
+from dense_diffusion.datasets import readers
+
+TASKS = ("depth", "semantic", "instance")
+SIZES = {"wide.png": (50, 37), "tall.jpg": (40, 64), "grey.png": (30, 20)}  # (width, height)
+
+
+EMA_OFFSET = 0.01
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> pathlib.Path:
+  """A tiny run's folder: config.json and a checkpoint at step 3 whose EMA differs from params.
+
+  No optimizer step is taken: compiling the tiny model's backward pass costs more than this
+  file's whole time budget on a 2-core CPU, and prediction only reads the saved state.
+  """
+  workdir = tmp_path_factory.mktemp("run")
+  config = tiny.get_config()
+  config.tasks = TASKS
+  config.input.entries = readers.synthetic_mixture(TASKS, config="tiny32")
+  config.batch_size = 2
+  config.eval.batch_size = 2
+  config.diffusion.num_inference_steps = 1
+  train.save_config(config, workdir)
+  setup = train.Setup(config)
+  state = setup.state.replace(step=setup.state.step + 3,
+                              ema=jax.tree.map(lambda x: x + EMA_OFFSET, setup.state.ema))
+  checkpointer = checkpointing.Checkpointer(str(workdir / "checkpoints"), async_save=False)
+  with jax.set_mesh(setup.mesh):
+    assert checkpointer.maybe_save(3, state, force=True)
+  checkpointer.close()
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def predictor(run_dir) -> predict.Predictor:
+  return predict.Predictor(str(run_dir), batch_size=2)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> pathlib.Path:
+  folder = tmp_path_factory.mktemp("inputs")
+  rng = np.random.default_rng(1)
+  for name, (w, h) in SIZES.items():
+    pixels = rng.integers(0, 256, (h, w) if name.startswith("grey") else (h, w, 3), np.uint8)
+    Image.fromarray(pixels).save(folder / name)
+  (folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not really a PNG")
+  return folder
+
+
+def _cli(*args: str) -> int:
+  argv = cli.FLAGS(["main", "predict", *args])
+  try:
+    return cli.main(argv)
+  finally:
+    cli.FLAGS.unparse_flags()
+
+
+def test_restores_the_latest_checkpoint_with_ema(run_dir, predictor):
+  predictor._load()
+  assert predictor.step == 3
+  fresh = train.Setup(train.load_config(str(run_dir))).state
+  # The checkpoint's raw params are the initial ones; its EMA is shifted: predict uses the EMA.
+  for restored, init in zip(jax.tree.leaves(predictor.params), jax.tree.leaves(fresh.params)):
+    np.testing.assert_allclose(np.asarray(restored), np.asarray(init) + EMA_OFFSET, atol=1e-6)
+
+
+def test_cli_depth_on_mixed_folder(run_dir, predictor, inputs, tmp_path, capsys, monkeypatch):
+  made = []
+
+  def reuse_compiled(workdir, *, batch_size, steps):  # the module's predictor: one compilation
+    made.append((workdir, batch_size, steps))
+    return predictor
+
+  monkeypatch.setattr(predict, "Predictor", reuse_compiled)
+  out = tmp_path / "out"
+  rc = _cli(f"--workdir={run_dir}", "--task=depth", f"--input={inputs}", f"--output={out}",
+            "--batch_size=2")
+  captured = capsys.readouterr()
+  assert made == [(str(run_dir), 2, None)]
+  assert rc == 0
+  assert "corrupt.png" in captured.err
+  assert "depth: 3 written, 1 failed" in captured.out
+  max_mm = 8.0 * 1000  # the tiny synthetic entries encode depth up to 8 m
+  for name, size in SIZES.items():
+    stem = pathlib.Path(name).stem
+    depth = Image.open(out / f"{stem}_depth.png")
+    assert depth.size == size and depth.mode == "I;16"
+    assert np.asarray(depth).max() <= max_mm
+    preview = Image.open(out / f"{stem}_depth_color.png")
+    assert preview.size == size and preview.mode == "RGB"
+  assert not list(out.glob("corrupt*"))
+
+
+def test_semantic_is_palette_png_with_task_colours(predictor, inputs, tmp_path):
+  summary = predictor.run("semantic", predict.list_inputs(inputs), tmp_path, err=lambda s: None)
+  assert summary.written == 3 and [p.name for p, _ in summary.failed] == ["corrupt.png"]
+  task = tasks_lib.get("semantic", num_classes=7)
+  for name, size in SIZES.items():
+    img = Image.open(tmp_path / f"{pathlib.Path(name).stem}_semantic.png")
+    assert img.mode == "P" and img.size == size
+    labels = np.asarray(img)
+    assert set(np.unique(labels)) <= set(range(7))
+    palette = np.asarray(img.getpalette()[:3 * 7], np.uint8).reshape(7, 3)
+    np.testing.assert_array_equal(
+        palette, np.round((task.palette[1:] + 1) * 127.5).astype(np.uint8))
+    overlay = Image.open(tmp_path / f"{pathlib.Path(name).stem}_semantic_overlay.png")
+    assert overlay.mode == "RGB" and overlay.size == size
+
+
+def test_instance_and_panoptic_outputs(predictor, inputs, tmp_path):
+  files = [inputs / n for n in SIZES]
+  assert predictor.run("instance", files, tmp_path).written == 3
+  summary = predictor.run("panoptic", files, tmp_path)
+  assert summary.written == 3 and not summary.failed
+  for name, size in SIZES.items():
+    stem = pathlib.Path(name).stem
+    inst = Image.open(tmp_path / f"{stem}_instance.png")
+    assert inst.mode == "I;16" and inst.size == size
+    pan = np.asarray(Image.open(tmp_path / f"{stem}_panoptic.png").convert("RGB"), np.int64)
+    assert pan.shape == (size[1], size[0], 3)
+    ids = pan[..., 0] + 256 * pan[..., 1] + 256**2 * pan[..., 2]
+    record = json.loads((tmp_path / f"{stem}_panoptic.json").read_text())
+    assert record["file_name"] == f"{stem}_panoptic.png"
+    assert (record["height"], record["width"]) == (size[1], size[0])
+    seg_ids = {s["id"] for s in record["segments_info"]}
+    assert set(np.unique(ids)) - {0} == seg_ids
+    known = {c["id"] for c in record["categories"]}
+    for s in record["segments_info"]:
+      assert s["category_id"] in known
+      assert s["area"] == int(np.sum(ids == s["id"])) > 0
+
+
+def test_batches_pad_the_last_one(predictor, tmp_path):
+  folder = tmp_path / "many"
+  folder.mkdir()
+  rng = np.random.default_rng(2)
+  for i in range(5):
+    Image.fromarray(rng.integers(0, 256, (24 + i, 33, 3), np.uint8)).save(folder / f"{i}.png")
+  lines = []
+  summary = predictor.run("depth", predict.list_inputs(folder), tmp_path / "out", log=lines.append)
+  assert summary.written == 5 and not summary.failed
+  assert [l.split(":")[0] for l in lines[:-1]] == ["batch 1", "batch 2", "batch 3"]
+  assert "1 images" in lines[2]
+  for i in range(5):
+    assert Image.open(tmp_path / "out" / f"{i}_depth.png").size == (33, 24 + i)
+  # A padded batch gives the real images the same answers as a full batch of copies.
+  x = predict.to_model_input(np.asarray(Image.open(folder / "0.png")), 32)[None]
+  alone = predictor.predict_rgb(x, "depth")
+  pair = predictor.predict_rgb(np.concatenate([x, x]), "depth")
+  assert alone.shape == (1, 32, 32, 3) and pair.shape == (2, 32, 32, 3)
+  np.testing.assert_allclose(alone[0], pair[0], atol=1e-5)
+
+
+def test_unknown_task_names_the_trained_ones(run_dir, inputs, tmp_path):
+  with pytest.raises(ValueError, match=r"'normals' was not trained.*depth, semantic, instance"):
+    predict.run(str(run_dir), "normals", str(inputs), str(tmp_path))
+  predictor = predict.Predictor(str(run_dir))
+  predictor.check_task("panoptic")  # semantic + instance were trained
+  with pytest.raises(ValueError, match=r"'bogus' was not trained.*trained tasks: depth, semantic, "
+                     r"instance \(and panoptic\)"):
+    predictor.check_task("bogus")
+
+
+def test_nothing_readable_exits_non_zero(run_dir, tmp_path, capsys):
+  bad = tmp_path / "bad"
+  bad.mkdir()
+  (bad / "a.jpg").write_text("text")
+  assert _cli(f"--workdir={run_dir}", "--task=depth", f"--input={bad}",
+              f"--output={tmp_path / 'out'}") == 1
+  assert "none of the 1 input files" in capsys.readouterr().err
+
+
+def test_load_rgb_converts_modes(tmp_path):
+  rng = np.random.default_rng(3)
+  rgba = rng.integers(0, 256, (5, 7, 4), np.uint8)
+  Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
+  np.testing.assert_array_equal(predict.load_rgb(tmp_path / "rgba.png"), rgba[..., :3])
+  grey = rng.integers(0, 256, (5, 7), np.uint8)
+  Image.fromarray(grey, "L").save(tmp_path / "grey.png")
+  np.testing.assert_array_equal(predict.load_rgb(tmp_path / "grey.png"),
+                                np.repeat(grey[..., None], 3, -1))
+  pal = Image.fromarray(grey, "L").convert("P")
+  pal.save(tmp_path / "pal.png")
+  np.testing.assert_array_equal(predict.load_rgb(tmp_path / "pal.png"),
+                                np.asarray(pal.convert("RGB")))
+  deep = np.array([[0, 1000], [2000, 4000]], np.uint16)
+  Image.fromarray(deep).save(tmp_path / "deep.png")
+  np.testing.assert_array_equal(predict.load_rgb(tmp_path / "deep.png")[..., 0],
+                                [[0, 64], [128, 255]])
+
+
+def test_writers_encode_values(tmp_path):
+  image = np.zeros((2, 3, 3), np.uint8)
+  depth = np.array([[0.0, 1.2344, 8.0], [65.6, 0.5, 0.001]], np.float32)
+  predict.WRITERS["depth"](tmp_path, "d", image, depth, tasks_lib.get("depth"))
+  np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "d_depth.png")),
+                                [[0, 1234, 8000], [65535, 500, 1]])
+  normals = np.array([[[0, 0, -1], [1, 0, 0], [0, -1, 0]]] * 2, np.float32)
+  predict.WRITERS["normals"](tmp_path, "n", image, normals, tasks_lib.get("normals"))
+  np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "n_normals.png"))[0],
+                                [[128, 128, 0], [255, 128, 128], [128, 0, 128]])
+  shading = np.array([[0.0, 0.5, 1.0], [2.0, 0.25, 0.0]], np.float32)
+  predict.WRITERS["shading"](tmp_path, "s", image, shading, tasks_lib.get("shading"))
+  np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "s_shading.png")),
+                                [[0, 32768, 65535], [65535, 16384, 0]])
+  ids = np.array([[0, 1, 256], [70000, 0, 3]])
+  rgb = predict.panoptic_id_rgb(ids).astype(np.int64)
+  np.testing.assert_array_equal(rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2], ids)
+
+
+def test_resize_map_nearest_keeps_labels_and_bilinear_is_smooth():
+  labels = np.arange(16, dtype=np.int32).reshape(4, 4)
+  up = predict.resize_map(labels, 8, 12, nearest=True)
+  assert up.dtype == np.int32 and up.shape == (8, 12)
+  np.testing.assert_array_equal(up[::2, ::3], labels)
+  ramp = np.tile(np.linspace(0, 1, 4, dtype=np.float32), (4, 1))
+  smooth = predict.resize_map(ramp, 4, 10, nearest=False)
+  assert smooth.shape == (4, 10) and np.all(np.diff(smooth[0]) >= 0)
+  assert 0.0 <= smooth.min() and smooth.max() <= 1.0
+  assert len(np.unique(smooth[0])) > 4  # interpolated, not repeated
