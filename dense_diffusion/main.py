@@ -26,6 +26,12 @@ flags.DEFINE_bool("distributed", False,
 flags.DEFINE_string("from", "diffusers", "convert: source format of the checkpoint.")
 flags.DEFINE_string("src", None, "convert: folder of the source checkpoint.")
 flags.DEFINE_string("dst", None, "convert: folder for the converted orbax checkpoint.")
+flags.DEFINE_string("task", None, "predict: the task to predict (one the run was trained on, or "
+                    "panoptic when it had semantic and instance).")
+flags.DEFINE_string("input", None, "predict: an image file or a folder of images.")
+flags.DEFINE_string("output", None, "predict: folder for the predictions.")
+flags.DEFINE_integer("batch_size", None, "predict: images per batch (default: eval.batch_size).")
+flags.DEFINE_integer("steps", None, "predict: sampler steps (default: the run's config).")
 
 
 
@@ -68,12 +74,20 @@ def _convert(_) -> int | None:
   return command.run(FLAGS["from"].value, FLAGS.src, FLAGS.dst)
 
 
+def _predict(_) -> int | None:
+  _require("predict", "workdir", "task", "input", "output")
+  from dense_diffusion import predict
+  return predict.run(FLAGS.workdir, FLAGS.task, FLAGS.input, FLAGS.output,
+                     batch_size=FLAGS.batch_size, steps=FLAGS.steps)
+
+
 # command name -> function(FLAGS) returning an exit code or None.
 COMMANDS = {
     "train": _train,
     "eval": _eval,
     "demo": _demo,
     "convert": _convert,
+    "predict": _predict,
 }
 
 
