@@ -23,6 +23,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 from PIL import Image
+from PIL import ImageOps
 
 from dense_diffusion import tasks as tasks_lib
 
@@ -53,11 +54,13 @@ def list_inputs(path: str | pathlib.Path) -> list[pathlib.Path]:
 def load_rgb(path: str | pathlib.Path) -> np.ndarray:
   """Reads any PIL-readable image as u8[H, W, 3] (grey/palette/RGBA/16-bit converted to RGB).
 
-  Alpha is dropped (the colour under it is kept); 16-bit and float grey images are scaled by
-  their maximum. Raises (PIL.UnidentifiedImageError, OSError, ...) on unreadable files.
+  EXIF orientation is applied. Alpha is dropped (the colour under it is kept); 16-bit and float
+  grey images are scaled by their maximum. Raises (PIL.UnidentifiedImageError, OSError, ...) on
+  unreadable files.
   """
   with Image.open(path) as img:
     img.load()
+    img = ImageOps.exif_transpose(img)  # camera JPEGs: the orientation they are shown in
     if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
       grey = np.asarray(img, np.float32)
       top = float(grey.max()) if grey.size else 0.0
@@ -224,6 +227,19 @@ WRITERS: dict[str, Callable[..., list[pathlib.Path]]] = {
 }
 
 
+def _unit_normals(full: dict, task: Any) -> np.ndarray:
+  n = full["normals"]  # bilinear resizing shortens the vectors between pixels
+  return n / np.maximum(np.linalg.norm(n, axis=-1, keepdims=True), 1e-6)
+
+
+# task -> f(answers resized to the original size by decoded task name, writer task) -> answer;
+# tasks not listed take their own decoded map as it is.
+FULL_SIZE_ANSWER: dict[str, Callable[[dict, Any], Any]] = {
+    "normals": _unit_normals,
+    "panoptic": lambda full, task: task.merge(full["semantic"], full["instance"]),
+}
+
+
 # --- the predictor ------------------------------------------------------------------------------
 
 
@@ -267,9 +283,10 @@ def check_task(config: Any, task: str, workdir: str = "") -> None:
   if task not in available:
     hint = ("; panoptic needs a run trained on both semantic and instance"
             if task == "panoptic" else "")
-    raise ValueError(f"task {task!r} was not trained in this run{' (' + workdir + ')' if workdir else ''}"
-                     f"; trained tasks: {', '.join(trained)}"
-                     f"{' (and panoptic)' if 'panoptic' in available else ''}{hint}")
+    where = f" ({workdir})" if workdir else ""
+    also = " (and panoptic)" if "panoptic" in available else ""
+    raise ValueError(f"task {task!r} was not trained in this run{where}; trained tasks: "
+                     f"{', '.join(trained)}{also}{hint}")
 
 
 class Predictor:
@@ -367,7 +384,7 @@ class Predictor:
     return [(n, _entry_task(self.config, n)) for n in names]
 
   def run(self, task: str, inputs: Sequence[str | pathlib.Path], output: str | pathlib.Path,
-          *, log: Callable[[str], None] = print,
+          *, log: Callable[[str], None] = lambda s: print(s, flush=True),
           err: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)
           ) -> Summary:
     """Predicts `task` for every input file; writes the outputs into `output`."""
@@ -403,13 +420,7 @@ class Predictor:
         h, w = img.shape[:2]
         full = {name: resize_map(answers[name][i], h, w, nearest=name in LABEL_TASKS)
                 for name, _ in decoders}
-        if task == "panoptic":
-          answer = writer_task.merge(full["semantic"], full["instance"])
-        elif task == "normals":
-          n = full[task]
-          answer = n / np.maximum(np.linalg.norm(n, axis=-1, keepdims=True), 1e-6)
-        else:
-          answer = full[task]
+        answer = FULL_SIZE_ANSWER.get(task, lambda f, _: f[task])(full, writer_task)
         try:
           summary.outputs.extend(WRITERS[task](out, stem, img, answer, writer_task))
           summary.written += 1
