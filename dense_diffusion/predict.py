@@ -395,6 +395,10 @@ class Predictor:
       categories = _panoptic_categories(self.config)
       if not categories:
         raise ValueError("panoptic needs the categories: set config.eval.panoptic_categories")
+      if len(categories) != decoders[0][1].num_classes:
+        raise ValueError(f"{len(categories)} panoptic categories but the semantic task has "
+                         f"{decoders[0][1].num_classes} classes; set "
+                         "config.eval.panoptic_categories to the semantic classes in order")
       writer_task = tasks_lib.get("panoptic", categories=categories,
                                   instance_options=_task_options(decoders[1][1]))
     self._load()
