@@ -15,6 +15,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
@@ -99,6 +100,9 @@ def main(argv: list[str]) -> int | None:
     raise app.UsageError(f"unknown command {command!r}; commands: {', '.join(COMMANDS)}")
   if extra:
     raise app.UsageError(f"unexpected arguments {extra}; options are --flags")
+  if not FLAGS["verbosity"].present:
+    # The console shows progress lines and tables; library INFO logs only with -v 0.
+    logging.set_verbosity(logging.WARNING)
   return COMMANDS[command](FLAGS)
 
 

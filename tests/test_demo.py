@@ -7,7 +7,7 @@ from dense_diffusion import demo
 
 
 def test_demo_run_writes_grid_and_exact_clean_round_trips(tmp_path, capsys):
-  assert demo.run(workdir=str(tmp_path), resolution=48, num_scenes=1) == 0
+  assert demo.show_encodings(workdir=str(tmp_path), resolution=48, num_scenes=1) == 0
   out = capsys.readouterr().out
   assert (tmp_path / "encodings.png").stat().st_size > 10_000
   rows = {line.split()[0]: line for line in out.splitlines() if line.startswith(

@@ -40,7 +40,6 @@ def build_generalist(model_config: Any, prompts: Sequence[str], *, seed: int = 0
                      ) -> generalist.GeneralistModel:
   """The generalist for these task prompts (their order is the `task` index of batches)."""
   dtype = compute_dtype(model_config.get("dtype", "float32"))
-  rngs = nnx.Rngs(seed)
   unet_config = dict(model_config.unet)
   unet = None
   if model_config.get("pretrained_unet"):
@@ -55,12 +54,17 @@ def build_generalist(model_config: Any, prompts: Sequence[str], *, seed: int = 0
   vision_config = None
   if model_config.get("image_encoder"):
     vision_config = image_encoder_lib.CLIPVisionConfig(**dict(model_config.image_encoder))
-  model = generalist.GeneralistModel(
-      unet_config, num_tasks=len(prompts), image_encoder_config=vision_config,
-      image_encoder_options=image_options, prompt_embeddings=prompt_embeddings(
-          model_config, prompts),
-      num_task_tokens=int(model_config.get("num_task_tokens", 4)), dtype=dtype,
-      remat=bool(model_config.get("remat", False)), rngs=rngs, unet=unet)
+  prompts_emb = prompt_embeddings(model_config, prompts)
+
+  def construct(unet_module):
+    rngs = nnx.Rngs(seed)
+    return generalist.GeneralistModel(
+        unet_config, num_tasks=len(prompts), image_encoder_config=vision_config,
+        image_encoder_options=image_options, prompt_embeddings=prompts_emb,
+        num_task_tokens=int(model_config.get("num_task_tokens", 4)), dtype=dtype,
+        remat=bool(model_config.get("remat", False)), rngs=rngs, unet=unet_module)
+
+  model = construct(unet)
   if model_config.get("pretrained_image_encoder"):
     from dense_diffusion.convert import clip
     loaded = clip.load_transformers_clip_vision(
@@ -71,7 +75,8 @@ def build_generalist(model_config: Any, prompts: Sequence[str], *, seed: int = 0
   if model_config.get("lora"):
     from dense_diffusion.models import lora
     opts = dict(model_config.lora)
-    names = lora.apply_lora(model.unet, opts.pop("pattern", lora.DEFAULT_PATTERN), rngs=rngs,
+    names = lora.apply_lora(model.unet, opts.pop("pattern", lora.DEFAULT_PATTERN),
+                            rngs=nnx.Rngs(seed + 1),
                             **opts)
     logging.info("LoRA on %d layers", len(names))
   return model
