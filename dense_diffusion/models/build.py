@@ -54,17 +54,13 @@ def build_generalist(model_config: Any, prompts: Sequence[str], *, seed: int = 0
   vision_config = None
   if model_config.get("image_encoder"):
     vision_config = image_encoder_lib.CLIPVisionConfig(**dict(model_config.image_encoder))
-  prompts_emb = prompt_embeddings(model_config, prompts)
-
-  def construct(unet_module):
-    rngs = nnx.Rngs(seed)
-    return generalist.GeneralistModel(
-        unet_config, num_tasks=len(prompts), image_encoder_config=vision_config,
-        image_encoder_options=image_options, prompt_embeddings=prompts_emb,
-        num_task_tokens=int(model_config.get("num_task_tokens", 4)), dtype=dtype,
-        remat=bool(model_config.get("remat", False)), rngs=rngs, unet=unet_module)
-
-  model = construct(unet)
+  rngs = nnx.Rngs(seed)
+  model = generalist.GeneralistModel(
+      unet_config, num_tasks=len(prompts), image_encoder_config=vision_config,
+      image_encoder_options=image_options, prompt_embeddings=prompt_embeddings(
+          model_config, prompts),
+      num_task_tokens=int(model_config.get("num_task_tokens", 4)), dtype=dtype,
+      remat=bool(model_config.get("remat", False)), rngs=rngs, unet=unet)
   if model_config.get("pretrained_image_encoder"):
     from dense_diffusion.convert import clip
     loaded = clip.load_transformers_clip_vision(
@@ -76,7 +72,7 @@ def build_generalist(model_config: Any, prompts: Sequence[str], *, seed: int = 0
     from dense_diffusion.models import lora
     opts = dict(model_config.lora)
     names = lora.apply_lora(model.unet, opts.pop("pattern", lora.DEFAULT_PATTERN),
-                            rngs=nnx.Rngs(seed + 1),
+                            rngs=rngs,
                             **opts)
     logging.info("LoRA on %d layers", len(names))
   return model
