@@ -3,6 +3,7 @@
 Commands (a registry, not an if-chain; each command module is imported only when it runs):
   train     --config configs/X.py[:arg] --workdir DIR [--config.key=value ...]
   eval      --workdir DIR [--config ...]: evaluate the latest checkpoint
+  predict   --workdir DIR --task T --input IMG_OR_DIR --output DIR: answers for your images
   demo      the README's main job (see dense_diffusion/demo.py)
   convert   --from diffusers --src DIR --dst DIR: converted weights -> orbax checkpoint
 """
