@@ -43,11 +43,13 @@ class Checkpointer:
     """Blocks until an asynchronous save has been committed."""
     self._manager.wait_until_finished()
 
-  def restore_latest(self, abstract_state: Any) -> tuple[Optional[int], Any]:
+  def restore_latest(self, abstract_state: Any, *, delete_unreadable: bool = False
+                     ) -> tuple[Optional[int], Any]:
     """Restores the newest readable checkpoint into the shapes/shardings of `abstract_state`.
 
     A checkpoint that fails to restore (half-written, truncated files) is skipped with a
-    warning, and the previous one is tried. Returns (step, state), or (None, None) when there is
+    warning, and the previous one is tried; with `delete_unreadable` (a run that resumes and will
+    write those steps again) the unreadable newer ones are then deleted. Returns (step, state), or (None, None) when there is
     no checkpoint at all. Raises when checkpoints exist but none is readable.
     """
     steps = self.steps()
@@ -64,6 +66,11 @@ class Checkpointer:
         print(f"WARNING: checkpoint {step} is unreadable ({type(e).__name__}); falling back")
         errors.append((step, e))
         continue
+      for bad, _ in (errors if delete_unreadable else []):
+        # Newer than the resumed step, so the run writes that step again; left in place, the
+        # damaged folder would block that save and hold one of the `max_to_keep` slots.
+        logging.warning("deleting the unreadable checkpoint at step %d", bad)
+        self._manager.delete(bad)
       return step, state
     raise RuntimeError(
         f"none of the checkpoints {steps} in {self.directory} could be restored; last error: "

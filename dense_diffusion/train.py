@@ -219,7 +219,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
       str(workdir_path / "checkpoints"), max_to_keep=int(config.keep_checkpoints),
       save_interval_steps=int(config.checkpoint_every))
   with jax.set_mesh(setup.mesh):
-    start_step, restored = checkpointer.restore_latest(setup.state)
+    start_step, restored = checkpointer.restore_latest(setup.state, delete_unreadable=True)
   if restored is not None:
     setup.state = restored
     print(f"resumed from the checkpoint at step {start_step}", flush=True)
