@@ -156,12 +156,15 @@ def test_sigterm_then_sigkill_then_fallback_resume(env, reference_run, tmp_path)
   assert f"checkpoint {steps[-1]} is unreadable" in proc.stdout, proc.stdout[-3000:]
   assert f"resumed from the checkpoint at step {steps[-2]}" in proc.stdout, proc.stdout[-3000:]
 
-  ours, ref = flat(load_state(workdir, TOTAL)), flat(load_state(ref_dir, TOTAL))
-  assert ours.keys() == ref.keys()
-  assert int(ours["step"]) == int(ref["step"]) == TOTAL
-  for key in ref:
-    if key.startswith(("params", "ema", "opt_state")):
-      np.testing.assert_allclose(ours[key], ref[key], rtol=1e-6, atol=1e-7, err_msg=key)
+  # The damaged step was deleted and written again (it is among the 3 kept: 4, 6, 8).
+  assert complete_steps(workdir) == complete_steps(ref_dir) == [4, 6, 8]
+  for step in (steps[-1], TOTAL):
+    ours, ref = flat(load_state(workdir, step)), flat(load_state(ref_dir, step))
+    assert ours.keys() == ref.keys()
+    assert int(ours["step"]) == int(ref["step"]) == step
+    for key in ref:
+      if key.startswith(("params", "ema", "opt_state")):
+        np.testing.assert_allclose(ours[key], ref[key], rtol=1e-6, atol=1e-7, err_msg=key)
 
 
 def test_nonfinite_stop(env, reference_run, tmp_path):
