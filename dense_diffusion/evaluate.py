@@ -20,7 +20,6 @@ from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from dense_diffusion import metrics
 from dense_diffusion import tasks as tasks_lib
@@ -280,24 +279,7 @@ class Evaluator:
                        "data-parallel shards of the mesh; set it to a multiple of that")
     self.max_examples = eval_config.get("max_examples")
     self.categories = eval_config.get("panoptic_categories")
-    self._sample = self._make_sampler()
-
-  def _make_sampler(self):
-    setup = self.setup
-    graphdef, mode, diffusion, schedule = (setup.graphdef, setup.mode, setup.diffusion,
-                                           setup.schedule)
-
-    def model_fn(x_t, t, params, frozen, image, task):
-      return nnx.merge(graphdef, params, frozen)(x_t, t, image, task)
-
-    def sample(params, frozen, image, task, key):
-      return mode.sample(schedule, diffusion, model_fn, image, key,
-                         model_args=(params, frozen, image, task))
-
-    batch_sh = setup.batch_shardings
-    return jax.jit(sample, in_shardings=(setup.state_shardings.params, setup.frozen_shardings,
-                                         batch_sh["image"], batch_sh["task"],
-                                         None), out_shardings=batch_sh["image"])
+    self._sample = setup.make_sampler()
 
   def run(self, state: Any, step: int, writer: Optional[Any] = None) -> dict:
     """Evaluates every entry; returns {task or panoptic: {metric: value, baseline: {...}}}."""

@@ -324,7 +324,6 @@ class Predictor:
     if self._setup is not None:
       return
     import jax
-    from flax import nnx
     from dense_diffusion import checkpointing
     from dense_diffusion import train
 
@@ -344,21 +343,7 @@ class Predictor:
       raise FileNotFoundError(f"no checkpoint in {self.workdir}/checkpoints")
     self.step = int(step)
     self.params = state.ema if self.use_ema else state.params
-    graphdef, mode, diffusion, schedule = (setup.graphdef, setup.mode, setup.diffusion,
-                                           setup.schedule)
-
-    def model_fn(x_t, t, params, frozen, image, task):
-      return nnx.merge(graphdef, params, frozen)(x_t, t, image, task)
-
-    def sample(params, frozen, image, task, key):
-      return mode.sample(schedule, diffusion, model_fn, image, key,
-                         model_args=(params, frozen, image, task))
-
-    sh = setup.batch_shardings
-    self._sample = jax.jit(sample, in_shardings=(setup.state_shardings.params,
-                                                 setup.frozen_shardings, sh["image"],
-                                                 sh["task"], None),
-                           out_shardings=sh["image"])
+    self._sample = setup.make_sampler()
     self._setup = setup
 
   def predict_rgb(self, images: np.ndarray, task: str, batch_index: int = 0) -> np.ndarray:

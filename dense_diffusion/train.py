@@ -117,6 +117,27 @@ class Setup:
         out_shardings=(self.state_shardings, sharding.replicated(self.mesh)),
         donate_argnums=(0,))
 
+  def make_sampler(self) -> Callable:
+    """jit(params, frozen, image [B,H,W,3], task i32[B], key) -> f32[B,H,W,C] sampled answers.
+
+    The configured mode's sampler over the model, sharded like training batches; evaluation and
+    prediction both use it.
+    """
+    graphdef, mode, diffusion, schedule = (self.graphdef, self.mode, self.diffusion,
+                                           self.schedule)
+
+    def model_fn(x_t, t, params, frozen, image, task):
+      return nnx.merge(graphdef, params, frozen)(x_t, t, image, task)
+
+    def sample(params, frozen, image, task, key):
+      return mode.sample(schedule, diffusion, model_fn, image, key,
+                         model_args=(params, frozen, image, task))
+
+    sh = self.batch_shardings
+    return jax.jit(sample, in_shardings=(self.state_shardings.params, self.frozen_shardings,
+                                         sh["image"], sh["task"], None),
+                   out_shardings=sh["image"])
+
   def model(self, params: Any) -> nnx.Module:
     """The model with `params` (e.g. `state.ema`) and the frozen parts."""
     return nnx.merge(self.graphdef, params, self.frozen)
