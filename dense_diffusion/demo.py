@@ -113,13 +113,15 @@ def save_grid(scene: dict, encodings: dict[str, np.ndarray], path: pathlib.Path)
 def run(workdir: str = "runs/demo", *, train: bool = True, config_arg: str | None = None,
         overrides: dict | None = None) -> int:
   """The whole demo; `overrides` replace config keys (dotted names), e.g. total_steps."""
-  show_encodings(workdir)
   if not train:
-    return 0
+    return show_encodings(workdir)
   from dense_diffusion import train as train_lib
   config = load_demo_config(config_arg)
   for key, value in (overrides or {}).items():
     _set_dotted(config, key, value)
+  # First, while no JAX computation has run: the dataset renders in forked worker processes.
+  train_lib.ensure_prepared(config.input.entries, config.input.get("data_dir"))
+  show_encodings(workdir)
   print(f"\ntraining configs/demo.py for {config.total_steps} steps into {workdir} "
         f"(TensorBoard: tensorboard --logdir {workdir})", flush=True)
   results = train_lib.train_and_evaluate(config, workdir)

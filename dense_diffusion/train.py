@@ -229,6 +229,8 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
   tf.config.set_visible_devices([], "GPU")  # tf.data only; the accelerators are JAX's.
   workdir_path = pathlib.Path(workdir)
   workdir_path.mkdir(parents=True, exist_ok=True)
+  # Before JAX starts its threads: the synthetic builder renders in forked worker processes.
+  ensure_prepared(config.input.entries, config.input.get("data_dir"))
   save_config(config, workdir_path)
   setup = Setup(config)
   total_steps = int(config.total_steps)
@@ -247,7 +249,6 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
   start_step = int(start_step or 0)
 
   input_config = config.input
-  ensure_prepared(input_config.entries, input_config.get("data_dir"))
   dataset = input_pipeline.get_train_dataset(
       list(input_config.entries), setup.task_names, setup.per_host_batch, seed=int(config.seed),
       data_dir=input_config.get("data_dir"),
