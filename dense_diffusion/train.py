@@ -157,7 +157,7 @@ class Setup:
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     (loss, (task_sum, task_count)), grads = jax.value_and_grad(self._loss, has_aux=True)(
         state.params, frozen, batch, key)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)

@@ -7,8 +7,18 @@ from typing import Iterable
 from absl import logging
 import numpy as np
 from PIL import Image
+import tensorflow_datasets as tfds
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+def paired_image_features(encoding_format: str | None = None) -> tfds.features.FeaturesDict:
+  """Features of a restoration pair: degraded `image`, `clean` target, source file name."""
+  return tfds.features.FeaturesDict({
+      "image": tfds.features.Image(shape=(None, None, 3), encoding_format=encoding_format),
+      "clean": tfds.features.Image(shape=(None, None, 3), encoding_format=encoding_format),
+      "image/filename": tfds.features.Text(),
+  })
 
 
 class BadExampleError(ValueError):

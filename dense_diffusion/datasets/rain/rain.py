@@ -37,11 +37,7 @@ class Rain(tfds.core.GeneratorBasedBuilder):
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
         description=__doc__,
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(shape=(None, None, 3)),
-            "clean": tfds.features.Image(shape=(None, None, 3)),
-            "image/filename": tfds.features.Text(),
-        }),
+        features=common.paired_image_features(),
         homepage="https://github.com/swz30/MPRNet",
     )
 

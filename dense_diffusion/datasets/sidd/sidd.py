@@ -41,11 +41,7 @@ class Sidd(tfds.core.GeneratorBasedBuilder):
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
         description=__doc__,
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(shape=(None, None, 3), encoding_format="png"),
-            "clean": tfds.features.Image(shape=(None, None, 3), encoding_format="png"),
-            "image/filename": tfds.features.Text(),
-        }),
+        features=common.paired_image_features("png"),
         homepage="https://www.eecs.yorku.ca/~kamel/sidd/",
     )
 
