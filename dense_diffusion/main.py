@@ -24,7 +24,18 @@ config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Where checkpoints, logs, metrics and pictures go.")
 flags.DEFINE_bool("distributed", False,
-                  "Call jax.distributed.initialize() first (multi-host launchers set this).")
+                  "Call jax.distributed.initialize() first (multi-host launchers set this). On "
+                  "TPU pods and under SLURM it finds the coordinator itself; elsewhere give "
+                  "--coordinator_address, --num_processes and --process_id.")
+flags.DEFINE_string("coordinator_address", None,
+                    "--distributed: host:port of process 0 (default: from the environment).")
+flags.DEFINE_integer("num_processes", None,
+                     "--distributed: number of processes (default: from the environment).")
+flags.DEFINE_integer("process_id", None,
+                     "--distributed: this process's index (default: from the environment).")
+flags.DEFINE_string("local_device_ids", None,
+                    "--distributed: comma-separated local accelerator ids this process uses "
+                    "(one process per GPU on one host); default: all visible.")
 flags.DEFINE_string("from", "diffusers", "convert: source format of the checkpoint.")
 flags.DEFINE_string("src", None, "convert: folder of the source checkpoint.")
 flags.DEFINE_string("dst", None, "convert: folder for the converted orbax checkpoint.")
@@ -44,9 +55,20 @@ def _require(command: str, *names: str) -> None:
 
 
 def _maybe_distributed() -> None:
-  if FLAGS.distributed:
-    import jax
-    jax.distributed.initialize()
+  """jax.distributed.initialize() with the flags given; None lets JAX read the environment."""
+  explicit = {"coordinator_address": FLAGS.coordinator_address,
+              "num_processes": FLAGS.num_processes, "process_id": FLAGS.process_id}
+  if not FLAGS.distributed:
+    given = [f"--{k}" for k, v in explicit.items() if v is not None]
+    if given or FLAGS.local_device_ids:
+      raise app.UsageError(f"{' '.join(given) or '--local_device_ids'} only apply with "
+                           "--distributed")
+    return
+  import jax
+  local_ids = None
+  if FLAGS.local_device_ids:
+    local_ids = [int(i) for i in FLAGS.local_device_ids.split(",")]
+  jax.distributed.initialize(**explicit, local_device_ids=local_ids)
 
 
 def _train(_) -> int | None:
