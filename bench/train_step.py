@@ -78,8 +78,7 @@ def time_steps(config, steps: int) -> dict:
 
 def abstract_cost(config) -> dict:
   """Parameter count and FLOPs of one training step, with no arrays allocated."""
-  prompts = train.task_prompts(config.tasks)
-  model = nnx.eval_shape(lambda: build.build_generalist(config.model, prompts, seed=0))
+  model = nnx.eval_shape(lambda: build.build_generalist(config.model, config.tasks, seed=0))
   graphdef, params, frozen = nnx.split(model, model.trainable_filter(False), ...)
   n_trainable = sum(x.size for x in jax.tree.leaves(params))
   n_frozen = sum(x.size for x in jax.tree.leaves(frozen))

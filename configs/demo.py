@@ -56,6 +56,9 @@ def get_config(arg=None):
   c.model.input_widening = "copy_scale"  # rule for 4 -> 6 input channels of a pretrained UNet.
   c.model.text_encoder = config_dict.placeholder(str)  # pipeline / CLIPTextModel folder; None = learned task tokens.
   c.model.num_task_tokens = 4  # learned tokens per task (when no text encoder).
+  # Restoration predicts a correction added to its input (models/generalist.py): a small UNet
+  # cannot reproduce every pixel of the input in a few minutes (docs/training.md).
+  c.model.input_residual = True
   c.model.image_encoder = dict(  # CLIP-layout ViT, random init here.
       hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
       image_size=arg.res, patch_size=arg.res // 4)  # 16 image tokens

@@ -32,6 +32,7 @@ def get_config(arg=None):
   c.schedule.beta_end = 0.012
   c.schedule.rescale_betas_zero_snr = False
   c.model.lora = dict(rank=arg.rank, alpha=4.0)  # adapters on attention (lora.DEFAULT_PATTERN).
+  c.model.input_residual = False  # the image is already DMP's starting point (and v-prediction).
   if not arg.real:
     c.optimizer.lr = 1e-3  # LoRA from a random UNet on synthetic data: a larger step.
   return c

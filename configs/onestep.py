@@ -24,6 +24,7 @@ def get_config(arg=None):
     c = demo.get_config(f"res={arg.res or 32}")
   c.diffusion.mode = "onestep"
   c.diffusion.prediction_type = arg.pred  # sample | v_prediction.
+  c.model.input_residual = arg.pred == "sample"  # restoration as input + correction; x0 only.
   c.diffusion.timestep = None  # None = T - 1 (GenPercept's fixed timestep).
   c.diffusion.num_inference_steps = 1  # one pass.
   c.diffusion.weighting = "none"  # one timestep: nothing to weight.

@@ -26,7 +26,6 @@ import optax
 
 from dense_diffusion import checkpointing
 from dense_diffusion import sharding
-from dense_diffusion import tasks as tasks_lib
 from dense_diffusion.diffusion import modes
 from dense_diffusion.diffusion import schedules
 from dense_diffusion.models import build
@@ -65,10 +64,6 @@ def make_schedule(config: Any) -> schedules.Schedule:
                         rescale_betas_zero_snr=bool(s.get("rescale_betas_zero_snr", False)))
 
 
-def task_prompts(task_names) -> list[str]:
-  return [tasks_lib.get(name).prompt for name in task_names]
-
-
 class Setup:
   """Everything a run derives from its config: model graph, state, shardings, step functions."""
 
@@ -84,9 +79,13 @@ class Setup:
       raise ValueError("diffusion.mode='backbone' (VPD features) needs task heads, which the "
                        "generalist train loop does not have; use generalist, onestep or dmp")
     self.mode.validate(self.diffusion)
+    if config.model.get("input_residual") and self.diffusion.prediction_type != "sample":
+      raise ValueError(
+          "model.input_residual adds the input image to the network output, an estimate of "
+          "the answer only under diffusion.prediction_type='sample' (x0), not "
+          f"{self.diffusion.prediction_type!r}: set one or the other")
     self.schedule = make_schedule(config)
-    model = build.build_generalist(config.model, task_prompts(self.task_names),
-                                   seed=int(config.seed))
+    model = build.build_generalist(config.model, self.task_names, seed=int(config.seed))
     lora_only = bool(config.model.get("lora"))
     self.graphdef, params, self.frozen = nnx.split(model, model.trainable_filter(lora_only), ...)
     self.tx, self.lr_fn = make_optimizer(config.optimizer, int(config.total_steps))

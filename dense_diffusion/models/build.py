@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dense_diffusion import tasks as tasks_lib
 from dense_diffusion.models import generalist
 from dense_diffusion.models import image_encoder as image_encoder_lib
 
@@ -36,9 +37,19 @@ def prompt_embeddings(model_config: Any, prompts: Sequence[str]) -> np.ndarray |
   return np.asarray(emb)
 
 
-def build_generalist(model_config: Any, prompts: Sequence[str], *, seed: int = 0
+def input_residual_init(model_config: Any, task_objects: Sequence[tasks_lib.Task]
+                        ) -> list[float] | None:
+  """Per-task initial gates of the input residual (1 where the input estimates the answer)."""
+  if not model_config.get("input_residual", False):
+    return None
+  return [1.0 if t.input_is_estimate else 0.0 for t in task_objects]
+
+
+def build_generalist(model_config: Any, task_names: Sequence[str], *, seed: int = 0
                      ) -> generalist.GeneralistModel:
-  """The generalist for these task prompts (their order is the `task` index of batches)."""
+  """The generalist for these tasks (their order is the `task` index of batches)."""
+  task_objects = [tasks_lib.get(name) for name in task_names]
+  prompts = [t.prompt for t in task_objects]
   dtype = compute_dtype(model_config.get("dtype", "float32"))
   unet_config = dict(model_config.unet)
   unet = None
@@ -59,7 +70,8 @@ def build_generalist(model_config: Any, prompts: Sequence[str], *, seed: int = 0
       unet_config, num_tasks=len(prompts), image_encoder_config=vision_config,
       image_encoder_options=image_options, prompt_embeddings=prompt_embeddings(
           model_config, prompts),
-      num_task_tokens=int(model_config.get("num_task_tokens", 4)), dtype=dtype,
+      num_task_tokens=int(model_config.get("num_task_tokens", 4)),
+      input_residual_init=input_residual_init(model_config, task_objects), dtype=dtype,
       remat=bool(model_config.get("remat", False)), rngs=rngs, unet=unet)
   if model_config.get("pretrained_image_encoder"):
     from dense_diffusion.convert import clip

@@ -6,10 +6,18 @@ Conditioning (DESIGN.md s.4):
 Task tokens are the cached last hidden states of a frozen text encoder on each task's prompt
 (`PromptCache`, not trained), or, when no text encoder weights are given, a learned embedding per
 task (`num_task_tokens` tokens each). Image tokens come from a CLIP-layout ViT (`ImageEncoder`).
+
+Input residual (optional, for x0 / `sample` prediction): the answer estimate is
+  unet(...) + gate[task] * image,   gate f32[num_tasks, 3] learned,
+initialised to 1 for tasks whose input is already a rough answer (restoration) and 0 elsewhere.
+Restoration networks learn the correction to their input rather than the whole image (DnCNN,
+Restormer, NAFNet all add the input back); without it a small UNet must carry every pixel of
+the input through its GroupNorm'd blocks and, in the demo's budget, reproduces them less
+accurately than the degraded input already is (docs/training.md).
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +43,8 @@ class GeneralistModel(nnx.Module):
     prompt_embeddings: f32[num_tasks, L, D] from a frozen text encoder, or None for learned
       task embeddings.
     num_task_tokens: tokens per task of the learned embedding.
+    input_residual_init: per-task initial gate of the input residual (length num_tasks, e.g.
+      1.0 for restoration tasks, 0.0 elsewhere), or None for no input residual.
     dtype: compute dtype (None = float32; bfloat16 on accelerators). remat: per-block remat.
   """
 
@@ -42,7 +52,7 @@ class GeneralistModel(nnx.Module):
                image_encoder_config: Optional[image_encoder_lib.CLIPVisionConfig] = None,
                image_encoder_options: Optional[Mapping[str, Any]] = None,
                prompt_embeddings: Optional[np.ndarray] = None, num_task_tokens: int = 4,
-               dtype=None, remat: bool = False, rngs: nnx.Rngs,
+               input_residual_init: Optional[Sequence[float]] = None, dtype=None, remat: bool = False, rngs: nnx.Rngs,
                unet: Optional[unet_lib.UNet] = None):
     self.unet = unet if unet is not None else unet_lib.UNet(
         unet_config, dtype=dtype, remat=remat, rngs=rngs)
@@ -71,6 +81,19 @@ class GeneralistModel(nnx.Module):
       self.task_embedding = nnx.Param(
           init(rngs.params(), (num_tasks, num_task_tokens, context_dim), jnp.float32),
           out_sharding=(None, None, "embed"), eager_sharding=False)
+    if input_residual_init is not None:
+      init_gate = np.asarray(input_residual_init, np.float32)
+      if init_gate.shape != (num_tasks,):
+        raise ValueError(f"input_residual_init needs one value per task ({num_tasks}), got "
+                         f"shape {init_gate.shape}")
+      if self.target_channels != 3:
+        raise ValueError("the input residual adds the RGB input to the answer, which needs 3 "
+                         f"target channels, not {self.target_channels}")
+      self.input_residual_gate = nnx.Param(
+          jnp.repeat(jnp.asarray(init_gate)[:, None], 3, axis=1), out_sharding=(None, None),
+          eager_sharding=False)
+    else:
+      self.input_residual_gate = None
     if image_encoder_config is not None:
       self.image_encoder = image_encoder_lib.ImageEncoder(
           image_encoder_config, context_dim=context_dim, dtype=dtype, rngs=rngs,
@@ -92,7 +115,11 @@ class GeneralistModel(nnx.Module):
     if x_t.shape[:3] != image.shape[:3]:
       raise ValueError(f"x_t {x_t.shape} and image {image.shape} differ in batch or size")
     sample = jnp.concatenate([x_t, image.astype(x_t.dtype)], axis=-1)
-    return self.unet(sample, t, self.context(image, task))
+    out = self.unet(sample, t, self.context(image, task))
+    if self.input_residual_gate is not None:
+      gate = jnp.take(self.input_residual_gate[...], task, axis=0)[:, None, None, :]
+      out = out + gate.astype(out.dtype) * image.astype(out.dtype)
+    return out
 
   def trainable_filter(self, lora_only: bool = False):
     """NNX filter of the parameters the optimizer updates."""

@@ -18,6 +18,9 @@ class Task:
 
   name: str = ""
   prompt: str = ""
+  # True where the model's input image is already a rough answer (restoration: the degraded
+  # image): a model may then predict a correction to its input (`model.input_residual`).
+  input_is_estimate: bool = False
 
   def encode(self, answer: Any) -> np.ndarray:
     """answer (task-specific, one example) -> f32[H, W, 3] in [-1, 1]."""

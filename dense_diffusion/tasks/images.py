@@ -35,17 +35,20 @@ class ImageTask(base.Task):
     return (rgb + 1.0) * 0.5
 
 
-def _image_task(name: str, prompt: str):
+def _image_task(name: str, prompt: str, input_is_estimate: bool):
   cls = dataclasses.make_dataclass(
       f"{name.capitalize()}Task",
       [("name", str, dataclasses.field(default=name)),
-       ("prompt", str, dataclasses.field(default=prompt))],
+       ("prompt", str, dataclasses.field(default=prompt)),
+       ("input_is_estimate", bool, dataclasses.field(default=input_is_estimate))],
       bases=(ImageTask,), frozen=True)
   cls.__doc__ = f"{prompt}: the answer is the clean RGB image."
   return base.register(name)(cls)
 
 
-DenoiseTask = _image_task("denoise", "Perform image denoising")
-DerainTask = _image_task("derain", "Perform image deraining")
-LowlightTask = _image_task("lowlight", "Perform low-light enhancement")
-AlbedoTask = _image_task("albedo", "Perform albedo estimation")
+# Restoration's input is the degraded answer itself; albedo's input is not its answer (shading
+# and shadows are in it), so it starts from no prior on the input.
+DenoiseTask = _image_task("denoise", "Perform image denoising", input_is_estimate=True)
+DerainTask = _image_task("derain", "Perform image deraining", input_is_estimate=True)
+LowlightTask = _image_task("lowlight", "Perform low-light enhancement", input_is_estimate=True)
+AlbedoTask = _image_task("albedo", "Perform albedo estimation", input_is_estimate=False)

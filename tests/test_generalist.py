@@ -1,0 +1,77 @@
+"""GeneralistModel's input residual: the answer is unet(...) + gate[task] * image."""
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import demo
+from dense_diffusion import train
+from dense_diffusion.models import build
+from dense_diffusion.models import generalist
+
+UNET = dict(sample_size=8, in_channels=6, out_channels=3, block_out_channels=[8, 16],
+            layers_per_block=1, down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
+            up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"], cross_attention_dim=8,
+            attention_head_dim=4, norm_num_groups=4)
+TASKS = ("depth", "denoise", "derain", "albedo")
+
+
+@pytest.fixture(scope="module")
+def model():
+  config = ml_collections.ConfigDict(dict(unet=UNET, input_residual=True, num_task_tokens=2))
+  return build.build_generalist(config, TASKS, seed=0)
+
+
+def _inputs(batch=4):
+  keys = jax.random.split(jax.random.key(1), 2)
+  x_t = jax.random.normal(keys[0], (batch, 8, 8, 3))
+  image = jax.random.uniform(keys[1], (batch, 8, 8, 3), minval=-1, maxval=1)
+  return x_t, jnp.full((batch,), 500, jnp.int32), image, jnp.arange(batch, dtype=jnp.int32)
+
+
+def test_gates_start_at_one_where_the_input_estimates_the_answer(model):
+  np.testing.assert_array_equal(model.input_residual_gate[...],
+                                np.array([[0.0] * 3, [1.0] * 3, [1.0] * 3, [0.0] * 3]))
+
+
+def test_output_is_unet_plus_gated_input(model):
+  x_t, t, image, task = _inputs()
+  with_residual = model(x_t, t, image, task)
+  unet_only = model.unet(jnp.concatenate([x_t, image], -1), t, model.context(image, task))
+  gate = np.array([0.0, 1.0, 1.0, 0.0])[:, None, None, None]
+  np.testing.assert_allclose(with_residual, unet_only + gate * image, atol=1e-6)
+
+
+def test_gate_is_trained(model):
+  x_t, t, image, task = _inputs()
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  def loss(p):
+    return jnp.mean(nnx.merge(graphdef, p, rest)(x_t, t, image, task) ** 2)
+
+  grads = jax.grad(loss)(params)
+  gate_grad = np.asarray(grads["input_residual_gate"][...])
+  # Every task of the batch pulls on its own row of gates.
+  assert np.all(np.abs(gate_grad).sum(axis=1) > 0), gate_grad
+
+
+def test_no_residual_without_the_option():
+  config = ml_collections.ConfigDict(dict(unet=UNET, num_task_tokens=2))
+  assert build.input_residual_init(config, []) is None
+  m = generalist.GeneralistModel(UNET, num_tasks=2, rngs=nnx.Rngs(0))
+  assert m.input_residual_gate is None
+
+
+def test_bad_residual_init_length_raises():
+  with pytest.raises(ValueError, match="one value per task"):
+    generalist.GeneralistModel(UNET, num_tasks=2, input_residual_init=[1.0, 0.0, 0.0],
+                               rngs=nnx.Rngs(0))
+
+
+def test_residual_with_a_noise_or_v_parameterisation_fails_at_setup():
+  config = demo.get_config()
+  config.diffusion.prediction_type = "v_prediction"
+  with pytest.raises(ValueError, match="input_residual.*prediction_type='sample'"):
+    train.Setup(config)
