@@ -46,6 +46,9 @@ setup(
             "transformers>=4.50",
             "scikit-image>=0.24",
             "torchmetrics>=1.4",
+            "nbclient>=0.10",  # tests/test_notebook.py executes notebooks/demo.ipynb headless
+            "nbformat>=5.10",
+            "ipykernel>=6.29",
         ],
         "gpu": ["jax[cuda12]>=0.8"],
         "tpu": ["jax[tpu]>=0.8"],
