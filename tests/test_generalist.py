@@ -36,22 +36,31 @@ def test_gates_start_at_one_where_the_input_estimates_the_answer(model):
                                 np.array([[0.0] * 3, [1.0] * 3, [1.0] * 3, [0.0] * 3]))
 
 
-def test_output_is_unet_plus_gated_input(model):
-  x_t, t, image, task = _inputs()
-  with_residual = model(x_t, t, image, task)
-  unet_only = model.unet(jnp.concatenate([x_t, image], -1), t, model.context(image, task))
+@pytest.fixture(scope="module")
+def forward_and_grads(model):
+  """One jitted program: the model's output, the bare UNet's, and the gradient of a loss."""
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  @jax.jit
+  def run(params, x_t, t, image, task):
+    m = nnx.merge(graphdef, params, rest)
+    out = m(x_t, t, image, task)
+    unet_only = m.unet(jnp.concatenate([x_t, image], -1), t, m.context(image, task))
+    loss = lambda p: jnp.mean(nnx.merge(graphdef, p, rest)(x_t, t, image, task) ** 2)
+    return out, unet_only, jax.grad(loss)(params)
+
+  inputs = _inputs()
+  return inputs, run(params, *inputs)
+
+
+def test_output_is_unet_plus_gated_input(forward_and_grads):
+  (_, _, image, _), (with_residual, unet_only, _) = forward_and_grads
   gate = np.array([0.0, 1.0, 1.0, 0.0])[:, None, None, None]
   np.testing.assert_allclose(with_residual, unet_only + gate * image, atol=1e-6)
 
 
-def test_gate_is_trained(model):
-  x_t, t, image, task = _inputs()
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-
-  def loss(p):
-    return jnp.mean(nnx.merge(graphdef, p, rest)(x_t, t, image, task) ** 2)
-
-  grads = jax.grad(loss)(params)
+def test_gate_is_trained(forward_and_grads):
+  _, (_, _, grads) = forward_and_grads
   gate_grad = np.asarray(grads["input_residual_gate"][...])
   # Every task of the batch pulls on its own row of gates.
   assert np.all(np.abs(gate_grad).sum(axis=1) > 0), gate_grad
