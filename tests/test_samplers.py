@@ -380,6 +380,27 @@ def test_mode_registry_and_config_errors():
     modes.make_config(mode="onestep", prediction_type="sample", ensemble_size=3)
   with pytest.raises(ValueError, match="sampler"):
     modes.make_config(mode="generalist", sampler="euler")
+  with pytest.raises(ValueError, match="train_timesteps"):
+    modes.make_config(mode="generalist", train_timesteps="late")
+
+
+@pytest.mark.parametrize("name,kw", [
+    ("generalist", dict(prediction_type="sample")),
+    ("dmp", dict(prediction_type="v_prediction")),
+])
+@pytest.mark.parametrize("steps,spacing", [(2, "trailing"), (5, "leading")])
+def test_training_at_the_inference_timesteps(sd, name, kw, steps, spacing):
+  cfg = modes.make_config(mode=name, num_inference_steps=steps, timestep_spacing=spacing,
+                          train_timesteps="inference", **kw)
+  target = jnp.zeros((512, 2, 2, 3), jnp.float32)
+  batch = modes.get(name).training_batch(sd, cfg, target, target, jax.random.PRNGKey(3))
+  inference = samplers.ddim_timesteps(sd.num_train_timesteps, steps, spacing)
+  drawn, counts = np.unique(np.asarray(batch.t), return_counts=True)
+  np.testing.assert_array_equal(drawn, np.sort(np.asarray(inference)))
+  assert counts.min() > 512 / steps / 2, counts  # every sampler step is trained, about evenly
+  uniform = modes.get(name).training_batch(
+      sd, modes.make_config(mode=name, **kw), target, target, jax.random.PRNGKey(3))
+  assert len(np.unique(np.asarray(uniform.t))) > 100
 
 
 @pytest.mark.parametrize("name,kw", [

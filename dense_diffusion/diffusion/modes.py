@@ -55,6 +55,9 @@ class DiffusionConfig:
     ensemble: mean | depth_affine ["mean"].
     ensemble_iterations: alignment passes of depth_affine [3].
     dmp_oracle: dmp: oracle-DDIM, re-building z_{t-1} from y_hat and the known image [False].
+    train_timesteps: generalist / dmp: which t training draws, "uniform" over 0..T-1 or
+      "inference" (only the sampler's own timesteps, e.g. 999 and 499 for 2 trailing DDIM
+      steps: a model queried at few fixed t learns just those) ["uniform"].
   """
   mode: str = "generalist"
   prediction_type: str = "epsilon"
@@ -74,6 +77,7 @@ class DiffusionConfig:
   ensemble: str = "mean"
   ensemble_iterations: int = 3
   dmp_oracle: bool = False
+  train_timesteps: str = "uniform"
 
 
 def make_config(cfg: Mapping[str, Any] | None = None, **overrides) -> DiffusionConfig:
@@ -94,6 +98,9 @@ def make_config(cfg: Mapping[str, Any] | None = None, **overrides) -> DiffusionC
   if out.prediction_type not in PREDICTION_TYPES:
     raise ValueError(f"prediction_type must be one of {list(PREDICTION_TYPES)}, got "
                      f"{out.prediction_type!r}.")
+  if out.train_timesteps not in TRAIN_TIMESTEPS:
+    raise ValueError(f"train_timesteps must be one of {sorted(TRAIN_TIMESTEPS)}, got "
+                     f"{out.train_timesteps!r}.")
   if out.ensemble_size < 1:
     raise ValueError(f"ensemble_size must be >= 1, got {out.ensemble_size}.")
   MODES[out.mode].validate(out)
@@ -114,8 +121,25 @@ class TrainingBatch(NamedTuple):
   y: jax.Array | None
 
 
-def _uniform_t(key, batch: int, num_train_timesteps: int) -> jax.Array:
-  return jax.random.randint(key, (batch,), 0, num_train_timesteps, jnp.int32)
+def _uniform_t(key, schedule: Schedule, cfg: DiffusionConfig, batch: int) -> jax.Array:
+  del cfg
+  return jax.random.randint(key, (batch,), 0, schedule.num_train_timesteps, jnp.int32)
+
+
+def _inference_t(key, schedule: Schedule, cfg: DiffusionConfig, batch: int) -> jax.Array:
+  ts, _ = _steps(schedule, cfg)
+  return jnp.asarray(ts, jnp.int32)[jax.random.randint(key, (batch,), 0, len(ts))]
+
+
+# How training draws t: name -> (key, schedule, cfg, batch) -> i32[batch].
+TRAIN_TIMESTEPS: dict[str, Callable[..., jax.Array]] = {
+    "uniform": _uniform_t,
+    "inference": _inference_t,
+}
+
+
+def _train_t(key, schedule: Schedule, cfg: DiffusionConfig, batch: int) -> jax.Array:
+  return TRAIN_TIMESTEPS[cfg.train_timesteps](key, schedule, cfg, batch)
 
 
 def _fixed_t(cfg: DiffusionConfig, schedule: Schedule, batch: int, default: int) -> jax.Array:
@@ -157,7 +181,7 @@ class Mode:
 def _generalist_batch(schedule, cfg, target, image, key):
   del image  # the condition enters through the model, not the forward process
   k_t, k_n = jax.random.split(key)
-  t = _uniform_t(k_t, target.shape[0], schedule.num_train_timesteps)
+  t = _train_t(k_t, schedule, cfg, target.shape[0])
   noise = jax.random.normal(k_n, target.shape, jnp.float32)
   x_t = objectives.q_sample(schedule, target, t, noise)
   tgt = objectives.target(schedule, target, noise, t, cfg.prediction_type)
@@ -225,7 +249,7 @@ def _deterministic_validate(allowed):
 
 
 def _dmp_batch(schedule, cfg, target, image, key):
-  t = _uniform_t(key, target.shape[0], schedule.num_train_timesteps)
+  t = _train_t(key, schedule, cfg, target.shape[0])
   z_t = objectives.dmp_forward(schedule, target, image, t)
   tgt = objectives.dmp_v_target(schedule, target, image, t)
   w = objectives.loss_weight(schedule, t, "v_prediction", cfg.weighting, cfg.snr_gamma)
