@@ -72,6 +72,7 @@ def get_config(arg=None):
       mode="generalist",  # generalist | onestep | dmp
       prediction_type="sample",  # x0-prediction: learns fastest from scratch.
       sampler="ddim", num_inference_steps=2, timestep_spacing="trailing",
+      train_timesteps="uniform",  # or "inference": train only at the sampler's timesteps.
       weighting="none", clip_sample=True))
   c.schedule = ml_collections.ConfigDict(dict(
       kind="squaredcos_cap_v2", num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02,
