@@ -6,6 +6,13 @@ disagree) decodes it, and a task evaluator accumulates metrics over the split to
 trivial baseline (what a model that learned nothing would score). Results go to
 `<workdir>/eval_metrics.json` (per step, per task), TensorBoard scalars, a printed table, and a
 picture of inputs / ground truth / predictions per task.
+
+With several processes (multi-host), every process reads the whole evaluation split in the same
+order, `eval.batch_size` is the global batch, the sampler runs sharded over all devices, and
+its predictions are gathered back to every process. So every process computes the same metrics
+from every example (the panoptic merge needs the semantic and instance answers of the same
+images), and all processes make the same sequence of sampler calls, which they must: each call
+is a collective over all devices. Only process 0 writes files.
 """
 from __future__ import annotations
 
@@ -22,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dense_diffusion import metrics
+from dense_diffusion import sharding
 from dense_diffusion import tasks as tasks_lib
 from dense_diffusion.pp import builder as pp_builder
 from dense_diffusion.pp import registry as pp_registry
@@ -292,19 +300,20 @@ class Evaluator:
     semantic_eval, instance_eval, panoptic_gt = None, None, []
     start = time.time()
     for item in self.entries:
-      ds, num_batches = input_pipeline.get_eval_dataset(
+      # The whole split on every process (see the module doc), batches of the global size.
+      ds, _ = input_pipeline.get_eval_dataset(
           item.entry, self.setup.task_names, self.batch_size,
-          data_dir=self.config.input.get("data_dir"))
+          data_dir=self.config.input.get("data_dir"), process_index=0, process_count=1)
       evaluator = EVALUATORS[item.task.name](item.task)
       seen = 0
       for batch in tfds.as_numpy(ds):
         if not batch["mask"].any():
           continue
-        image = self.setup.device_batch({"image": batch["image"], "task": batch["task"],
-                                         "target": batch["image"]})
+        shardings = self.setup.batch_shardings
+        image = sharding.global_array(batch["image"], shardings["image"])
+        task = sharding.global_array(batch["task"], shardings["task"])
         key, sub = jax.random.split(key)
-        pred = self._sample(params, self.setup.frozen, image["image"], image["task"], sub)
-        pred = np.asarray(jax.device_get(pred))
+        pred = sharding.to_host(self._sample(params, self.setup.frozen, image, task, sub))
         real = batch["mask"]
         decoded = item.task.decode(np.clip(pred[real], -1.0, 1.0))
         evaluator.update(decoded, batch)

@@ -151,9 +151,11 @@ def _check(ds: tf.data.Dataset, *, name: str, split: str, image_keys: Mapping[st
     sizes = tf.concat([hws] + [tf.shape(ex[k])[None, :2] for k in tensor_keys], 0)
     decodes = tf.reduce_all(oks)
     same = tf.reduce_all(sizes == sizes[:1]) if check_keys else tf.constant(True)
+    # (No keys to check, e.g. only `features=["key"]` read: an empty list is no string tensor.)
     size_msg = tf.strings.reduce_join(
         [tf.strings.format("{}={}", (k, s)) for k, s in
-         zip(img_keys + tensor_keys, tf.unstack(sizes, num=len(check_keys)))], separator=", ")
+         zip(img_keys + tensor_keys, tf.unstack(sizes, num=len(check_keys)))], separator=", "
+    ) if check_keys else tf.constant("")
     reason = tf.where(decodes, tf.where(same, tf.constant(""),
                                         "label/image sizes differ: " + size_msg), reason)
     example_id = ex.get("tfds_id", tf.constant("<no tfds_id>"))

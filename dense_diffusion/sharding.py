@@ -172,6 +172,29 @@ def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def global_array(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
+  """A global array from a host array that every process holds in full (e.g. an eval batch).
+
+  Each process puts on its own devices the slices they hold in `sharding`, wherever those
+  devices sit in the mesh. (Training batches, where each process holds only its own rows, use
+  `jax.make_array_from_process_local_data` instead.)
+  """
+  x = np.asarray(x)
+  return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+  """The whole value of `x` as numpy, on every process.
+
+  Arrays spread over several processes are all-gathered across them, so with more than one
+  process every process must call this for the same array (it is a collective).
+  """
+  if x.is_fully_addressable or x.is_fully_replicated:
+    return np.asarray(jax.device_get(x))
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def per_device_bytes(array: jax.Array) -> int:
   """Bytes of the largest addressable shard of `array` (what one device holds)."""
   return max(s.data.nbytes for s in array.addressable_shards)

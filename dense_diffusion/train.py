@@ -9,6 +9,7 @@ resumed run continues exactly where it stopped.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import pathlib
@@ -206,6 +207,21 @@ class _Preemption:
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
 
+  def agreed(self, step: int, every: int) -> bool:
+    """Whether to save and stop after `step`: at once in one process; with several, at the next
+    step divisible by `every` (the log interval) if any process got SIGTERM.
+
+    Every process must save at the same step (the checkpoint is a collective), and the signal
+    may reach them at different steps; the flags are gathered only every `every` steps because
+    gathering waits for the step's computation, which otherwise overlaps with the next batch.
+    """
+    if jax.process_count() == 1:
+      return self.requested
+    if step % every:
+      return False
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    return bool(np.any(multihost_utils.process_allgather(np.int32(self.requested))))
+
 
 def _format_eta(seconds: float) -> str:
   seconds = int(max(seconds, 0))
@@ -316,8 +332,9 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
       save(step)
       if eval_every and step % eval_every == 0 and step < total_steps:
         evaluator.run(setup.state, step, writer)
-      if preemption.requested:
-        print(f"SIGTERM at step {step}: saving a checkpoint and exiting", flush=True)
+      if preemption.agreed(step, log_every):
+        where = "" if jax.process_count() == 1 else " (to at least one process)"
+        print(f"SIGTERM{where} at step {step}: saving a checkpoint and exiting", flush=True)
         save(step, force=True)
         checkpointer.close()
         writer.flush()
@@ -335,20 +352,60 @@ SELF_CONTAINED_DATASETS = ("synthetic_scenes",)
 
 
 def ensure_prepared(entries, data_dir: str | None) -> None:
-  """Prepares self-contained datasets that are missing; says how to get the others."""
+  """Prepares self-contained datasets that are missing; says how to get the others.
+
+  With several processes (`jax.distributed`), process 0 prepares first while the others wait:
+  two processes preparing into one shared data_dir would race on TFDS's final rename. Then any
+  process that still misses the data (its data_dir is a disk of its own host) prepares its own
+  copy. Call it before anything starts the XLA backend (the synthetic builder forks workers).
+  """
   import tensorflow_datasets as tfds
-  for name in sorted({e["dataset"] for e in entries}):
-    builder = tfds.builder(name, data_dir=data_dir)
-    if builder.is_prepared():
-      continue
-    if name.split("/")[0] not in SELF_CONTAINED_DATASETS:
-      raise FileNotFoundError(
-          f"dataset {name} is not prepared in {builder.data_dir}; data/README.md says where to "
-          "get it and the command that prepares it (data/prepare.py)")
-    print(f"preparing {name} in {builder.data_dir} (one time)...", flush=True)
-    start = time.time()
-    builder.download_and_prepare()
-    print(f"prepared {name} in {time.time() - start:.0f}s", flush=True)
+  names = sorted({e["dataset"] for e in entries})
+
+  def prepare_missing():
+    for name in names:
+      builder = tfds.builder(name, data_dir=data_dir)
+      if builder.is_prepared():
+        continue
+      if name.split("/")[0] not in SELF_CONTAINED_DATASETS:
+        raise FileNotFoundError(
+            f"dataset {name} is not prepared in {builder.data_dir}; data/README.md says where to "
+            "get it and the command that prepares it (data/prepare.py)")
+      print(f"preparing {name} in {builder.data_dir} (one time)...", flush=True)
+      start = time.time()
+      builder.download_and_prepare()
+      print(f"prepared {name} in {time.time() - start:.0f}s", flush=True)
+
+  client, process_id = _distributed_client()
+  if client is None:
+    prepare_missing()
+    return
+  try:
+    if process_id == 0:
+      prepare_missing()
+  finally:  # also when process 0 failed: the others then try, and fail with their own message.
+    # A barrier id serves once: number the calls (every process makes the same ones).
+    client.wait_at_barrier(f"dense_diffusion_ensure_prepared_{next(_PREPARE_CALLS)}",
+                           PREPARE_TIMEOUT_S * 1000)
+  if process_id != 0:
+    prepare_missing()
+
+
+PREPARE_TIMEOUT_S = 4 * 3600  # how long processes > 0 wait for process 0 to prepare the data.
+_PREPARE_CALLS = itertools.count()
+
+
+def _distributed_client():
+  """(JAX's coordination-service client, this process's id), or (None, 0) in one process.
+
+  Read from JAX's internal state because `jax.process_index()` and `multihost_utils` start the
+  XLA backend, which must not happen before the synthetic builder forks its workers.
+  """
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top
+  state = distributed.global_state
+  if state.client is None or (state.num_processes or 1) <= 1:
+    return None, 0
+  return state.client, int(state.process_id)
 
 
 def _prune_data_checkpoints(data_dir: pathlib.Path, keep: list[int]) -> None:
