@@ -21,6 +21,8 @@ setup(
         "flax>=0.12",
         "optax>=0.2.4",
         "orbax-checkpoint>=0.11",
+        # Workdir paths (local or gs://); gs:// goes through tf.io.gfile, so no gcsfs is needed.
+        "etils[epath]>=1.5",
         "tensorflow-cpu>=2.18",
         "tensorflow-datasets>=4.9.7",
         "ml_collections>=1.0",

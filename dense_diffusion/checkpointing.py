@@ -14,14 +14,16 @@ class Checkpointer:
   """Saves and restores one pytree (the train state) under `<workdir>/checkpoints/<step>`.
 
   Args:
-    directory: where step folders go (local path or gs://).
+    directory: where step folders go: a local path (made absolute) or a gs:// URI, as a string
+      or an `etils.epath.Path` (not a `pathlib.Path` of a URI, which has lost its `//`).
     max_to_keep: how many of the newest checkpoints to keep.
     save_interval_steps: `maybe_save` saves when step % this == 0 (and `force` always).
     async_save: write in a background thread while training goes on.
   """
 
-  def __init__(self, directory: str, *, max_to_keep: int = 3, save_interval_steps: int = 1000,
-               async_save: bool = True):
+  def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 3,
+               save_interval_steps: int = 1000, async_save: bool = True):
+    directory = os.fspath(directory)
     self.directory = directory
     self._manager = ocp.CheckpointManager(
         os.path.abspath(directory) if "://" not in directory else directory,

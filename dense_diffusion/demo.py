@@ -13,10 +13,12 @@ from __future__ import annotations
 import os
 import pathlib
 
+from etils import epath
 import numpy as np
 
 from dense_diffusion import metrics
 from dense_diffusion import tasks
+from dense_diffusion import workdir as workdir_lib
 from dense_diffusion.datasets.synthetic_scenes import CATEGORIES, NUM_CLASSES, render_scene
 
 RESOLUTION = 128  # pixels; the seed paper's generalist works at 128x128.
@@ -84,7 +86,7 @@ def _to_uint8(rgb: np.ndarray) -> np.ndarray:
   return np.clip((rgb + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
 
 
-def save_grid(scene: dict, encodings: dict[str, np.ndarray], path: pathlib.Path) -> None:
+def save_grid(scene: dict, encodings: dict[str, np.ndarray], path: str | os.PathLike) -> None:
   """Top row: the model's inputs (clean, noisy, rainy, dark); bottom row: every RGB target."""
   import matplotlib
   matplotlib.use("Agg")
@@ -106,7 +108,9 @@ def save_grid(scene: dict, encodings: dict[str, np.ndarray], path: pathlib.Path)
   fig.suptitle("synthetic_scenes: inputs (top) and the RGB-encoded answer of every task (bottom)",
                fontsize=10)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  # Through epath's file object: matplotlib itself opens only local paths, not gs://.
+  with epath.Path(path).open("wb") as f:
+    fig.savefig(f, format="png", dpi=100)
   plt.close(fig)
 
 
@@ -125,8 +129,8 @@ def run(workdir: str = "runs/demo", *, train: bool = True, config_arg: str | Non
   print(f"\ntraining configs/demo.py for {config.total_steps} steps into {workdir} "
         f"(TensorBoard: tensorboard --logdir {workdir})", flush=True)
   results = train_lib.train_and_evaluate(config, workdir)
-  print(f"\nmetrics: {pathlib.Path(workdir) / 'eval_metrics.json'}; pictures: "
-        f"{pathlib.Path(workdir) / 'predictions'}", flush=True)
+  paths = workdir_lib.WorkdirPaths(workdir)
+  print(f"\nmetrics: {paths.metrics}; pictures: {paths.predictions}", flush=True)
   return 0 if results else 1
 
 
@@ -154,7 +158,7 @@ def _set_dotted(config, key: str, value) -> None:
 
 def show_encodings(workdir: str = "runs/demo", resolution: int = RESOLUTION,
                    num_scenes: int = NUM_SCENES, seed: int = 0) -> int:
-  workdir_path = pathlib.Path(workdir)
+  workdir_path = epath.Path(workdir)  # a local folder or gs://
   workdir_path.mkdir(parents=True, exist_ok=True)
   print(f"dense_diffusion: {len(tasks.names())} tasks, each answer encoded as an RGB image\n")
   rng = np.random.default_rng(seed)

@@ -19,11 +19,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import pathlib
+import os
 import time
 from typing import Any, Callable, Optional
 
 from absl import logging
+from etils import epath
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,10 +32,11 @@ import numpy as np
 from dense_diffusion import metrics
 from dense_diffusion import sharding
 from dense_diffusion import tasks as tasks_lib
+from dense_diffusion import workdir as workdir_lib
 from dense_diffusion.pp import builder as pp_builder
 from dense_diffusion.pp import registry as pp_registry
 
-METRICS_FILE = "eval_metrics.json"
+METRICS_FILE = workdir_lib.METRICS_FILE
 
 
 def task_from_pp(pp: str) -> tasks_lib.Task:
@@ -267,10 +269,10 @@ class _Entry:
 class Evaluator:
   """Runs every evaluation entry of a config with a trained `train.Setup`'s model."""
 
-  def __init__(self, config: Any, setup: Any, workdir: str):
+  def __init__(self, config: Any, setup: Any, workdir: str | os.PathLike):
     self.config = config
     self.setup = setup
-    self.workdir = pathlib.Path(workdir)
+    self.paths = workdir_lib.WorkdirPaths(workdir)  # local or gs://
     eval_config = config.eval
     entries = eval_config.get("entries") or config.input.entries
     self.entries = []
@@ -364,11 +366,11 @@ class Evaluator:
   def _write(self, results: dict, step: int, writer, grid) -> None:
     if jax.process_index() != 0:
       return
-    path = self.workdir / METRICS_FILE
+    path = self.paths.metrics
     history = json.loads(path.read_text()) if path.exists() else {}
     history[str(step)] = results
     path.write_text(json.dumps(history, indent=2, sort_keys=True, default=float))
-    picture = save_grid(grid, self.workdir / "predictions" / f"step_{step}.png")
+    picture = save_grid(grid, self.paths.prediction(step))
     if writer is not None:
       scalars = {}
       for task, values in results.items():
@@ -400,7 +402,7 @@ def _to_uint8(x: np.ndarray) -> np.ndarray:
   return np.clip((np.asarray(x, np.float32) + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
 
 
-def save_grid(grid: list, path: pathlib.Path) -> Optional[np.ndarray]:
+def save_grid(grid: list, path: str | os.PathLike) -> Optional[np.ndarray]:
   """One row per task: (input, ground truth, prediction) for a few examples. Returns the image."""
   if not grid:
     return None
@@ -423,8 +425,11 @@ def save_grid(grid: list, path: pathlib.Path) -> Optional[np.ndarray]:
     axes[row, 0].text(-0.1, 0.5, task, transform=axes[row, 0].transAxes, ha="right",
                       va="center", fontsize=8)
   fig.tight_layout()
+  path = epath.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path, dpi=80)
+  # Through epath's file object: matplotlib itself opens only local paths, not gs://.
+  with path.open("wb") as f:
+    fig.savefig(f, format="png", dpi=80)
   fig.canvas.draw()
   picture = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
   plt.close(fig)

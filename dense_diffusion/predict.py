@@ -16,16 +16,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import pathlib
 import sys
 import time
 from typing import Any, Callable, Optional, Sequence
 
+from etils import epath
 import numpy as np
 from PIL import Image
 from PIL import ImageOps
 
 from dense_diffusion import tasks as tasks_lib
+from dense_diffusion import workdir as workdir_lib
 
 # Continuous maps are resized bilinearly, label maps with nearest neighbour.
 LABEL_TASKS = ("semantic", "instance")
@@ -117,10 +120,16 @@ def _id_colours(ids: np.ndarray) -> np.ndarray:
   return table[ids]
 
 
-def _save(path: pathlib.Path, array: np.ndarray) -> pathlib.Path:
+def _save(path: epath.Path, array: np.ndarray) -> epath.Path:
   """u8[H, W, 3] -> RGB PNG, u16[H, W] -> 16-bit grey PNG."""
-  Image.fromarray(array).save(path)
+  _save_image(path, Image.fromarray(array))
   return path
+
+
+def _save_image(path: epath.Path, img: Image.Image) -> None:
+  # Through epath's file object, so that --output may be gs:// (PIL opens only local paths).
+  with path.open("wb") as f:
+    img.save(f, format="PNG")
 
 
 def semantic_palette_png(labels: np.ndarray, task: Any) -> Image.Image:
@@ -156,7 +165,7 @@ def _write_normals(out, stem, image, normals, task, **_):
 def _write_semantic(out, stem, image, labels, task, **_):
   img = semantic_palette_png(labels, task)
   path = out / f"{stem}_semantic.png"
-  img.save(path)
+  _save_image(path, img)
   colours = np.asarray(img.convert("RGB"))
   overlay = _overlay(image, colours, mask=labels != tasks_lib.IGNORE_LABEL)
   return [path, _save(out / f"{stem}_semantic_overlay.png", overlay)]
@@ -213,7 +222,7 @@ def _write_panoptic(out, stem, image, answer, task, **_):
 
 
 # task name -> writer(out_dir, stem, image u8[H,W,3], answer at full size, task) -> paths.
-WRITERS: dict[str, Callable[..., list[pathlib.Path]]] = {
+WRITERS: dict[str, Callable[..., list[epath.Path]]] = {
     "depth": _write_depth,
     "normals": _write_normals,
     "semantic": _write_semantic,
@@ -335,7 +344,7 @@ class Predictor:
                        "shards of the mesh; use a multiple of that")
     self.batch_size = batch
     checkpointer = checkpointing.Checkpointer(
-        str(pathlib.Path(self.workdir) / "checkpoints"), async_save=False)
+        os.fspath(workdir_lib.WorkdirPaths(self.workdir).checkpoints), async_save=False)
     with jax.set_mesh(setup.mesh):
       step, state = checkpointer.restore_latest(setup.state)
     checkpointer.close()
@@ -368,7 +377,7 @@ class Predictor:
     names = ["semantic", "instance"] if task == "panoptic" else [task]
     return [(n, _entry_task(self.config, n)) for n in names]
 
-  def run(self, task: str, inputs: Sequence[str | pathlib.Path], output: str | pathlib.Path,
+  def run(self, task: str, inputs: Sequence[str | pathlib.Path], output: str | os.PathLike,
           *, log: Callable[[str], None] = lambda s: print(s, flush=True),
           err: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)
           ) -> Summary:
@@ -387,7 +396,7 @@ class Predictor:
       writer_task = tasks_lib.get("panoptic", categories=categories,
                                   instance_options=_task_options(decoders[1][1]))
     self._load()
-    out = pathlib.Path(output)
+    out = epath.Path(output)  # a local folder or gs://
     out.mkdir(parents=True, exist_ok=True)
     stems = _unique_stems(list(inputs))
     summary = Summary()

@@ -12,12 +12,12 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import pathlib
 import signal
 import time
 from typing import Any, Callable
 
 from absl import logging
+from etils import epath
 import flax
 from flax import nnx
 import jax
@@ -27,6 +27,7 @@ import optax
 
 from dense_diffusion import checkpointing
 from dense_diffusion import sharding
+from dense_diffusion import workdir as workdir_lib
 from dense_diffusion.diffusion import modes
 from dense_diffusion.diffusion import schedules
 from dense_diffusion.models import build
@@ -229,9 +230,10 @@ def _format_eta(seconds: float) -> str:
       f"{seconds // 60}m{seconds % 60:02d}s")
 
 
-def save_config(config: Any, workdir: pathlib.Path) -> None:
+def save_config(config: Any, workdir: str | os.PathLike) -> None:
+  """Writes `<workdir>/config.json` (process 0 only): eval and predict rebuild the run from it."""
   if jax.process_index() == 0:
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    workdir_lib.WorkdirPaths(workdir).config.write_text(config.to_json_best_effort(indent=2))
 
 
 def train_and_evaluate(config: Any, workdir: str) -> dict:
@@ -242,11 +244,11 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
   from dense_diffusion import input_pipeline
 
   tf.config.set_visible_devices([], "GPU")  # tf.data only; the accelerators are JAX's.
-  workdir_path = pathlib.Path(workdir)
-  workdir_path.mkdir(parents=True, exist_ok=True)
+  paths = workdir_lib.WorkdirPaths(workdir)  # epath: a gs:// workdir keeps its scheme
+  paths.root.mkdir(parents=True, exist_ok=True)
   # Before JAX starts its threads: the synthetic builder renders in forked worker processes.
   ensure_prepared(config.input.entries, config.input.get("data_dir"))
-  save_config(config, workdir_path)
+  save_config(config, paths.root)
   setup = Setup(config)
   total_steps = int(config.total_steps)
   print(f"devices: {jax.device_count()} ({jax.devices()[0].platform}), mesh "
@@ -254,7 +256,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
         f"{sharding.describe(setup.state.params)}", flush=True)
 
   checkpointer = checkpointing.Checkpointer(
-      str(workdir_path / "checkpoints"), max_to_keep=int(config.keep_checkpoints),
+      os.fspath(paths.checkpoints), max_to_keep=int(config.keep_checkpoints),
       save_interval_steps=int(config.checkpoint_every))
   with jax.set_mesh(setup.mesh):
     start_step, restored = checkpointer.restore_latest(setup.state, delete_unreadable=True)
@@ -277,10 +279,11 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
   dataset = dataset.with_options(options)
   data_iter = iter(dataset)
   data_ckpt = tf.train.Checkpoint(iterator=data_iter)
-  data_dir = workdir_path / "checkpoints" / "data"
-  data_prefix = lambda step: str(data_dir / f"step_{step}_process_{jax.process_index()}")
+  data_dir = paths.data_checkpoints
+  data_prefix = lambda step: os.fspath(paths.data_checkpoint(step, jax.process_index()))
   if start_step:
-    if (data_dir / f"step_{start_step}_process_{jax.process_index()}.index").exists():
+    prefix = paths.data_checkpoint(start_step, jax.process_index())
+    if prefix.with_name(prefix.name + ".index").exists():
       data_ckpt.read(data_prefix(start_step)).assert_consumed()
     else:
       logging.warning("no data-iterator checkpoint for step %d: the input stream restarts",
@@ -288,7 +291,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
       print(f"WARNING: no data-iterator state for step {start_step}; the input stream restarts")
 
   writer = metric_writers.create_default_writer(
-      str(workdir_path), just_logging=jax.process_index() > 0)
+      os.fspath(paths.root), just_logging=jax.process_index() > 0)
   if start_step == 0:
     writer.write_hparams({k: v for k, v in _flat(config.to_dict()).items()
                           if isinstance(v, (int, float, str, bool))})
@@ -303,7 +306,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
       data_ckpt.write(data_prefix(step))
       _prune_data_checkpoints(data_dir, keep=checkpointer.steps() + [step])
 
-  evaluator = evaluate.Evaluator(config, setup, str(workdir_path))
+  evaluator = evaluate.Evaluator(config, setup, paths.root)
   nonfinite_policy = config.get("nonfinite", "stop")
   if nonfinite_policy not in ("stop", "skip"):
     raise ValueError(f"config.nonfinite={nonfinite_policy!r}; choose 'stop' or 'skip'")
@@ -408,7 +411,8 @@ def _distributed_client():
   return state.client, int(state.process_id)
 
 
-def _prune_data_checkpoints(data_dir: pathlib.Path, keep: list[int]) -> None:
+def _prune_data_checkpoints(data_dir: epath.Path, keep: list[int]) -> None:
+  """Deletes the data-iterator states of steps whose orbax checkpoint is gone."""
   keep_names = {f"step_{s}_" for s in keep}
   for f in data_dir.glob("step_*"):
     if not any(f.name.startswith(k) for k in keep_names):
@@ -462,7 +466,7 @@ def _log_train(writer, setup: Setup, pending: list[dict], step: int, total_steps
 def load_config(workdir: str):
   """The config a run in `workdir` was started with (`config.json`)."""
   import ml_collections
-  path = pathlib.Path(workdir) / "config.json"
+  path = workdir_lib.WorkdirPaths(workdir).config
   if not path.exists():
     raise FileNotFoundError(f"{path} does not exist: is {workdir} the workdir of a train run?")
   return ml_collections.ConfigDict(json.loads(path.read_text()))
@@ -473,7 +477,8 @@ def evaluate_latest(config: Any, workdir: str) -> dict:
   from dense_diffusion import evaluate
   config = config if config is not None else load_config(workdir)
   setup = Setup(config)
-  checkpointer = checkpointing.Checkpointer(str(pathlib.Path(workdir) / "checkpoints"))
+  checkpointer = checkpointing.Checkpointer(
+      os.fspath(workdir_lib.WorkdirPaths(workdir).checkpoints))
   with jax.set_mesh(setup.mesh):
     step, state = checkpointer.restore_latest(setup.state)
     if state is None:
