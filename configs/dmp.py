@@ -33,6 +33,7 @@ def get_config(arg=None):
   c.schedule.rescale_betas_zero_snr = False
   c.model.lora = dict(rank=arg.rank, alpha=4.0)  # adapters on attention (lora.DEFAULT_PATTERN).
   c.model.input_residual = False  # the image is already DMP's starting point (and v-prediction).
+  c.model.zero_init_output = False  # LoRA-only training could never move a zeroed conv_out.
   if not arg.real:
     c.optimizer.lr = 1e-3  # LoRA from a random UNet on synthetic data: a larger step.
   return c

@@ -65,6 +65,7 @@ def get_config(arg=None):
   c.model.text_skip_layers = 1  # SD2 uses the penultimate text-encoder layer.
   c.model.num_task_tokens = 4  # learned tokens per task, used only without a text encoder.
   c.model.input_residual = False  # input + correction for restoration; needs prediction_type="sample".
+  c.model.zero_init_output = False  # zero the UNet's output conv (random init only, not with LoRA).
   c.model.image_encoder = dict(  # CLIP ViT-L/14 vision tower (transformers CLIPVisionConfig).
       hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
       image_size=224, patch_size=14, hidden_act="quick_gelu")

@@ -24,6 +24,10 @@ from dense_diffusion.datasets.synthetic_scenes import CATEGORIES, NUM_CLASSES, r
 RESOLUTION = 128  # pixels; the seed paper's generalist works at 128x128.
 NUM_SCENES = 4  # scenes rendered for the round-trip table.
 NOISE_SIGMA = 0.02  # std of Gaussian noise added to encodings, in [-1, 1] units.
+# The demo command splits the CPU into this many JAX devices (the batch is split over them):
+# XLA:CPU keeps few threads busy on one device's small convolutions, and two devices with half
+# the batch each trained 1.29x faster on 2 cores (1.89 vs 1.47 steps/s, docs/benchmarks.md).
+CPU_DEVICES = 2
 
 
 def _task_answers(scene: dict) -> dict[str, tuple[object, np.ndarray]]:

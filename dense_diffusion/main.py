@@ -89,6 +89,10 @@ def _eval(_) -> int | None:
 
 def _demo(_) -> int | None:
   from dense_diffusion import demo
+  if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    # Before any JAX computation; only the CPU platform is split, an accelerator is unaffected.
+    import jax
+    jax.config.update("jax_num_cpu_devices", demo.CPU_DEVICES)
   return demo.run(workdir=FLAGS.workdir or "runs/demo")
 
 

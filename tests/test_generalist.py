@@ -84,3 +84,26 @@ def test_residual_with_a_noise_or_v_parameterisation_fails_at_setup():
   config.diffusion.prediction_type = "v_prediction"
   with pytest.raises(ValueError, match="input_residual.*prediction_type='sample'"):
     train.Setup(config)
+
+
+def test_zero_init_output_starts_at_the_gated_input():
+  config = ml_collections.ConfigDict(dict(unet=UNET, input_residual=True, num_task_tokens=2,
+                                          zero_init_output=True))
+  m = build.build_generalist(config, TASKS, seed=0)
+  x_t, t, image, task = _inputs()
+  gate = np.array([0.0, 1.0, 1.0, 0.0])[:, None, None, None]
+  np.testing.assert_array_equal(m(x_t, t, image, task), gate * np.asarray(image))
+  assert np.abs(np.asarray(m.unet.conv_in.kernel[...])).sum() > 0  # only conv_out is zeroed
+
+
+def test_zero_init_output_refuses_a_pretrained_unet(tmp_path):
+  config = ml_collections.ConfigDict(dict(unet=UNET, zero_init_output=True,
+                                          pretrained_unet=str(tmp_path)))
+  with pytest.raises(ValueError, match="zero_init_output would discard"):
+    build.build_generalist(config, TASKS, seed=0)
+
+
+def test_zero_init_output_refuses_lora_only_training():
+  config = ml_collections.ConfigDict(dict(unet=UNET, zero_init_output=True, lora=dict(rank=2)))
+  with pytest.raises(ValueError, match="LoRA-only training never updates"):
+    build.build_generalist(config, TASKS, seed=0)

@@ -51,6 +51,12 @@ def build_generalist(model_config: Any, task_names: Sequence[str], *, seed: int 
   task_objects = [tasks_lib.get(name) for name in task_names]
   prompts = [t.prompt for t in task_objects]
   dtype = compute_dtype(model_config.get("dtype", "float32"))
+  if model_config.get("zero_init_output") and model_config.get("pretrained_unet"):
+    raise ValueError("model.zero_init_output would discard the pretrained UNet's conv_out: "
+                     "set it only for randomly initialised UNets")
+  if model_config.get("zero_init_output") and model_config.get("lora"):
+    raise ValueError("model.zero_init_output with model.lora: LoRA-only training never updates "
+                     "the zeroed conv_out, so the output would stay zero; turn one off")
   unet_config = dict(model_config.unet)
   unet = None
   if model_config.get("pretrained_unet"):
@@ -73,6 +79,11 @@ def build_generalist(model_config: Any, task_names: Sequence[str], *, seed: int 
       num_task_tokens=int(model_config.get("num_task_tokens", 4)),
       input_residual_init=input_residual_init(model_config, task_objects), dtype=dtype,
       remat=bool(model_config.get("remat", False)), rngs=rngs, unet=unet)
+  if model_config.get("zero_init_output"):
+    # ADM (guided-diffusion) starts its output conv at zero: the first answers are the input
+    # residual alone (restoration: the input; other tasks: grey) instead of random images.
+    conv_out = model.unet.conv_out
+    conv_out.kernel[...] = jnp.zeros_like(conv_out.kernel[...])
   if model_config.get("pretrained_image_encoder"):
     from dense_diffusion.convert import clip
     loaded = clip.load_transformers_clip_vision(
