@@ -127,7 +127,7 @@ def run(workdir: str = "runs/demo", *, train: bool = True, config_arg: str | Non
   config = load_demo_config(config_arg)
   for key, value in (overrides or {}).items():
     _set_dotted(config, key, value)
-  # First, while no JAX computation has run: the dataset renders in forked worker processes.
+  # First, before any JAX computation: the dataset (rendered by worker processes).
   train_lib.ensure_prepared(config.input.entries, config.input.get("data_dir"))
   show_encodings(workdir)
   print(f"\ntraining configs/demo.py for {config.total_steps} steps into {workdir} "

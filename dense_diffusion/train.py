@@ -246,7 +246,8 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
   tf.config.set_visible_devices([], "GPU")  # tf.data only; the accelerators are JAX's.
   paths = workdir_lib.WorkdirPaths(workdir)  # epath: a gs:// workdir keeps its scheme
   paths.root.mkdir(parents=True, exist_ok=True)
-  # Before JAX starts its threads: the synthetic builder renders in forked worker processes.
+  # Before the XLA backend starts: preparing data first keeps its threads and memory out of the
+  # way of the synthetic builder's rendering workers.
   ensure_prepared(config.input.entries, config.input.get("data_dir"))
   save_config(config, paths.root)
   setup = Setup(config)
@@ -360,7 +361,7 @@ def ensure_prepared(entries, data_dir: str | None) -> None:
   With several processes (`jax.distributed`), process 0 prepares first while the others wait:
   two processes preparing into one shared data_dir would race on TFDS's final rename. Then any
   process that still misses the data (its data_dir is a disk of its own host) prepares its own
-  copy. Call it before anything starts the XLA backend (the synthetic builder forks workers).
+  copy. Call it before anything starts the XLA backend.
   """
   import tensorflow_datasets as tfds
   names = sorted({e["dataset"] for e in entries})
@@ -402,7 +403,7 @@ def _distributed_client():
   """(JAX's coordination-service client, this process's id), or (None, 0) in one process.
 
   Read from JAX's internal state because `jax.process_index()` and `multihost_utils` start the
-  XLA backend, which must not happen before the synthetic builder forks its workers.
+  XLA backend, which `ensure_prepared` leaves until the data is ready.
   """
   from jax._src import distributed  # pylint: disable=g-import-not-at-top
   state = distributed.global_state

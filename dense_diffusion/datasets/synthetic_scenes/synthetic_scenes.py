@@ -98,14 +98,26 @@ class SyntheticScenes(tfds.core.GeneratorBasedBuilder):
     seeds = [(cfg.seed, _SPLIT_IDS[split], index) for index in range(num_examples)]
     workers = cfg.num_workers or (os.cpu_count() or 1 if num_examples >= 256 else 1)
     render = _Render(cfg.resolution)
-    if workers > 1 and "fork" in multiprocessing.get_all_start_methods():
-      # fork: the workers only run numpy (no TF), and need no re-import of the package.
-      with multiprocessing.get_context("fork").Pool(workers) as pool:
+    if workers > 1 and "forkserver" in multiprocessing.get_all_start_methods():
+      with _worker_context().Pool(workers) as pool:
         for index, ex in enumerate(pool.imap(render, seeds, chunksize=16)):
           yield _key(split, index), _wrap_png(ex)
     else:
       for index, seed in enumerate(seeds):
         yield _key(split, index), _wrap_png(render(seed))
+
+
+def _worker_context():
+  """multiprocessing context of the rendering workers: forkserver, preloaded with this module.
+
+  Not fork: a forked child inherits the parent's locks as its other threads held them, and by
+  the time a dataset is prepared the parent may run gRPC threads (`jax.distributed`'s client;
+  a forked worker deadlocked in the two-process test) or TensorFlow's. The fork server is a
+  fresh interpreter that imports this module once; each worker is a cheap fork of it.
+  """
+  ctx = multiprocessing.get_context("forkserver")
+  ctx.set_forkserver_preload([__name__])
+  return ctx
 
 
 def _wrap_png(ex: dict) -> dict:
