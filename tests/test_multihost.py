@@ -32,10 +32,11 @@ import time
 
 import pytest
 
+from subprocess_env import xla_flags
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TIMEOUT = 900  # seconds for the whole run (2 shared cores compile three programs).
 STEPS = 3
-FAST_COMPILE = "--xla_backend_optimization_level=0"
 
 CONFIG = '''
 """configs/demo.py with configs/tiny.py's model, 3 steps, for the two-process test."""
@@ -172,14 +173,12 @@ def run(tmp_path_factory):
   base = tmp_path_factory.mktemp("multihost")
   workdir, config = base / "workdir", base / "config.py"
   config.write_text(CONFIG.format(data_dir=str(base / "tfds"), steps=STEPS))
-  # XLA:CPU without LLVM optimisation compiles (the model's initialisers, the train step and the
-  # sampler) 2-3x faster; the few steps here then run a little slower, which costs far less.
   env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1",
-             XLA_FLAGS=FAST_COMPILE)
+             XLA_FLAGS=xla_flags())
   port = free_port()
   procs, logs, files = [], [], []
   start = time.time()
-  four_devices = dict(env, XLA_FLAGS=f"{FAST_COMPILE} --xla_force_host_platform_device_count=4")
+  four_devices = dict(env, XLA_FLAGS=xla_flags(4))
   for i in range(2):
     logs.append(base / f"process_{i}.log")
     files.append(open(logs[-1], "w"))

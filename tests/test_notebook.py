@@ -13,6 +13,8 @@ import sys
 
 import pytest
 
+from subprocess_env import xla_flags
+
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
@@ -88,15 +90,10 @@ def executed(tmp_path_factory):
                     PREDICT_TASKS=PREDICT_TASKS)
   env = dict(os.environ)
   env.update(TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1",
-             # One CPU device (whatever the calling process set), and XLA:CPU's cheap
-             # compilation: halves initialisation and compile time; a few steps run slower.
-             XLA_FLAGS="--xla_backend_optimization_level=0 "
-                       "--xla_llvm_disable_expensive_passes=true",
-             # The evaluation's sampler and the Predictor's are the same program: the second
-             # is read from this cache instead of compiled again.
-             JAX_COMPILATION_CACHE_DIR=str(base / "jax_cache"),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+             # One CPU device whatever the calling process set. The evaluation's sampler and the
+             # Predictor's are the same program: the session's compilation cache (conftest.py)
+             # serves the second.
+             XLA_FLAGS=xla_flags())
   client = nbclient.NotebookClient(
       nb, km=kernel_manager(base / "kernels"), timeout=CELL_TIMEOUT,
       resources={"metadata": {"path": str(cwd)}})

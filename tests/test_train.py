@@ -16,6 +16,8 @@ import time
 import numpy as np
 import pytest
 
+from subprocess_env import xla_flags
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TOTAL = 8  # steps of every run here; checkpoints every 2.
 TIMEOUT = 300  # seconds a subprocess may take before the test gives up on it.
@@ -25,11 +27,9 @@ TIMEOUT = 300  # seconds a subprocess may take before the test gives up on it.
 def env(tmp_path_factory):
   base = tmp_path_factory.mktemp("train")
   out = dict(os.environ)
-  out.update(JAX_COMPILATION_CACHE_DIR=str(base / "jax_cache"),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-             TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
-  out.pop("XLA_FLAGS", None)
+  # One CPU device whatever the caller set; the session's compilation cache (conftest.py) lets
+  # every run after the first here read the train step instead of compiling it.
+  out.update(XLA_FLAGS=xla_flags(), TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
   out["_DD_DATA_DIR"] = str(base / "tfds")
   return out
 

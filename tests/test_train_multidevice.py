@@ -12,6 +12,8 @@ import textwrap
 import numpy as np
 import pytest
 
+from subprocess_env import xla_flags
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 SCRIPT = textwrap.dedent("""
@@ -79,7 +81,7 @@ SCRIPT = textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def result():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+  env = dict(os.environ, XLA_FLAGS=xla_flags(8),
              TF_CPP_MIN_LOG_LEVEL="2", JAX_PLATFORMS="cpu")
   proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=REPO, env=env, text=True,
                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=600)
