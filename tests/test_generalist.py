@@ -107,3 +107,20 @@ def test_zero_init_output_refuses_lora_only_training():
   config = ml_collections.ConfigDict(dict(unet=UNET, zero_init_output=True, lora=dict(rank=2)))
   with pytest.raises(ValueError, match="LoRA-only training never updates"):
     build.build_generalist(config, TASKS, seed=0)
+
+
+def test_task_is_the_class_label_of_a_unet_with_class_embeddings():
+  """With `num_class_embeds` = number of tasks, the task index reaches the timestep embedding:
+  the model equals its UNet called with class_labels=task, and a wrong count fails at build."""
+  unet_config = dict(UNET, num_class_embeds=len(TASKS))
+  config = ml_collections.ConfigDict(dict(unet=unet_config, num_task_tokens=2))
+  m = build.build_generalist(config, TASKS, seed=0)
+  x_t, t, image, task = _inputs()
+  sample = jnp.concatenate([x_t, image], -1)
+  expected = m.unet(sample, t, m.context(image, task), class_labels=task)
+  np.testing.assert_allclose(m(x_t, t, image, task), expected, atol=1e-6)
+  # Same context tokens, another class label: the class embedding alone changes the answer.
+  relabelled = m.unet(sample, t, m.context(image, task), class_labels=(task + 1) % len(TASKS))
+  assert np.abs(np.asarray(relabelled - expected)).max() > 1e-4
+  with pytest.raises(ValueError, match="num_class_embeds=3 must equal the number of tasks"):
+    generalist.GeneralistModel(dict(UNET, num_class_embeds=3), num_tasks=4, rngs=nnx.Rngs(0))

@@ -251,3 +251,29 @@ def test_num_attention_heads_takes_precedence(sd1):
   x, t, ctx = _inputs(SD1)
   np.testing.assert_allclose(np.asarray(_apply(ours, x, t, ctx)), _torch_out(model, x, t, ctx),
                              atol=1e-4, rtol=0)
+
+
+def test_class_embedding_parity_and_label_errors(tmp_path):
+  """`num_class_embeds` (class_embed_type None): diffusers adds an embedding of the class label
+  to the timestep embedding; the checkpoint's `class_embedding.weight` loads into ours."""
+  config = dict(SD1, num_class_embeds=3)
+  model = _build(config, 3)
+  model.save_pretrained(tmp_path, safe_serialization=True)
+  ours = load_diffusers_unet(tmp_path)
+  assert ours.class_embedding.embedding.get_metadata()["out_sharding"] == ("classes", "embed")
+  x, t, ctx = _inputs(config)
+  labels = np.array([2, 0], np.int32)
+  with torch.no_grad():
+    expected = model(torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(t),
+                     torch.from_numpy(ctx), class_labels=torch.from_numpy(labels).long()
+                     ).sample.permute(0, 2, 3, 1).numpy()
+  got = np.asarray(nnx.jit(lambda m, *a: m(*a[:3], class_labels=a[3]))(ours, x, t, ctx, labels))
+  np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+  other = np.asarray(nnx.jit(lambda m, *a: m(*a[:3], class_labels=a[3]))(
+      ours, x, t, ctx, labels[::-1].copy()))
+  assert np.abs(other - got).max() > 1e-3  # the label changes the answer.
+  with pytest.raises(ValueError, match="pass class_labels"):
+    ours(x, t, ctx)
+  plain = unet_lib.UNet(SD1, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="no num_class_embeds"):
+    plain(x, t, ctx, class_labels=labels)

@@ -31,8 +31,6 @@ from dense_diffusion.models import text_encoder as text_encoder_lib
 WEIGHTS_NAME = "model.safetensors"
 BUFFER_PATTERN = re.compile(r"(^|\.)position_ids$")
 
-common.register_layer_rule(text_encoder_lib.Embedding,
-                           {"weight": ("embedding", common.identity)})
 
 
 def _buffers(tensors) -> list[str]:

@@ -28,8 +28,8 @@ Three layers, each usable on its own:
    `kernel` through `linear_to_dense`, `weight` of an `nnx.Conv` -> `kernel` through
    `conv_to_conv`, `weight` of a LayerNorm/GroupNorm -> `scale`, `weight` of an `nnx.Embed` ->
    `embedding`; the same for `dense_diffusion.models.layers` (Dense, Conv2d, LayerNorm,
-   GroupNorm), registered here. Layer classes that do not derive from these register their own
-   table with `register_layer_rule(cls, {...})`. A bare `nnx.Param` attribute with the same name
+   GroupNorm, Embedding), registered here. Layer classes that do not derive from these register
+   their own table with `register_layer_rule(cls, {...})`. A bare `nnx.Param` attribute with the same name
    as the torch tensor (e.g. CLIP's `class_embedding`) is copied as is.
 
 4. `build_abstract(ctor)` builds a module for loading without computing random initial
@@ -398,6 +398,7 @@ register_layer_rule(nnx.Embed, {"weight": ("embedding", identity)})
 register_layer_rule(layers.Dense, {"weight": ("kernel", linear_to_dense), "bias": _BIAS})
 register_layer_rule(layers.Conv2d, {"weight": ("kernel", conv_to_conv), "bias": _BIAS})
 register_layer_rule(layers.LayerNorm, {"weight": ("scale", identity), "bias": _BIAS})
+register_layer_rule(layers.Embedding, {"weight": ("embedding", identity)})
 register_layer_rule(layers.GroupNorm, {"weight": ("scale", identity), "bias": _BIAS})
 
 

@@ -7,6 +7,10 @@ Task tokens are the cached last hidden states of a frozen text encoder on each t
 (`PromptCache`, not trained), or, when no text encoder weights are given, a learned embedding per
 task (`num_task_tokens` tokens each). Image tokens come from a CLIP-layout ViT (`ImageEncoder`).
 
+Task as a class label (optional): a UNet config with `num_class_embeds` = the number of tasks
+adds a learned embedding of the task to the timestep embedding, so every ResNet block is told
+the task (through its timestep projection), not only the cross-attention levels.
+
 Input residual (optional, for x0 / `sample` prediction): the answer estimate is
   unet(...) + gate[task] * image,   gate f32[num_tasks, 3] learned,
 initialised to 1 for tasks whose input is already a rough answer (restoration) and 0 elsewhere.
@@ -61,6 +65,10 @@ class GeneralistModel(nnx.Module):
       raise ValueError("the generalist needs one cross_attention_dim for all blocks, got "
                        f"{context_dim}")
     self.num_tasks = num_tasks
+    num_class_embeds = self.unet.config["num_class_embeds"]
+    if num_class_embeds is not None and num_class_embeds != num_tasks:
+      raise ValueError(f"UNet num_class_embeds={num_class_embeds} must equal the number of tasks "
+                       f"({num_tasks}): the generalist uses the task index as class label")
     self.target_channels = self.unet.config["in_channels"] - 3
     if self.target_channels <= 0:
       raise ValueError(f"UNet in_channels={self.unet.config['in_channels']} leaves no room for "
@@ -115,7 +123,8 @@ class GeneralistModel(nnx.Module):
     if x_t.shape[:3] != image.shape[:3]:
       raise ValueError(f"x_t {x_t.shape} and image {image.shape} differ in batch or size")
     sample = jnp.concatenate([x_t, image.astype(x_t.dtype)], axis=-1)
-    out = self.unet(sample, t, self.context(image, task))
+    class_labels = task if self.unet.config["num_class_embeds"] is not None else None
+    out = self.unet(sample, t, self.context(image, task), class_labels=class_labels)
     if self.input_residual_gate is not None:
       gate = jnp.take(self.input_residual_gate[...], task, axis=0)[:, None, None, :]
       out = out + gate.astype(out.dtype) * image.astype(out.dtype)

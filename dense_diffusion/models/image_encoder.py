@@ -105,9 +105,9 @@ class CLIPVisionEmbeddings(nnx.Module):
     self.patch_embedding = layers.Conv2d(config.num_channels, d, config.patch_size,
                                          stride=config.patch_size, padding=0, use_bias=False,
                                          dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.position_embedding = clip_blocks.Embedding(config.num_patches + 1, d,
-                                                    axes=("position", "embed"),
-                                                    param_dtype=param_dtype, rngs=rngs)
+    self.position_embedding = layers.Embedding(config.num_patches + 1, d,
+                                               axes=("position", "embed"),
+                                               param_dtype=param_dtype, rngs=rngs)
 
   def __call__(self, pixels: jax.Array) -> jax.Array:
     """Normalised pixels [B, S, S, C] -> tokens [B, 1 + (S/p)^2, D]."""

@@ -97,6 +97,21 @@ _MATMUL_GRAD_MIN_CHANNELS = 128
 _MATMUL_GRAD_MIN_POSITIONS = 1024
 
 
+class Embedding(nnx.Module):
+  """A lookup table `embedding` [num, dim] with logical axis names (torch `nn.Embedding`)."""
+
+  def __init__(self, num_embeddings: int, features: int, *, axes=("vocab", "embed"),
+               param_dtype=jnp.float32, init_std: float = 0.02, rngs: nnx.Rngs):
+    self.num_embeddings = num_embeddings
+    self.features = features
+    self.embedding = make_param(rngs, nnx.initializers.normal(init_std),
+                                (num_embeddings, features), param_dtype, axes)
+
+  def __call__(self, ids: jax.Array) -> jax.Array:
+    """int [...] -> [..., dim]."""
+    return jnp.take(self.embedding[...], ids, axis=0)
+
+
 def set_conv_weight_grad(mode: str) -> None:
   """Selects the kernel-gradient implementation of `Conv2d` (process-wide, at trace time)."""
   global _conv_weight_grad

@@ -58,21 +58,6 @@ def get_clip_activation(name: str):
   return CLIP_ACTIVATIONS[name]
 
 
-class Embedding(nnx.Module):
-  """A lookup table `embedding` [num, dim] with logical axis names (torch `nn.Embedding`)."""
-
-  def __init__(self, num_embeddings: int, features: int, *, axes=("vocab", "embed"),
-               param_dtype=jnp.float32, init_std: float = 0.02, rngs: nnx.Rngs):
-    self.num_embeddings = num_embeddings
-    self.features = features
-    self.embedding = layers.make_param(rngs, nnx.initializers.normal(init_std),
-                                       (num_embeddings, features), param_dtype, axes)
-
-  def __call__(self, ids: jax.Array) -> jax.Array:
-    """int [...] -> [..., dim]."""
-    return jnp.take(self.embedding[...], ids, axis=0)
-
-
 @dataclasses.dataclass(frozen=True)
 class CLIPTextConfig:
   """The keys of transformers' `CLIPTextConfig` that the model uses."""
@@ -188,11 +173,12 @@ class CLIPTextEmbeddings(nnx.Module):
   """token_embedding(ids) + position_embedding(0..L-1)."""
 
   def __init__(self, config: CLIPTextConfig, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
-    self.token_embedding = Embedding(config.vocab_size, config.hidden_size,
-                                     axes=("vocab", "embed"), param_dtype=param_dtype, rngs=rngs)
-    self.position_embedding = Embedding(config.max_position_embeddings, config.hidden_size,
-                                        axes=("position", "embed"), param_dtype=param_dtype,
-                                        init_std=0.01, rngs=rngs)
+    self.token_embedding = layers.Embedding(
+        config.vocab_size, config.hidden_size, axes=("vocab", "embed"), param_dtype=param_dtype,
+        rngs=rngs)
+    self.position_embedding = layers.Embedding(
+        config.max_position_embeddings, config.hidden_size, axes=("position", "embed"),
+        param_dtype=param_dtype, init_std=0.01, rngs=rngs)
 
   def __call__(self, ids: jax.Array) -> jax.Array:
     n = ids.shape[-1]

@@ -124,6 +124,9 @@ UNET_CONFIG_KEYS: dict[str, tuple[Any, Callable[[Any], bool]]] = {
     "conv_in_kernel": (3, _ODD_INT),
     "conv_out_kernel": (3, _ODD_INT),
     "mid_block_only_cross_attention": (None, _OPT_BOOL),  # diffusers' mid block ignores it too.
+    # A learned embedding per class label, added to the timestep embedding (with
+    # class_embed_type None, as diffusers does); the generalist passes the task index.
+    "num_class_embeds": (None, _OPT_POSITIVE_INT),
     # Features not implemented: only the default is accepted.
     "encoder_hid_dim": (None, _one_of(None)),
     "encoder_hid_dim_type": (None, _one_of(None)),
@@ -132,7 +135,6 @@ UNET_CONFIG_KEYS: dict[str, tuple[Any, Callable[[Any], bool]]] = {
     "addition_embed_type": (None, _one_of(None)),
     "addition_time_embed_dim": (None, _one_of(None)),
     "addition_embed_type_num_heads": (64, _ANY_INT),
-    "num_class_embeds": (None, _one_of(None)),
     "resnet_skip_time_act": (False, _one_of(False)),
     "resnet_out_scale_factor": (1.0, _one_of(1.0)),
     "time_embedding_act_fn": (None, _one_of(None)),
@@ -489,6 +491,13 @@ class UNet(nnx.Module):
     time_dim = c["time_embedding_dim"] or channels[0] * 4
     self.time_proj_dim = channels[0]
     self.time_embedding = TimestepEmbedding(channels[0], time_dim, act_fn=c["act_fn"], **kw)
+    if c["num_class_embeds"] is not None:
+      # torch's nn.Embedding initialisation, N(0, 1), as diffusers' UNet gets it.
+      self.class_embedding = layers.Embedding(c["num_class_embeds"], time_dim,
+                                              axes=("classes", "embed"), init_std=1.0,
+                                              param_dtype=param_dtype, rngs=rngs)
+    else:
+      self.class_embedding = None
     k_in = c["conv_in_kernel"]
     self.conv_in = layers.Conv2d(c["in_channels"], channels[0], k_in, padding=(k_in - 1) // 2,
                                  **kw)
@@ -545,13 +554,15 @@ class UNet(nnx.Module):
     return nnx.remat(lambda blk, *a: blk(*a))(block, *args)
 
   def __call__(self, sample: jax.Array, timesteps, encoder_hidden_states: jax.Array, *,
-               return_features: bool = False):
+               class_labels: Optional[jax.Array] = None, return_features: bool = False):
     """Predicts the noise (or v / x0) for `sample`.
 
     Args:
       sample: [B, H, W, in_channels].
       timesteps: scalar or [B] (int or float).
       encoder_hidden_states: [B, L, cross_attention_dim] context tokens.
+      class_labels: i32[B] indices into the class embedding; required exactly when the config
+        has `num_class_embeds`.
       return_features: also return the decoder features.
 
     Returns:
@@ -568,6 +579,14 @@ class UNet(nnx.Module):
     t_emb = timestep_embedding(t, self.time_proj_dim, flip_sin_to_cos=c["flip_sin_to_cos"],
                                freq_shift=c["freq_shift"]).astype(dtype)
     temb = self.time_embedding(t_emb)
+    if self.class_embedding is not None:
+      if class_labels is None:
+        raise ValueError(f"this UNet has num_class_embeds={c['num_class_embeds']}: pass "
+                         "class_labels (i32[B])")
+      labels = jnp.broadcast_to(jnp.asarray(class_labels).reshape(-1), (b,))
+      temb = temb + self.class_embedding(labels).astype(temb.dtype)
+    elif class_labels is not None:
+      raise ValueError("class_labels given, but the UNet config has no num_class_embeds")
     context = encoder_hidden_states.astype(dtype)
 
     x = sample.astype(dtype)
