@@ -59,6 +59,19 @@ def make_optimizer(opt_config: Any, total_steps: int
   return tx, lr
 
 
+def task_loss_weights(config: Any, task_names: list[str]) -> np.ndarray:
+  """f32[num_tasks] multipliers of each task's loss (`config.task_loss_weights`, default 1)."""
+  given = dict(config.get("task_loss_weights") or {})
+  unknown = sorted(set(given) - set(task_names))
+  if unknown:
+    raise ValueError(f"config.task_loss_weights names tasks {unknown} that are not in "
+                     f"config.tasks {task_names}")
+  weights = np.array([float(given.get(name, 1.0)) for name in task_names], np.float32)
+  if not np.all(np.isfinite(weights) & (weights >= 0)):
+    raise ValueError(f"config.task_loss_weights must be finite and >= 0, got {given}")
+  return weights
+
+
 def make_schedule(config: Any) -> schedules.Schedule:
   s = config.schedule
   return schedules.make(s.kind, int(s.num_train_timesteps), float(s.beta_start),
@@ -72,6 +85,7 @@ class Setup:
   def __init__(self, config: Any, *, mesh: jax.sharding.Mesh | None = None):
     self.config = config
     self.task_names = list(config.tasks)
+    self.task_loss_weights = task_loss_weights(config, self.task_names)
     self.mesh = mesh or sharding.make_mesh(dict(config.mesh))
     self.rules = sharding.ShardingRules.from_config(config.get("sharding"))
     self.per_host_batch = sharding.check_global_batch(int(config.batch_size), self.mesh)
@@ -150,9 +164,11 @@ class Setup:
     pred = model(tb.x_t, tb.t, batch["image"], batch["task"])
     per_example = jnp.mean(jnp.square(pred - tb.target), axis=(1, 2, 3)) * tb.weight
     num_tasks = len(self.task_names)
+    # Per-task losses are logged unweighted, so runs with other task weights compare directly.
     task_sum = jax.ops.segment_sum(per_example, batch["task"], num_tasks)
     task_count = jax.ops.segment_sum(jnp.ones_like(per_example), batch["task"], num_tasks)
-    return jnp.mean(per_example), (task_sum, task_count)
+    task_weight = jnp.take(jnp.asarray(self.task_loss_weights), batch["task"])
+    return jnp.mean(per_example * task_weight), (task_sum, task_count)
 
   def _train_step(self, state: TrainState, frozen, batch):
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
