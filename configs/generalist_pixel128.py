@@ -46,6 +46,9 @@ def get_config(arg=None):
   c.input.entries = mixture(arg.res)
   c.input.shuffle_buffer = 10_000  # examples per entry held for shuffling.
   c.input.on_bad_example = "skip"  # real data: count and log undecodable examples.
+  # Loss multiplier per task (default 1). The demo needed derain 16 / denoise 8 (their losses are
+  # 5-10x smaller than the others'); set these from the per-task losses of a first run.
+  c.task_loss_weights = {}
 
   c.model = ml_collections.ConfigDict()
   c.model.unet = dict(  # diffusers UNet2DConditionModel keys of stabilityai/stable-diffusion-2.

@@ -1,13 +1,15 @@
 """A shortened demo run learns: losses fall, metrics improve, some tasks beat their baselines.
 
-The full demo (README) beats every task's trivial baseline after its 1300 steps, too long for
+The full demo (README) beats every task's trivial baseline after its 1000 steps, too long for
 the test suite on 2 CPU cores. Here the same config trains for STEPS steps. Measured with the
-committed config (2026-12-01): at initialisation the zero-initialised output conv makes every
-answer the input residual alone, so restoration scores exactly its baseline (the degraded input)
-and everything else predicts grey; by STEPS the dense tasks' losses have fallen to 0.25-0.6 of
-their first log window, and lowlight (15.9 vs 8.8 dB), instance (PQ 0.077 vs 0) and panoptic beat
-their baselines. Restoration first dips below its input as the shared UNet output wakes up and
-climbs back above it by ~1000 steps (docs/training.md), so its losses are not asserted to fall.
+committed config (2026-12-01, 16 validation examples per task): at initialisation the
+zero-initialised output conv makes every answer the input residual alone, so restoration scores
+exactly its baseline (the degraded input) and everything else predicts grey; by STEPS the dense
+tasks' losses have fallen, and lowlight (16.5 vs 8.8 dB), semantic (mIoU 0.161 vs 0.096),
+instance (PQ 0.047 vs 0) and panoptic (0.097 vs 0) beat their baselines. Denoise and derain are
+then only 0.6 / 0.3 dB above their inputs (their wide margins come after ~600 steps,
+docs/training.md), too close to assert, and their losses start at the input's error, so they
+are not asserted to fall.
 """
 import json
 import os
@@ -29,7 +31,7 @@ STEPS = 120
 # losses must fall here, and they beat their baselines in the full demo (README table).
 IMPROVING_TASKS = ("normals", "semantic", "instance", "lowlight")
 # Tasks that beat their trivial baseline within STEPS steps.
-BEATS_BASELINE_TASKS = ("instance", "lowlight", "panoptic")
+BEATS_BASELINE_TASKS = ("semantic", "instance", "lowlight", "panoptic")
 RESTORATION_TASKS = ("denoise", "derain", "lowlight")
 # Tasks whose training loss falls within STEPS steps: all but restoration, which starts at its
 # input (see above), and albedo, whose grey start is about as good as its first 120 steps.
