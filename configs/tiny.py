@@ -23,6 +23,7 @@ def get_config(arg=None):
   c.input.data_dir = config_dict.placeholder(str)  # tests pass a tmp folder.
   c.input.entries = readers.synthetic_mixture(TASKS, config=f"tiny{arg.res}")
   c.input.shuffle_buffer = 16  # the whole tiny32 train split.
+  c.task_loss_weights = {}  # equal weights (tests swap in other task lists).
   c.model.unet = dict(  # diffusers UNet2DConditionModel keys; 2 levels, 16/32 channels.
       sample_size=arg.res, in_channels=6, out_channels=3,
       block_out_channels=[16, 32], layers_per_block=1,
