@@ -32,7 +32,6 @@ WEIGHTS_NAME = "model.safetensors"
 BUFFER_PATTERN = re.compile(r"(^|\.)position_ids$")
 
 
-
 def _buffers(tensors) -> list[str]:
   return [k for k in tensors if BUFFER_PATTERN.search(k)]
 

@@ -29,8 +29,8 @@ Three layers, each usable on its own:
    `conv_to_conv`, `weight` of a LayerNorm/GroupNorm -> `scale`, `weight` of an `nnx.Embed` ->
    `embedding`; the same for `dense_diffusion.models.layers` (Dense, Conv2d, LayerNorm,
    GroupNorm, Embedding), registered here. Layer classes that do not derive from these register
-   their own table with `register_layer_rule(cls, {...})`. A bare `nnx.Param` attribute with the same name
-   as the torch tensor (e.g. CLIP's `class_embedding`) is copied as is.
+   their own table with `register_layer_rule(cls, {...})`. A bare `nnx.Param` attribute with the
+   same name as the torch tensor (e.g. CLIP's `class_embedding`) is copied as is.
 
 4. `build_abstract(ctor)` builds a module for loading without computing random initial
    parameters (`nnx.eval_shape`); `assign` then fills the placeholders.
