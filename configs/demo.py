@@ -32,9 +32,9 @@ def get_config(arg=None):
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.tasks = TASKS
-  # Deraining breaks away from its input after ~600 steps (docs/training.md). 1000 steps: ~8 min
-  # on a 2-core Intel Xeon VM (2.1 steps/s on 2 CPU devices), ~10.5 on a 2-core AMD EPYC VM
-  # (1.6 steps/s there).
+  # Deraining breaks away from its input after ~600 steps (docs/training.md). Compile + 1000
+  # steps on 2 CPU devices of a 2-core VM: ~8.7 min at 2.1 steps/s, 11.7-12.7 min measured at
+  # 1.45-1.6 steps/s on a busier one (docs/benchmarks.md).
   c.total_steps = 1000
   c.batch_size = 16  # global batch, split over the mesh's ("data", "fsdp") axes.
 
