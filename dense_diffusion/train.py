@@ -106,23 +106,30 @@ class Setup:
     self.graphdef, params, self.frozen = nnx.split(model, model.trainable_filter(lora_only), ...)
     self.tx, self.lr_fn = make_optimizer(config.optimizer, int(config.total_steps))
     self.ema_decay = float(config.optimizer.ema_decay)
-    state = TrainState(
-        step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params),
-        ema=jax.tree.map(jnp.copy, params), rng=jax.random.key_data(
-            jax.random.key(int(config.seed))),
-        nonfinite_steps=jnp.zeros((), jnp.int32),
-        first_nonfinite_step=jnp.full((), -1, jnp.int32))
+    seed = int(config.seed)
+
+    def initial_state(params) -> TrainState:
+      return TrainState(
+          step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params),
+          ema=jax.tree.map(jnp.copy, params), rng=jax.random.key_data(jax.random.key(seed)),
+          nonfinite_steps=jnp.zeros((), jnp.int32),
+          first_nonfinite_step=jnp.full((), -1, jnp.int32))
+
     param_sh = sharding.state_shardings(params, self.mesh, self.rules)
     self.state_shardings = TrainState(
         step=sharding.replicated(self.mesh), params=param_sh,
-        opt_state=sharding.state_shardings(state.opt_state, self.mesh, self.rules),
+        opt_state=sharding.state_shardings(
+            jax.eval_shape(initial_state, params).opt_state, self.mesh, self.rules),
         ema=param_sh, rng=sharding.replicated(self.mesh),
         nonfinite_steps=sharding.replicated(self.mesh),
         first_nonfinite_step=sharding.replicated(self.mesh))
     self.frozen_shardings = sharding.state_shardings(self.frozen, self.mesh, self.rules)
     with jax.set_mesh(self.mesh):
-      self.state = jax.device_put(state, self.state_shardings)
+      params = jax.device_put(params, param_sh)
       self.frozen = jax.device_put(self.frozen, self.frozen_shardings)
+      # One program for the optimizer moments, the EMA copy and the counters, created in place
+      # with their shardings (run eagerly, every parameter shape is its own compilation).
+      self.state = jax.jit(initial_state, out_shardings=self.state_shardings)(params)
     self.batch_shardings = {"image": sharding.batch_sharding(self.mesh, 4),
                             "target": sharding.batch_sharding(self.mesh, 4),
                             "task": sharding.batch_sharding(self.mesh, 1)}

@@ -29,6 +29,7 @@ import numpy as np
 from flax import nnx
 
 from dense_diffusion.models import image_encoder as image_encoder_lib
+from dense_diffusion.models import initializers
 from dense_diffusion.models import unet as unet_lib
 
 
@@ -85,7 +86,7 @@ class GeneralistModel(nnx.Module):
       self.task_embedding = None
     else:
       self.prompts = None
-      init = nnx.initializers.normal(0.02)
+      init = initializers.normal(0.02)
       self.task_embedding = nnx.Param(
           init(rngs.params(), (num_tasks, num_task_tokens, context_dim), jnp.float32),
           out_sharding=(None, None, "embed"), eager_sharding=False)

@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dense_diffusion.models import initializers
 from dense_diffusion.models import layers
 from dense_diffusion.models import text_encoder as clip_blocks
 
@@ -100,7 +101,7 @@ class CLIPVisionEmbeddings(nnx.Module):
                rngs: nnx.Rngs):
     d = config.hidden_size
     self.patch_size = config.patch_size
-    self.class_embedding = layers.make_param(rngs, nnx.initializers.normal(d ** -0.5), (d,),
+    self.class_embedding = layers.make_param(rngs, initializers.normal(d ** -0.5), (d,),
                                              param_dtype, ("embed",))
     self.patch_embedding = layers.Conv2d(config.num_channels, d, config.patch_size,
                                          stride=config.patch_size, padding=0, use_bias=False,

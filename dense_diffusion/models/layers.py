@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dense_diffusion.models import attention as attention_lib
+from dense_diffusion.models import initializers
 
 Dtype = jnp.dtype
 Axes = tuple[Optional[str], ...]
@@ -29,7 +30,7 @@ Axes = tuple[Optional[str], ...]
 CONV_KERNEL_AXES: Axes = ("conv_height", "conv_width", "conv_in", "conv_out")
 NORM_AXES: Axes = ("norm",)
 
-_default_kernel_init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+_default_kernel_init = initializers.fan_in_truncated_normal
 
 
 def make_param(rngs: nnx.Rngs, init, shape: Sequence[int], param_dtype, axes: Axes) -> nnx.Param:
@@ -63,7 +64,7 @@ class Dense(nnx.Module):
     self.out_features = out_features
     self.dtype = dtype
     self.kernel = make_param(rngs, kernel_init, (in_features, out_features), param_dtype, axes)
-    self.bias = (make_param(rngs, nnx.initializers.zeros, (out_features,), param_dtype,
+    self.bias = (make_param(rngs, initializers.zeros, (out_features,), param_dtype,
                             (axes[1],)) if use_bias else None)
     # Low-rank adapter, attached by `models.lora.apply_lora` (None = no adapter).
     self.lora_down = nnx.data(None)  # LoRAParam [in, rank]
@@ -104,7 +105,7 @@ class Embedding(nnx.Module):
                param_dtype=jnp.float32, init_std: float = 0.02, rngs: nnx.Rngs):
     self.num_embeddings = num_embeddings
     self.features = features
-    self.embedding = make_param(rngs, nnx.initializers.normal(init_std),
+    self.embedding = make_param(rngs, initializers.normal(init_std),
                                 (num_embeddings, features), param_dtype, axes)
 
   def __call__(self, ids: jax.Array) -> jax.Array:
@@ -183,7 +184,7 @@ class Conv2d(nnx.Module):
     self.dtype = dtype
     self.kernel = make_param(rngs, kernel_init, (kernel_size, kernel_size, in_channels,
                                                  out_channels), param_dtype, CONV_KERNEL_AXES)
-    self.bias = (make_param(rngs, nnx.initializers.zeros, (out_channels,), param_dtype,
+    self.bias = (make_param(rngs, initializers.zeros, (out_channels,), param_dtype,
                             ("conv_out",)) if use_bias else None)
     # Low-rank adapter, attached by `models.lora.apply_lora` (None = no adapter).
     self.lora_down = nnx.data(None)  # LoRAParam [kh, kw, in, rank]: same window as the kernel.
@@ -231,8 +232,8 @@ class GroupNorm(nnx.Module):
     self.eps = eps
     self.dtype = dtype
     if affine:
-      self.scale = make_param(rngs, nnx.initializers.ones, (num_channels,), param_dtype, NORM_AXES)
-      self.bias = make_param(rngs, nnx.initializers.zeros, (num_channels,), param_dtype, NORM_AXES)
+      self.scale = make_param(rngs, initializers.ones, (num_channels,), param_dtype, NORM_AXES)
+      self.bias = make_param(rngs, initializers.zeros, (num_channels,), param_dtype, NORM_AXES)
     else:
       self.scale = None
       self.bias = None
@@ -260,9 +261,9 @@ class LayerNorm(nnx.Module):
     self.dim = dim
     self.eps = eps
     self.dtype = dtype
-    self.scale = (make_param(rngs, nnx.initializers.ones, (dim,), param_dtype, NORM_AXES)
+    self.scale = (make_param(rngs, initializers.ones, (dim,), param_dtype, NORM_AXES)
                   if elementwise_affine else None)
-    self.bias = (make_param(rngs, nnx.initializers.zeros, (dim,), param_dtype, NORM_AXES)
+    self.bias = (make_param(rngs, initializers.zeros, (dim,), param_dtype, NORM_AXES)
                  if elementwise_affine and use_bias else None)
 
   def __call__(self, x: jax.Array) -> jax.Array:

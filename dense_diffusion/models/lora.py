@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dense_diffusion.models import initializers
 from dense_diffusion.models import layers
 
 LoRAParam = nnx.LoRAParam
@@ -89,8 +90,8 @@ def apply_lora(model: nnx.Module, pattern: Union[str, re.Pattern] = DEFAULT_PATT
     down_shape = kernel.get_value().shape[:-1] + (rank,)
     down_names = tuple(names[:-1]) + ("lora_rank",)
     param_dtype = kernel.get_value().dtype
-    down = jax.random.normal(rngs.params(), down_shape, param_dtype) / rank
-    up = jnp.zeros((rank, kernel.get_value().shape[-1]), param_dtype)
+    down = initializers.normal(1.0 / rank)(rngs.params(), down_shape, param_dtype)
+    up = initializers.zeros(None, (rank, kernel.get_value().shape[-1]), param_dtype)
     del in_axis
     layer.lora_down = LoRAParam(down, out_sharding=down_names, eager_sharding=False)
     layer.lora_up = LoRAParam(up, out_sharding=("lora_rank", out_axis), eager_sharding=False)
