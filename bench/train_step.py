@@ -3,8 +3,9 @@
     python bench/train_step.py [--steps 5] [--skip_big]
 
 Rows:
-  demo: configs/demo.py as is, on this machine's devices: steps/s and examples/s after warm-up,
-    synthetic batches (no tf.data), plus XLA's FLOPs per step.
+  demo: configs/demo.py as is, on this machine's devices (a CPU split into `main demo`'s
+    devices): steps/s and examples/s after warm-up, synthetic batches (no tf.data), XLA's FLOPs
+    per step, and the fixed costs before the first step (Setup; lowering + compilation).
   generalist_pixel128: the seed paper's SD2-size model at 128x128 in bf16. Its parameters are
     counted abstractly (`nnx.eval_shape`: nothing is allocated) and the FLOPs of one training
     step (forward + backward of the loss) come from XLA's cost analysis of the lowered program at
@@ -58,10 +59,14 @@ def flops_of(compiled_or_lowered) -> float:
 
 def time_steps(config, steps: int) -> dict:
   """Builds the run's Setup, warms up, and times `steps` training steps on synthetic batches."""
+  start = time.perf_counter()
   setup = train.Setup(config)
+  setup_s = time.perf_counter() - start
   batch = setup.device_batch(synthetic_batch(config, setup.per_host_batch))
   with jax.set_mesh(setup.mesh):
+    start = time.perf_counter()
     compiled = setup.train_step.lower(setup.state, setup.frozen, batch).compile()
+    compile_s = time.perf_counter() - start
     flops = flops_of(compiled)
     for _ in range(2):  # warm-up: the first call compiles.
       setup.state, m = setup.train_step(setup.state, setup.frozen, batch)
@@ -73,7 +78,8 @@ def time_steps(config, steps: int) -> dict:
     elapsed = time.perf_counter() - start
   n_params = sum(x.size for x in jax.tree.leaves(setup.state.params))
   return {"steps_per_s": steps / elapsed, "examples_per_s": steps * config.batch_size / elapsed,
-          "flops": flops, "params": n_params, "batch": int(config.batch_size)}
+          "flops": flops, "params": n_params, "batch": int(config.batch_size),
+          "setup_s": setup_s, "compile_s": compile_s}
 
 
 def abstract_cost(config) -> dict:
@@ -103,12 +109,17 @@ def main():
   args = parser.parse_args()
   from configs import demo
   from configs import generalist_pixel128
+  from dense_diffusion import demo as demo_command
+  # The CPU split into as many devices as `main demo` uses (an accelerator is unaffected).
+  jax.config.update("jax_num_cpu_devices", demo_command.CPU_DEVICES)
   device = jax.devices()[0]
   print(f"devices: {jax.device_count()} x {device.device_kind} ({device.platform})")
   rows = []
   r = time_steps(demo.get_config(), args.steps)
   rows.append(("demo (32x32, f32)", r["batch"], r["params"], r["flops"], r["steps_per_s"],
                r["examples_per_s"], "-"))
+  print(f"demo: Setup (model, state, shardings) {r['setup_s']:.1f} s; train step lowering + "
+        f"compilation {r['compile_s']:.1f} s")
   if not args.skip_big:
     config = generalist_pixel128.get_config()
     a = abstract_cost(config)
