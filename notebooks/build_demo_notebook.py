@@ -53,7 +53,7 @@ In Colab, set `REPO_URL` to the repository to clone (and `REPO_REF` to a branch,
 not the default branch). Running from a checkout (`jupyter notebook notebooks/demo.ipynb` with the
 package installed) needs no change: the install step is skipped.
 
-`TOTAL_STEPS = 1000` is the README's demo: about 8 minutes on 2 CPU cores, much less on a
+`TOTAL_STEPS = 800` is the README's demo: about 8 minutes on 2 CPU cores, much less on a
 Colab GPU. Fewer steps train faster and learn less. To look at an existing run instead of
 training, set `LOAD_WORKDIR` to its folder: its latest checkpoint is evaluated and used for
 prediction. `WORKDIR` is relative to the notebook's working directory.
@@ -65,7 +65,7 @@ override it.
 PARAMETERS = """\
 REPO_URL = "https://github.com/<org>/dense_diffusion"  # the repository to clone in Colab: set it.
 REPO_REF = None  # branch, tag or commit to check out in Colab (None: the default branch).
-TOTAL_STEPS = 1000  # training steps (the README's demo; ~8 min on 2 CPU cores).
+TOTAL_STEPS = 800  # training steps (the README's demo; ~8 min on 2 CPU cores).
 WORKDIR = "runs/colab_demo"  # run folder, relative to the working directory.
 EVAL_EXAMPLES = 64  # validation examples per task.
 LOAD_WORKDIR = None  # a finished run's folder to evaluate and predict with, instead of training.

@@ -1,6 +1,6 @@
 """A shortened demo run learns: losses fall, metrics improve, some tasks beat their baselines.
 
-The full demo (README) beats every task's trivial baseline after its 1000 steps, too long for
+The full demo (README) beats every task's trivial baseline after its 800 steps, too long for
 the test suite on 2 CPU cores. Here the same config trains for STEPS steps. Measured with the
 committed config (2026-12-01, 16 validation examples per task): at initialisation the
 zero-initialised output conv makes every answer the input residual alone, so restoration scores
