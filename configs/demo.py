@@ -32,9 +32,9 @@ def get_config(arg=None):
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.tasks = TASKS
-  # Every task beats its baseline by a wide margin after 800 steps (docs/training.md); start +
-  # 800 steps on 2 CPU devices of a 2-core VM: ~7.5 min at 1.9 steps/s, ~9 min at 1.6 steps/s
-  # (a busier VM; docs/benchmarks.md).
+  # Every task beats its baseline by a wide margin after 800 steps (docs/training.md). Start,
+  # compilation and 800 steps on 2 CPU devices of a 2-core VM: ~7.5 min idle (2.0 steps/s),
+  # 9.9 min measured while the VM was busy (1.3-1.9 steps/s; docs/benchmarks.md).
   c.total_steps = 800
   c.batch_size = 16  # global batch, split over the mesh's ("data", "fsdp") axes.
 
