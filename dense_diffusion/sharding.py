@@ -15,6 +15,8 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from dense_diffusion import errors
+
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # the batch is split over both: FSDP is data parallel too.
 
@@ -39,27 +41,28 @@ def make_mesh(shape: Mapping[str, int], devices: Optional[Sequence[jax.Device]] 
               ) -> jax.sharding.Mesh:
   """Builds the ("data", "fsdp", "tensor") mesh; one size may be -1 (= all remaining devices).
 
-  Raises ValueError saying what to change when the sizes do not fit the device count.
+  Raises ConfigError saying what to change when the sizes do not fit the device count.
   """
   devices = list(jax.devices() if devices is None else devices)
   unknown = set(shape) - set(MESH_AXES)
   if unknown:
-    raise ValueError(f"unknown mesh axes {sorted(unknown)}; the mesh axes are {MESH_AXES}")
+    raise errors.ConfigError(f"unknown mesh axes {sorted(unknown)}; the mesh axes are {MESH_AXES}")
   sizes = [int(shape.get(axis, 1)) for axis in MESH_AXES]
   n = len(devices)
   if sizes.count(-1) > 1:
-    raise ValueError(f"at most one mesh axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
+    raise errors.ConfigError(f"at most one mesh axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
   if any(s == 0 or s < -1 for s in sizes):
-    raise ValueError(f"mesh sizes must be positive or -1, got {dict(zip(MESH_AXES, sizes))}")
+    raise errors.ConfigError(
+        f"mesh sizes must be positive or -1, got {dict(zip(MESH_AXES, sizes))}")
   if -1 in sizes:
     known = math.prod(s for s in sizes if s != -1)
     if n % known:
-      raise ValueError(
+      raise errors.ConfigError(
           f"mesh {dict(zip(MESH_AXES, sizes))}: the fixed axes use {known} devices, which does not "
           f"divide the {n} available; change config.mesh so that their product divides {n}")
     sizes[sizes.index(-1)] = n // known
   if math.prod(sizes) != n:
-    raise ValueError(
+    raise errors.ConfigError(
         f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices but {n} are "
         f"available; change config.mesh (e.g. set one axis to -1)")
   return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,
@@ -70,13 +73,13 @@ def check_global_batch(global_batch: int, mesh: jax.sharding.Mesh) -> int:
   """Returns the per-process batch; raises when the batch does not divide the batch axes."""
   shards = math.prod(mesh.shape[a] for a in BATCH_AXES)
   if global_batch % shards:
-    raise ValueError(
+    raise errors.ConfigError(
         f"global batch {global_batch} does not divide across the {shards} data-parallel shards "
         f"(mesh data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']}); set config.batch_size to "
         f"a multiple of {shards}")
   if global_batch % jax.process_count():
-    raise ValueError(f"global batch {global_batch} does not divide across "
-                     f"{jax.process_count()} processes")
+    raise errors.ConfigError(f"global batch {global_batch} does not divide across "
+                             f"{jax.process_count()} processes")
   return global_batch // jax.process_count()
 
 

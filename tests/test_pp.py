@@ -32,7 +32,7 @@ def test_parse_and_split():
 
 
 def test_unknown_op_lists_known_ones():
-  with pytest.raises(KeyError, match="known ops: .*random_flip.*value_range"):
+  with pytest.raises(KeyError, match="known pp ops: .*random_flip.*value_range"):
     pp.get_preprocess_fn("decode|no_such_op(3)")
 
 

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from dense_diffusion.diffusion.schedules import PREDICTION_TYPES, Schedule
+from dense_diffusion.registry import Registry
 
 __all__ = [
     "PREDICTION_TYPES", "WEIGHTINGS", "gather", "q_sample", "target", "pred_to_x0_eps",
@@ -126,11 +127,16 @@ def snr(schedule: Schedule, t) -> jax.Array:
   return gather(schedule.snr, t)
 
 
+WEIGHTINGS: Registry[Callable] = Registry("loss weighting")
+
+
+@WEIGHTINGS.register("none")
 def _weight_none(snr_t, prediction_type, gamma):
   del prediction_type, gamma
   return jnp.ones_like(snr_t)
 
 
+@WEIGHTINGS.register("min_snr")
 def _weight_min_snr(snr_t, prediction_type, gamma):
   """Min-SNR-gamma (Hang et al. 2023): weight the x0-space loss by min(SNR, gamma).
 
@@ -150,9 +156,6 @@ def _weight_min_snr(snr_t, prediction_type, gamma):
   return clipped
 
 
-WEIGHTINGS: dict[str, Callable] = {"none": _weight_none, "min_snr": _weight_min_snr}
-
-
 def loss_weight(schedule: Schedule, t, prediction_type: str, weighting: str = "none",
                 gamma: float = 5.0) -> jax.Array:
   """Per-example loss weight f32[B] (see `_weight_min_snr` for the forms).
@@ -162,9 +165,7 @@ def loss_weight(schedule: Schedule, t, prediction_type: str, weighting: str = "n
     gamma: the min-SNR clip (5 in Hang et al.).
   """
   _check_prediction_type(prediction_type)
-  if weighting not in WEIGHTINGS:
-    raise KeyError(f"unknown loss weighting {weighting!r}; known: {sorted(WEIGHTINGS)}")
-  return WEIGHTINGS[weighting](snr(schedule, t), prediction_type, gamma)
+  return WEIGHTINGS.get(weighting)(snr(schedule, t), prediction_type, gamma)
 
 
 def diffusion_loss(pred: jax.Array, tgt: jax.Array, weight: jax.Array | None = None,

@@ -31,6 +31,7 @@ import numpy as np
 
 from dense_diffusion.diffusion import objectives
 from dense_diffusion.diffusion.schedules import PREDICTION_TYPES, TIMESTEP_SPACINGS, Schedule
+from dense_diffusion.registry import Registry
 
 __all__ = [
     "ddim_timesteps", "prev_timesteps", "ddim_step", "ddpm_step", "sample_ddim", "sample_ddpm",
@@ -78,18 +79,20 @@ def ddim_timesteps(num_train_timesteps: int, num_inference_steps: int, spacing: 
   return ts
 
 
+PREV_RULES: Registry[Callable[..., np.ndarray]] = Registry("prev-timestep rule")
+
+
+@PREV_RULES.register("diffusers")
 def _prev_diffusers(timesteps, num_train_timesteps, num_inference_steps):
   prev = np.asarray(timesteps, np.int64) - int(num_train_timesteps) // int(num_inference_steps)
   return np.where(prev >= 0, prev, -1)
 
 
+@PREV_RULES.register("next")
 def _prev_next(timesteps, num_train_timesteps, num_inference_steps):
   del num_train_timesteps, num_inference_steps
   ts = np.asarray(timesteps, np.int64)
   return np.concatenate([ts[1:], [-1]]).astype(np.int64)
-
-
-PREV_RULES = {"diffusers": _prev_diffusers, "next": _prev_next}
 
 
 def prev_timesteps(timesteps: np.ndarray, num_train_timesteps: int,
@@ -104,10 +107,9 @@ def prev_timesteps(timesteps: np.ndarray, num_train_timesteps: int,
   Returns:
     np.int64[S].
   """
-  if rule not in PREV_RULES:
-    raise KeyError(f"unknown prev-timestep rule {rule!r}; known: {sorted(PREV_RULES)}")
+  rule_fn = PREV_RULES.get(rule)
   n = len(timesteps) if num_inference_steps is None else num_inference_steps
-  return PREV_RULES[rule](timesteps, num_train_timesteps, n)
+  return rule_fn(timesteps, num_train_timesteps, n)
 
 
 def _check_prediction_type(prediction_type):
@@ -411,13 +413,12 @@ def sample_dmp(model_fn: ModelFn, schedule: Schedule, image: jax.Array, timestep
                    bool(clip_sample), float(clip_sample_range))
 
 
-SAMPLERS: dict[str, Callable] = {
-    "ddim": sample_ddim,
-    "ddpm": sample_ddpm,
-    "onestep": sample_onestep,
-    "dmp": sample_dmp,
-    "dmp_oracle": functools.partial(sample_dmp, oracle=True),
-}
+SAMPLERS: Registry[Callable] = Registry("sampler")
+SAMPLERS.register("ddim", sample_ddim)
+SAMPLERS.register("ddpm", sample_ddpm)
+SAMPLERS.register("onestep", sample_onestep)
+SAMPLERS.register("dmp", sample_dmp)
+SAMPLERS.register("dmp_oracle", functools.partial(sample_dmp, oracle=True))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -445,11 +446,16 @@ def align_affine(pred: jax.Array, ref: jax.Array, mask: jax.Array | None = None,
   return s * (pred - mp) + mr
 
 
+ENSEMBLERS: Registry[Callable] = Registry("ensemble kind")
+
+
+@ENSEMBLERS.register("mean")
 def _ensemble_mean(samples, mask=None, iterations=0):
   del mask, iterations
   return jnp.mean(samples, axis=0)
 
 
+@ENSEMBLERS.register("depth_affine")
 def _ensemble_depth_affine(samples, mask=None, iterations=3):
   """Marigold-style: align each member (scale + shift) to the per-pixel median, then average.
 
@@ -468,9 +474,6 @@ def _ensemble_depth_affine(samples, mask=None, iterations=3):
   return jnp.mean(aligned, axis=0)
 
 
-ENSEMBLERS: dict[str, Callable] = {"mean": _ensemble_mean, "depth_affine": _ensemble_depth_affine}
-
-
 def ensemble(samples: jax.Array, kind: str = "mean", mask: jax.Array | None = None,
              iterations: int = 3) -> jax.Array:
   """Combines N samples of the same inputs.
@@ -484,8 +487,7 @@ def ensemble(samples: jax.Array, kind: str = "mean", mask: jax.Array | None = No
   Returns:
     f32[B, H, W, C].
   """
-  if kind not in ENSEMBLERS:
-    raise KeyError(f"unknown ensembling {kind!r}; known: {sorted(ENSEMBLERS)}")
+  ensembler = ENSEMBLERS.get(kind)
   if samples.ndim < 2:
     raise ValueError(f"samples must be [N, B, ...], got shape {samples.shape}.")
-  return ENSEMBLERS[kind](samples, mask=mask, iterations=iterations)
+  return ensembler(samples, mask=mask, iterations=iterations)

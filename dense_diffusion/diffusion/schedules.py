@@ -23,6 +23,9 @@ from typing import Any, Callable, Mapping
 import jax
 import numpy as np
 
+from dense_diffusion import errors
+from dense_diffusion.registry import Registry
+
 __all__ = [
     "Schedule", "SchedulerConfig", "make", "from_betas", "from_alphas_cumprod",
     "rescale_zero_terminal_snr", "shift_snr_for_resolution", "from_diffusers_config", "KINDS",
@@ -88,16 +91,22 @@ def _cumprod_f32(x: np.ndarray) -> np.ndarray:
   return np.cumprod(np.asarray(x, np.float32).astype(np.float64)).astype(np.float32)
 
 
+KINDS: Registry[Callable[..., np.ndarray]] = Registry("schedule kind")
+
+
+@KINDS.register("linear")
 def _linear(num_train_timesteps: int, beta_start: float, beta_end: float) -> np.ndarray:
   return _linspace_f32(beta_start, beta_end, num_train_timesteps)
 
 
+@KINDS.register("scaled_linear")
 def _scaled_linear(num_train_timesteps: int, beta_start: float, beta_end: float) -> np.ndarray:
   # Latent-diffusion schedule: linear in sqrt(beta), squared (in float32, as diffusers).
   b = _linspace_f32(beta_start**0.5, beta_end**0.5, num_train_timesteps)
   return (b * b).astype(np.float32)
 
 
+@KINDS.register("squaredcos_cap_v2")
 def _squaredcos_cap_v2(num_train_timesteps: int, beta_start: float, beta_end: float,
                        max_beta: float = 0.999) -> np.ndarray:
   """Cosine schedule of Nichol & Dhariwal (GLIDE): alpha_bar(s) = cos((s + 0.008)/1.008 * pi/2)^2.
@@ -116,6 +125,7 @@ def _squaredcos_cap_v2(num_train_timesteps: int, beta_start: float, beta_end: fl
   return np.asarray(betas, np.float64).astype(np.float32)
 
 
+@KINDS.register("ones")
 def _ones(num_train_timesteps: int, beta_start: float, beta_end: float) -> np.ndarray:
   """All betas 1, so alpha_bar = 0 at every t: GenPercept's one-step schedule.
 
@@ -123,14 +133,6 @@ def _ones(num_train_timesteps: int, beta_start: float, beta_end: float) -> np.nd
   """
   del beta_start, beta_end
   return np.ones(num_train_timesteps, np.float32)
-
-
-KINDS: dict[str, Callable[..., np.ndarray]] = {
-    "linear": _linear,
-    "scaled_linear": _scaled_linear,
-    "squaredcos_cap_v2": _squaredcos_cap_v2,
-    "ones": _ones,
-}
 
 
 def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
@@ -213,11 +215,10 @@ def make(kind: str = "linear", num_train_timesteps: int = 1000, beta_start: floa
   Returns:
     Schedule.
   """
-  if kind not in KINDS:
-    raise KeyError(f"unknown schedule kind {kind!r}; known: {sorted(KINDS)}")
+  betas_fn = KINDS.get(kind)
   if int(num_train_timesteps) < 1:
-    raise ValueError(f"num_train_timesteps must be >= 1, got {num_train_timesteps}.")
-  betas = KINDS[kind](int(num_train_timesteps), beta_start, beta_end)
+    raise errors.ConfigError(f"num_train_timesteps must be >= 1, got {num_train_timesteps}.")
+  betas = betas_fn(int(num_train_timesteps), beta_start, beta_end)
   return from_betas(betas, kind=kind, rescale_betas_zero_snr=rescale_betas_zero_snr,
                     final_alpha_cumprod=final_alpha_cumprod)
 
@@ -242,7 +243,8 @@ def shift_snr_for_resolution(schedule: Schedule, resolution: int,
     A new Schedule (kind "<kind>@<resolution>"), betas re-derived from alpha_bar'.
   """
   if resolution <= 0 or base_resolution <= 0:
-    raise ValueError(f"resolutions must be positive, got {resolution} and {base_resolution}.")
+    raise errors.ConfigError(
+        f"resolutions must be positive, got {resolution} and {base_resolution}.")
   factor = (float(base_resolution) / float(resolution)) ** 2
   ac = np.asarray(schedule.alphas_cumprod, np.float64)
   snr = np.asarray(schedule.snr, np.float64)
@@ -309,7 +311,7 @@ def from_diffusers_config(config: Mapping[str, Any]) -> SchedulerConfig:
   variance_type="fixed_small", no Karras/exponential/beta sigmas). Defaults are diffusers'.
 
   Raises:
-    ValueError: naming the key, for unsupported values or unknown keys.
+    ConfigError: naming the key, for unsupported values or unknown keys.
   """
   cfg = dict(config)
   known = {"num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
@@ -320,11 +322,13 @@ def from_diffusers_config(config: Mapping[str, Any]) -> SchedulerConfig:
       continue
     if key in _REQUIRED_VALUES:
       if value not in _REQUIRED_VALUES[key]:
-        raise ValueError(f"scheduler config key {key!r} = {value!r} is not supported; supported: "
-                         f"{[v for v in _REQUIRED_VALUES[key] if v is not None]}.")
+        raise errors.ConfigError(
+            f"scheduler config key {key!r} = {value!r} is not supported; supported: "
+            f"{[v for v in _REQUIRED_VALUES[key] if v is not None]}.")
       continue
-    raise ValueError(f"unknown scheduler config key {key!r} (value {value!r}); remove it or add "
-                     "support for it in dense_diffusion/diffusion/schedules.py.")
+    raise errors.ConfigError(
+        f"unknown scheduler config key {key!r} (value {value!r}); remove it or add "
+        "support for it in dense_diffusion/diffusion/schedules.py.")
 
   t = int(cfg.get("num_train_timesteps", 1000))
   kind = cfg.get("beta_schedule", "linear")
@@ -336,12 +340,14 @@ def from_diffusers_config(config: Mapping[str, Any]) -> SchedulerConfig:
     schedule = from_betas(np.asarray(trained, np.float32), kind="trained",
                           rescale_betas_zero_snr=rescale)
     if schedule.num_train_timesteps != t and "num_train_timesteps" in cfg:
-      raise ValueError(f"scheduler config key 'trained_betas' has {schedule.num_train_timesteps} "
-                       f"entries but num_train_timesteps is {t}.")
+      raise errors.ConfigError(
+          f"scheduler config key 'trained_betas' has {schedule.num_train_timesteps} "
+          f"entries but num_train_timesteps is {t}.")
   else:
     if kind not in KINDS or kind == "ones":
-      raise ValueError(f"scheduler config key 'beta_schedule' = {kind!r} is not supported; "
-                       f"supported: {[k for k in KINDS if k != 'ones']}.")
+      raise errors.ConfigError(
+          f"scheduler config key 'beta_schedule' = {kind!r} is not supported; "
+          f"supported: {[k for k in KINDS if k != 'ones']}.")
     schedule = make(kind, t, float(cfg.get("beta_start", 0.0001)), float(cfg.get("beta_end", 0.02)),
                     rescale_betas_zero_snr=rescale)
   if not set_alpha_to_one:
@@ -350,12 +356,14 @@ def from_diffusers_config(config: Mapping[str, Any]) -> SchedulerConfig:
 
   prediction_type = cfg.get("prediction_type", "epsilon")
   if prediction_type not in PREDICTION_TYPES:
-    raise ValueError(f"scheduler config key 'prediction_type' = {prediction_type!r} is not "
-                     f"supported; supported: {list(PREDICTION_TYPES)}.")
+    raise errors.ConfigError(
+        f"scheduler config key 'prediction_type' = {prediction_type!r} is not "
+        f"supported; supported: {list(PREDICTION_TYPES)}.")
   spacing = cfg.get("timestep_spacing", "leading")
   if spacing not in TIMESTEP_SPACINGS:
-    raise ValueError(f"scheduler config key 'timestep_spacing' = {spacing!r} is not supported; "
-                     f"supported: {list(TIMESTEP_SPACINGS)}.")
+    raise errors.ConfigError(
+        f"scheduler config key 'timestep_spacing' = {spacing!r} is not supported; "
+        f"supported: {list(TIMESTEP_SPACINGS)}.")
   return SchedulerConfig(
       schedule=schedule,
       prediction_type=prediction_type,

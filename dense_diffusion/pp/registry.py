@@ -8,28 +8,25 @@ from __future__ import annotations
 import ast
 from typing import Any, Callable
 
-_OPS: dict[str, Callable[..., Callable]] = {}
+from dense_diffusion import errors
+from dense_diffusion.registry import Registry
+
+OPS: Registry[Callable[..., Callable]] = Registry("pp op")
 
 
 def register(name: str):
   """Decorator: registers an op factory under `name`."""
-  def wrap(factory):
-    if name in _OPS:
-      raise ValueError(f"pp op {name!r} registered twice")
-    _OPS[name] = factory
-    return factory
-  return wrap
+  return OPS.register(name)
 
 
 def names() -> list[str]:
   """Names of all registered ops, sorted."""
-  return sorted(_OPS)
+  return OPS.names()
 
 
 def lookup(name: str) -> Callable[..., Callable]:
-  if name not in _OPS:
-    raise KeyError(f"unknown pp op {name!r}; known ops: {', '.join(names())}")
-  return _OPS[name]
+  """The factory of op `name`; an unknown name raises UnknownNameError listing the known ops."""
+  return OPS.get(name)
 
 
 def parse(spec: str) -> tuple[str, tuple[Any, ...], dict[str, Any]]:
@@ -41,14 +38,14 @@ def parse(spec: str) -> tuple[str, tuple[Any, ...], dict[str, Any]]:
   try:
     tree = ast.parse(spec if "(" in spec else f"{spec}()", mode="eval").body
   except SyntaxError as e:
-    raise ValueError(f"cannot parse pp op {spec!r}: {e.msg}") from None
+    raise errors.ConfigError(f"cannot parse pp op {spec!r}: {e.msg}") from None
   if not isinstance(tree, ast.Call) or not isinstance(tree.func, ast.Name):
-    raise ValueError(f"pp op {spec!r} is not of the form name(args)")
+    raise errors.ConfigError(f"pp op {spec!r} is not of the form name(args)")
   try:
     args = tuple(ast.literal_eval(a) for a in tree.args)
     kwargs = {k.arg: ast.literal_eval(k.value) for k in tree.keywords}
   except ValueError:
-    raise ValueError(f"pp op {spec!r}: arguments must be python literals") from None
+    raise errors.ConfigError(f"pp op {spec!r}: arguments must be python literals") from None
   return tree.func.id, args, kwargs
 
 
@@ -59,4 +56,4 @@ def build_op(spec: str) -> Callable:
   try:
     return factory(*args, **kwargs)
   except TypeError as e:
-    raise ValueError(f"bad arguments in pp op {spec!r}: {e}") from None
+    raise errors.ConfigError(f"bad arguments in pp op {spec!r}: {e}") from None
