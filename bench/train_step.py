@@ -1,11 +1,12 @@
-"""Training-step throughput of the train loop's jitted step (`train.Setup.train_step`).
+"""Training-step throughput of the train loop's jitted step (`experiment.Experiment.train_step`).
 
     python bench/train_step.py [--steps 5] [--skip_big]
 
 Rows:
   demo: configs/demo.py as is, on this machine's devices (a CPU split into `main demo`'s
     devices): steps/s and examples/s after warm-up, synthetic batches (no tf.data), XLA's FLOPs
-    per step, and the fixed costs before the first step (Setup; lowering + compilation).
+    per step, and the fixed costs before the first step (the Experiment: model, state and
+    shardings; lowering + compilation).
   generalist_pixel128: the seed paper's SD2-size model at 128x128 in bf16. Its parameters are
     counted abstractly (`nnx.eval_shape`: nothing is allocated) and the FLOPs of one training
     step (forward + backward of the loss) come from XLA's cost analysis of the lowered program at
@@ -26,9 +27,10 @@ import jax  # pylint: disable=g-import-not-at-top
 import numpy as np
 from flax import nnx
 
-from dense_diffusion import train
-from dense_diffusion.diffusion import modes
-from dense_diffusion.models import build
+from dense_diffusion import experiment
+from dense_diffusion import paradigms
+from dense_diffusion.experiment import config as config_lib
+from dense_diffusion.experiment import model as model_lib
 
 # Dense bf16 peak FLOP/s per device kind (vendor data sheets, no sparsity).
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12,
@@ -47,6 +49,7 @@ def synthetic_batch(config, batch: int, seed: int = 0) -> dict:
   rng = np.random.default_rng(seed)
   return {"image": rng.uniform(-1, 1, (batch, res, res, 3)).astype(np.float32),
           "target": rng.uniform(-1, 1, (batch, res, res, 3)).astype(np.float32),
+          "valid": np.ones((batch, res, res, 1), bool),
           "task": rng.integers(0, len(config.tasks), (batch,)).astype(np.int32)}
 
 
@@ -58,25 +61,26 @@ def flops_of(compiled_or_lowered) -> float:
 
 
 def time_steps(config, steps: int) -> dict:
-  """Builds the run's Setup, warms up, and times `steps` training steps on synthetic batches."""
+  """Builds the run's Experiment, warms up, and times `steps` training steps on synthetic
+  batches."""
   start = time.perf_counter()
-  setup = train.Setup(config)
+  exp = experiment.Experiment(config)
   setup_s = time.perf_counter() - start
-  batch = setup.device_batch(synthetic_batch(config, setup.per_host_batch))
-  with jax.set_mesh(setup.mesh):
+  batch = exp.device_batch(synthetic_batch(config, exp.per_host_batch))
+  with jax.set_mesh(exp.mesh):
     start = time.perf_counter()
-    compiled = setup.train_step.lower(setup.state, setup.frozen, batch).compile()
+    compiled = exp.train_step.lower(exp.state, exp.frozen, batch).compile()
     compile_s = time.perf_counter() - start
     flops = flops_of(compiled)
     for _ in range(2):  # warm-up: the first call compiles.
-      setup.state, m = setup.train_step(setup.state, setup.frozen, batch)
+      exp.state, m = exp.train_step(exp.state, exp.frozen, batch)
     jax.block_until_ready(m)
     start = time.perf_counter()
     for _ in range(steps):
-      setup.state, m = setup.train_step(setup.state, setup.frozen, batch)
+      exp.state, m = exp.train_step(exp.state, exp.frozen, batch)
     jax.block_until_ready(m)
     elapsed = time.perf_counter() - start
-  n_params = sum(x.size for x in jax.tree.leaves(setup.state.params))
+  n_params = sum(x.size for x in jax.tree.leaves(exp.state.params))
   return {"steps_per_s": steps / elapsed, "examples_per_s": steps * config.batch_size / elapsed,
           "flops": flops, "params": n_params, "batch": int(config.batch_size),
           "setup_s": setup_s, "compile_s": compile_s}
@@ -84,15 +88,23 @@ def time_steps(config, steps: int) -> dict:
 
 def abstract_cost(config) -> dict:
   """Parameter count and FLOPs of one training step, with no arrays allocated."""
-  model = nnx.eval_shape(lambda: build.build_generalist(config.model, config.tasks, seed=0))
-  graphdef, params, frozen = nnx.split(model, model.trainable_filter(False), ...)
+  # What `experiment.Experiment` builds, without allocating the model or its state.
+  config_lib.check(config)
+  task_objects = config_lib.task_objects(config)
+  task_names = [t.name for t in task_objects]
+  paradigm = paradigms.make(paradigms.make_config(dict(config.diffusion)),
+                            experiment.make_schedule(config))
+  model = nnx.eval_shape(lambda: model_lib.build_model(config.model, task_objects,
+                                                       paradigm=paradigm, seed=0))
+  lora_only = bool(config.model.get("lora"))
+  graphdef, params, frozen = nnx.split(model, model.trainable_filter(lora_only), ...)
   n_trainable = sum(x.size for x in jax.tree.leaves(params))
   n_frozen = sum(x.size for x in jax.tree.leaves(frozen))
-  diffusion = modes.make_config(dict(config.diffusion))
-  shim = types.SimpleNamespace(graphdef=graphdef, mode=modes.get(diffusion.mode),
-                               diffusion=diffusion, schedule=train.make_schedule(config),
-                               task_names=list(config.tasks))
-  loss = lambda p, f, b, k: train.Setup._loss(shim, p, f, b, k)  # the train loop's own loss.
+  shim = types.SimpleNamespace(
+      graphdef=graphdef, paradigm=paradigm, task_names=task_names,
+      task_loss_weights=config_lib.task_loss_weights(config, task_names))
+  # The train loop's own loss (the paradigm's, weighted per task).
+  loss = lambda p, f, b, k: experiment.Experiment.loss(shim, p, f, b, k)
   batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                        synthetic_batch(config, 1))
   key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
@@ -118,7 +130,7 @@ def main():
   r = time_steps(demo.get_config(), args.steps)
   rows.append(("demo (32x32, f32)", r["batch"], r["params"], r["flops"], r["steps_per_s"],
                r["examples_per_s"], "-"))
-  print(f"demo: Setup (model, state, shardings) {r['setup_s']:.1f} s; train step lowering + "
+  print(f"demo: Experiment (model, state, shardings) {r['setup_s']:.1f} s; train step lowering + "
         f"compilation {r['compile_s']:.1f} s")
   if not args.skip_big:
     config = generalist_pixel128.get_config()

@@ -31,6 +31,9 @@ def get_config(arg=None):
   arg = parse_arg(arg, res=32)
   c = ml_collections.ConfigDict()
   c.seed = 0
+  # Modules imported before the run is built (and by eval / predict, from config.json): tasks,
+  # paradigms or pp ops registered outside the package (docs/architecture.md).
+  c.imports = ()
   c.tasks = TASKS
   # Every task beats its baseline by a wide margin after 800 steps (docs/training.md). Start,
   # compilation and 800 steps on 2 CPU devices of a 2-core VM: ~7.5 min idle (2.0 steps/s),

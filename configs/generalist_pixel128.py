@@ -37,6 +37,7 @@ def get_config(arg=None):
   arg = demo.parse_arg(arg, res=128, batch=256)
   c = ml_collections.ConfigDict()
   c.seed = 0
+  c.imports = ()  # modules registering tasks / paradigms outside the package.
   c.tasks = TASKS
   c.total_steps = 100_000  # optimizer steps.
   c.batch_size = arg.batch  # global batch, split over the mesh's ("data", "fsdp") axes.

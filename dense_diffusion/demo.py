@@ -16,10 +16,12 @@ import pathlib
 from etils import epath
 import numpy as np
 
-from dense_diffusion import metrics
-from dense_diffusion import tasks
+from dense_diffusion import errors
+from dense_diffusion import tasks as tasks_lib
 from dense_diffusion import workdir as workdir_lib
-from dense_diffusion.datasets.synthetic_scenes import CATEGORIES, NUM_CLASSES, render_scene
+from dense_diffusion.datasets import prepare
+from dense_diffusion.datasets.synthetic_scenes import label_features, render_scene
+from dense_diffusion.experiment import config as config_lib
 
 RESOLUTION = 128  # pixels; the seed paper's generalist works at 128x128.
 NUM_SCENES = 4  # scenes rendered for the round-trip table.
@@ -30,60 +32,19 @@ NOISE_SIGMA = 0.02  # std of Gaussian noise added to encodings, in [-1, 1] units
 CPU_DEVICES = 2
 
 
-def _task_answers(scene: dict) -> dict[str, tuple[object, np.ndarray]]:
-  """task name -> (task object, answer) for one rendered scene."""
-  panoptic = {"ids": scene["panoptic_ids"], "segments": scene["segments"]}
-  return {
-      "depth": (tasks.get("depth", max_depth=10.0), scene["depth"]),
-      "normals": (tasks.get("normals"), scene["normals"]),
-      "semantic": (tasks.get("semantic", num_classes=NUM_CLASSES), scene["semantic"]),
-      "instance": (tasks.get("instance"), scene["instance"]),
-      "panoptic": (tasks.get("panoptic", categories=CATEGORIES), panoptic),
-      "denoise": (tasks.get("denoise"), scene["image"]),
-      "derain": (tasks.get("derain"), scene["image"]),
-      "lowlight": (tasks.get("lowlight"), scene["image"]),
-      "albedo": (tasks.get("albedo"), scene["albedo"]),
-      "shading": (tasks.get("shading"), scene["shading"]),
-  }
+def scene_example(scene: dict, task: tasks_lib.Task) -> dict:
+  """A rendered scene's features as the task reads them from synthetic_scenes (its renames)."""
+  example = label_features(scene)
+  for src, dst in task.synthetic_source:
+    example[dst] = example[src]
+  return example
 
 
-def _score(name: str, task, answer, decoded) -> str:
-  """One human-readable quality figure of a decoded answer against the exact one."""
-  if name == "depth":
-    m = metrics.depth_metrics(decoded, answer)
-    return f"AbsRel {m['abs_rel']:.4f}"
-  if name == "normals":
-    return f"mean angle {metrics.normal_metrics(decoded, answer)['mean']:.2f} deg"
-  if name == "semantic":
-    conf = metrics.SemanticConfusion(task.num_classes)
-    conf.update(decoded, answer)
-    return f"mIoU {conf.result()['miou']:.4f}"
-  if name == "instance":
-    found, total = _matched_instances(decoded, answer)
-    return f"{found}/{total} instances found"
-  if name == "panoptic":
-    pq = metrics.panoptic_quality(
-        [(answer["ids"], answer["segments"], decoded["ids"], decoded["segments"])],
-        task.categories)
-    return f"PQ {pq['All']['pq']:.4f}"
-  if name == "shading":
-    return f"max error {np.abs(decoded - answer).max():.4f}"
-  reference = answer.astype(np.float32) / 255.0
-  return f"PSNR {metrics.psnr(decoded, reference, data_range=1.0):.1f} dB"
-
-
-def _matched_instances(decoded: np.ndarray, ids: np.ndarray) -> tuple[int, int]:
-  """(ground-truth instances with a decoded instance at IoU > 0.5, all ground-truth instances)."""
-  found = 0
-  gt_ids = np.unique(ids[ids > 0])
-  for k in gt_ids:
-    gt = ids == k
-    for j in np.unique(decoded[gt]):
-      pred = decoded == j
-      if j and (gt & pred).sum() / (gt | pred).sum() > 0.5:
-        found += 1
-        break
-  return found, len(gt_ids)
+def score(task: tasks_lib.Task, answer, decoded, model_input: np.ndarray) -> str:
+  """The task's headline metric of a decoded answer against the exact one (its evaluator)."""
+  evaluator = task.evaluator()
+  evaluator.update([decoded], [answer], [model_input])
+  return f"{task.headline} {evaluator.result()[task.headline]:.4f}"
 
 
 def _to_uint8(rgb: np.ndarray) -> np.ndarray:
@@ -122,14 +83,14 @@ def run(workdir: str = "runs/demo", *, train: bool = True, config_arg: str | Non
         overrides: dict | None = None) -> int:
   """The whole demo; `overrides` replace config keys (dotted names), e.g. total_steps."""
   if not train:
-    return show_encodings(workdir)
-  from dense_diffusion import train as train_lib
+    return show_encodings(workdir, config=load_demo_config(config_arg))
+  from dense_diffusion import train as train_lib  # pylint: disable=g-import-not-at-top
   config = load_demo_config(config_arg)
-  for key, value in (overrides or {}).items():
-    _set_dotted(config, key, value)
+  config_lib.set_dotted(config, overrides or {})
+  config_lib.check(config)
   # First, before any JAX computation: the dataset (rendered by worker processes).
-  train_lib.ensure_prepared(config.input.entries, config.input.get("data_dir"))
-  show_encodings(workdir)
+  prepare.ensure_prepared(config.input.entries, config.input.get("data_dir"))
+  show_encodings(workdir, config=config)
   print(f"\ntraining configs/demo.py for {config.total_steps} steps into {workdir} "
         f"(TensorBoard: tensorboard --logdir {workdir})", flush=True)
   results = train_lib.train_and_evaluate(config, workdir)
@@ -143,44 +104,44 @@ def load_demo_config(arg: str | None = None):
   import importlib.util
   path = pathlib.Path(__file__).resolve().parents[1] / "configs" / "demo.py"
   if not path.exists():
-    raise FileNotFoundError(f"{path} not found: run the demo from a checkout of the repository")
+    raise errors.MissingError(f"{path} not found: run the demo from a checkout of the repository")
   spec = importlib.util.spec_from_file_location("dense_diffusion_demo_config", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(arg)
 
 
-def _set_dotted(config, key: str, value) -> None:
-  *parents, leaf = key.split(".")
-  node = config
-  for p in parents:
-    node = node[p]
-  if leaf not in node:
-    raise KeyError(f"config has no key {key!r}")
-  node[leaf] = value
-
-
 def show_encodings(workdir: str = "runs/demo", resolution: int = RESOLUTION,
-                   num_scenes: int = NUM_SCENES, seed: int = 0) -> int:
+                   num_scenes: int = NUM_SCENES, seed: int = 0, config=None) -> int:
+  """Renders scenes, encodes every task's exact answer (`config`: the demo's tasks and their
+  options by default), decodes it back clean and with noise, prints the round-trip table and
+  writes `encodings.png`."""
+  config = config if config is not None else load_demo_config()
+  demo = list(config_lib.available_tasks(config).values())
   workdir_path = epath.Path(workdir)  # a local folder or gs://
   workdir_path.mkdir(parents=True, exist_ok=True)
-  print(f"dense_diffusion: {len(tasks.names())} tasks, each answer encoded as an RGB image\n")
+  print(f"dense_diffusion: {len(demo)} tasks, each answer encoded as an RGB image\n")
   rng = np.random.default_rng(seed)
   rows, first_encodings, first_scene = {}, None, None
   for i in range(num_scenes):
     scene = render_scene(np.random.default_rng((seed, i)), resolution)
     encodings = {}
-    for name, (task, answer) in _task_answers(scene).items():
+    for task in demo:
+      example = scene_example(scene, task)
+      answer = task.answer(example, prefix="")
+      model_input = example["image"].astype(np.float32) / 127.5 - 1.0
       encoded = task.encode(answer)
-      if name == "panoptic":
-        encoded = np.concatenate([encoded["semantic"], encoded["instance"]], -1)
-        encodings["panoptic (sem)"], encodings["panoptic (inst)"] = encoded[..., :3], encoded[..., 3:]
-      else:
-        encodings[name] = encoded
-      clean = _score(name, task, answer, task.decode(encoded))
-      noisy_rgb = encoded + rng.normal(0, NOISE_SIGMA, encoded.shape).astype(np.float32)
-      noisy = _score(name, task, answer, task.decode(noisy_rgb))
-      rows.setdefault(name, (task.prompt, []))[1].append((clean, noisy))
+      # A composite's encoding is one RGB image per part.
+      composite = isinstance(encoded, dict)
+      parts = encoded if composite else {task.name: encoded}
+      for part, rgb in parts.items():
+        encodings[f"{task.name} ({part})" if composite else task.name] = rgb
+      noisy = {k: v + rng.normal(0, NOISE_SIGMA, v.shape).astype(np.float32)
+               for k, v in parts.items()}
+      clean_score = score(task, answer, task.decode(encoded), model_input)
+      noisy_score = score(task, answer, task.decode(noisy if composite else noisy[task.name]),
+                          model_input)
+      rows.setdefault(task.name, (task.prompt, []))[1].append((clean_score, noisy_score))
     if first_scene is None:
       first_scene, first_encodings = scene, encodings
 
@@ -191,8 +152,11 @@ def show_encodings(workdir: str = "runs/demo", resolution: int = RESOLUTION,
     clean, noisy = results[0]
     print(f"{name:<10} {prompt:<{width}}  {clean:<24} {noisy}")
   grid = workdir_path / "encodings.png"
-  # derain / lowlight targets are the same clean image as denoise's: shown once.
-  shown = {k: v for k, v in first_encodings.items() if k not in ("derain", "lowlight")}
+  # Targets that are the same image (the clean render of every restoration task) are shown once.
+  shown: dict[str, np.ndarray] = {}
+  for name, rgb in first_encodings.items():
+    if not any(np.array_equal(rgb, other) for other in shown.values()):
+      shown[name] = rgb
   save_grid(first_scene, shown, grid)
   print(f"\nwrote {grid} (the inputs and every task's RGB target for scene 0)")
   return 0

@@ -3,12 +3,15 @@
 A config is a list of entries (dicts or ml_collections.ConfigDicts), one per (dataset, task):
 
     {"dataset": "synthetic_scenes/res128", "split": "train", "task": "depth",
-     "pp": 'value_range(-1, 1)|encode_task("depth", key="depth", max_depth=8.0)', "weight": 1.0}
+     "task_options": {"max_depth": 8.0}, "pp": 'value_range(-1, 1)', "weight": 1.0}
 
 and a list of task names; every example of the training stream is (DESIGN.md s.2)
-`{"image": f32[B, R, R, 3] in [-1, 1], "target": f32[B, R, R, 3], "task": i32[B]}` where `task`
-indexes the task list. An entry's `pp` must leave `image` (already in [-1, 1]) and `target`.
-A panoptic dataset is two entries, `semantic` and `instance`, with two prompts (docs/data.md).
+`{"image": f32[B, R, R, 3] in [-1, 1], "target": f32[B, R, R, 3], "valid": bool[B, R, R, 1],
+"task": i32[B]}` where `task` indexes the task list. An entry's `pp` must leave `image` (already
+in [-1, 1]) and the task's answer under the task's `label_key`; the pipeline then encodes it with
+the entry's task object (`tasks.from_entry`: `target` = `task.encode(answer)`, `valid` =
+`task.valid_mask(answer)`, the pixels whose answer is known). A panoptic dataset is two entries,
+`semantic` and `instance`, with two prompts (docs/data.md).
 
 Before preprocessing, every example is checked: every image feature must decode and every image
 and label map (rank >= 2) must share one height and width. A bad example is reported with the
@@ -29,13 +32,15 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 import dense_diffusion.datasets  # noqa: F401  (registers our builders with TFDS)
+from dense_diffusion import errors
 from dense_diffusion import pp as pp_lib
+from dense_diffusion import tasks as tasks_lib
 
 ON_BAD_EXAMPLE = ("fail", "skip")
-EVAL_PREFIX = "label/"  # keys kept by the evaluation stream besides image/target/task/mask
+EVAL_PREFIX = tasks_lib.LABEL_PREFIX  # keys kept by the eval stream besides image/target/task/mask
 
 _ENTRY_DEFAULTS = {"split": "train", "weight": 1.0, "pp": "", "data_dir": None,
-                   "check_keys": None, "features": None}
+                   "check_keys": None, "features": None, "task_options": None}
 
 
 class BadExampleError(ValueError):
@@ -63,12 +68,34 @@ def _as_entry(entry: Any) -> dict:
   entry = dict(entry.to_dict() if hasattr(entry, "to_dict") else entry)
   for key in ("dataset", "task"):
     if key not in entry:
-      raise ValueError(f"input entry {entry} lacks {key!r}")
+      raise errors.ConfigError(f"input entry {entry} lacks {key!r}")
   unknown = set(entry) - set(_ENTRY_DEFAULTS) - {"dataset", "task", "pp_eval", "eval_split",
                                                  "pad_values", "eval_features"}
   if unknown:
-    raise ValueError(f"input entry for {entry['dataset']} has unknown keys {sorted(unknown)}")
+    raise errors.ConfigError(f"input entry for {entry['dataset']} has unknown keys "
+                             f"{sorted(unknown)}")
   return {**_ENTRY_DEFAULTS, **entry}
+
+
+def encode_answer(task: tasks_lib.Task, name: str):
+  """Example fn: the task's answer (`task.label_key`) -> `target` f32[H, W, 3] (its encoding)
+  and `valid` bool[H, W, 1] (where the answer is known), through the task object itself."""
+  key = task.label_key
+
+  def np_encode(answer):
+    return task.encode(answer).astype(np.float32), task.valid_mask(answer)[..., None]
+
+  def encode(ex):
+    if key not in ex:
+      raise errors.ConfigError(f"the pp of {name} must leave the {task.name} answer under "
+                               f"{key!r}; it leaves {sorted(ex)}")
+    answer = ex[key]
+    target, valid = tf.numpy_function(np_encode, [answer], [tf.float32, tf.bool],
+                                      stateful=False)
+    target.set_shape(answer.shape[:2].concatenate([3]))
+    valid.set_shape(answer.shape[:2].concatenate([1]))
+    return {**ex, "target": target, "valid": valid}
+  return encode
 
 
 def _process(process_index, process_count):
@@ -238,19 +265,22 @@ def _add_rng(ds: tf.data.Dataset, seed: int) -> tf.data.Dataset:
 
 def _finalize_train(task_index: int, dataset: str):
   def fin(ex):
-    for key in ("image", "target"):
-      if key not in ex:
-        raise ValueError(f"pp of {dataset} must produce {key!r}; it produced {sorted(ex)}")
-    return {"image": tf.cast(ex["image"], tf.float32), "target": tf.cast(ex["target"], tf.float32),
-            "task": tf.constant(task_index, tf.int32)}
+    if "image" not in ex:
+      raise errors.ConfigError(f"the pp of {dataset} must leave 'image'; it leaves {sorted(ex)}")
+    return {"image": tf.cast(ex["image"], tf.float32), "target": ex["target"],
+            "valid": ex["valid"], "task": tf.constant(task_index, tf.int32)}
   return fin
 
 
 def _task_index(entry: dict, task_names: Sequence[str]) -> int:
   if entry["task"] not in task_names:
-    raise ValueError(f"entry task {entry['task']!r} of {entry['dataset']} is not in the task list "
-                     f"{list(task_names)}")
+    raise errors.ConfigError(f"entry task {entry['task']!r} of {entry['dataset']} is not in the "
+                             f"task list {list(task_names)}")
   return list(task_names).index(entry["task"])
+
+
+def _entry_name(entry: dict) -> str:
+  return f"{entry['dataset']}/{entry['task']}"
 
 
 def get_train_dataset(entries: Iterable[Any], task_names: Sequence[str], batch_size: int, *,
@@ -274,7 +304,8 @@ def get_train_dataset(entries: Iterable[Any], task_names: Sequence[str], batch_s
     on_bad_example: "fail" or "skip" (see module doc).
 
   Returns:
-    tf.data.Dataset of {"image": f32[B, R, R, 3], "target": f32[B, R, R, 3], "task": i32[B]}.
+    tf.data.Dataset of {"image": f32[B, R, R, 3], "target": f32[B, R, R, 3],
+    "valid": bool[B, R, R, 1], "task": i32[B]}.
   """
   entries = [_as_entry(e) for e in entries]
   if not entries:
@@ -284,8 +315,9 @@ def get_train_dataset(entries: Iterable[Any], task_names: Sequence[str], batch_s
   parallel = num_parallel_calls or tf.data.AUTOTUNE
   for i, entry in enumerate(entries):
     task_index = _task_index(entry, task_names)
+    task = tasks_lib.from_entry(entry)
     if entry["weight"] <= 0:
-      raise ValueError(f"entry {entry['dataset']}/{entry['task']} has weight {entry['weight']}")
+      raise errors.ConfigError(f"entry {_entry_name(entry)} has weight {entry['weight']}")
     entry_seed = seed * 1000 + i
     ds, _ = read_split(entry["dataset"], entry["split"],
                        data_dir=entry["data_dir"] or data_dir, process_index=process_index,
@@ -295,6 +327,8 @@ def get_train_dataset(entries: Iterable[Any], task_names: Sequence[str], batch_s
                        shuffle_buffer=shuffle_buffer, repeat=True)
     ds = _add_rng(ds, entry_seed)
     ds = ds.map(pp_lib.get_preprocess_fn(entry["pp"]), num_parallel_calls=parallel,
+                deterministic=True)
+    ds = ds.map(encode_answer(task, _entry_name(entry)), num_parallel_calls=parallel,
                 deterministic=True)
     ds = ds.map(_finalize_train(task_index, entry["dataset"]))
     streams.append(ds)
@@ -331,9 +365,10 @@ def get_eval_dataset(entry: Any, task_names: Sequence[str], batch_size: int, *,
                      num_parallel_calls: int | None = None) -> tuple[tf.data.Dataset, int]:
   """One pass over an evaluation split for one (dataset, task), every example exactly once.
 
-  The entry's `pp_eval` (default: its `pp`) runs on each example; keys starting with "label/"
-  (raw labels for the metrics, e.g. `copy("depth", "label/depth")`) are kept next to image,
-  target and task. Batches hold `batch_size` examples; the last one is padded with zeros and
+  The entry's `pp_eval` (default: its `pp`) runs on each example, then the task encodes its
+  answer (`target`, for the picture of predictions); keys starting with "label/" (raw labels
+  for the metrics, e.g. `copy("depth", "label/depth")`) are kept next to image, target and
+  task. Batches hold `batch_size` examples; the last one is padded with zeros and
   `mask` (bool[B]) says which rows are real. Raw labels of different sizes are zero-padded to
   the largest in the batch (entry `pad_values` overrides per key, e.g. {"label/semantic": 255})
   and `<key>_shape` (i32[B, rank]) keeps every true shape. Every host gets the same number of
@@ -351,14 +386,16 @@ def get_eval_dataset(entry: Any, task_names: Sequence[str], batch_size: int, *,
                            on_bad_example=on_bad_example, check_keys=entry["check_keys"],
                            features=entry.get("eval_features") or entry["features"])
   ds = _add_rng(ds, 0)
+  parallel = num_parallel_calls or tf.data.AUTOTUNE
   ds = ds.map(pp_lib.get_preprocess_fn(entry.get("pp_eval") or entry["pp"]),
-              num_parallel_calls=num_parallel_calls or tf.data.AUTOTUNE, deterministic=True)
+              num_parallel_calls=parallel, deterministic=True)
+  ds = ds.map(encode_answer(tasks_lib.from_entry(entry), _entry_name(entry)),
+              num_parallel_calls=parallel, deterministic=True)
 
   def fin(ex):
     out = {k: v for k, v in ex.items() if k.startswith(EVAL_PREFIX)}
     out["image"] = tf.cast(ex["image"], tf.float32)
-    if "target" in ex:
-      out["target"] = tf.cast(ex["target"], tf.float32)
+    out["target"] = ex["target"]
     out["task"] = tf.constant(task_index, tf.int32)
     for k in list(out):
       if k.startswith(EVAL_PREFIX) and out[k].shape.rank:

@@ -6,11 +6,18 @@ Commands (a registry, not an if-chain; each command module is imported only when
   predict   --workdir DIR --task T --input IMG_OR_DIR --output DIR: answers for your images
   demo      the README's main job (see dense_diffusion/demo.py)
   convert   --from diffusers --src DIR --dst DIR: converted weights -> orbax checkpoint
+
+A user's mistake (a flag, a config key or value, a missing run: an `errors.UserError`) prints one
+line, `error: <what to change>`, on stderr and exits with status 2; `--traceback` shows its
+traceback as well. Any other exception is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
 import os
+import pathlib
+import re
 import sys
+import traceback
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -18,6 +25,9 @@ from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
+
+from dense_diffusion import errors
+from dense_diffusion import registry
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).",
@@ -45,13 +55,17 @@ flags.DEFINE_string("input", None, "predict: an image file or a folder of images
 flags.DEFINE_string("output", None, "predict: folder for the predictions.")
 flags.DEFINE_integer("batch_size", None, "predict: images per batch (default: eval.batch_size).")
 flags.DEFINE_integer("steps", None, "predict: sampler steps (default: the run's config).")
+flags.DEFINE_bool("traceback", False, "Show the traceback of a user error (a wrong flag, config "
+                  "key or value, a missing run) as well as its one-line message.")
 
+# command name -> function(FLAGS) returning an exit code or None.
+COMMANDS: registry.Registry = registry.Registry("command")
 
 
 def _require(command: str, *names: str) -> None:
   missing = [f"--{n}" for n in names if FLAGS[n].value is None]
   if missing:
-    raise app.UsageError(f"{command} needs {' '.join(missing)}")
+    raise errors.UserError(f"{command} needs {' '.join(missing)}")
 
 
 def _maybe_distributed() -> None:
@@ -61,8 +75,8 @@ def _maybe_distributed() -> None:
   if not FLAGS.distributed:
     given = [f"--{k}" for k, v in explicit.items() if v is not None]
     if given or FLAGS.local_device_ids:
-      raise app.UsageError(f"{' '.join(given) or '--local_device_ids'} only apply with "
-                           "--distributed")
+      raise errors.UserError(f"{' '.join(given) or '--local_device_ids'} only apply with "
+                             "--distributed")
     return
   import jax
   local_ids = None
@@ -71,6 +85,7 @@ def _maybe_distributed() -> None:
   jax.distributed.initialize(**explicit, local_device_ids=local_ids)
 
 
+@COMMANDS.register("train")
 def _train(_) -> int | None:
   _require("train", "config", "workdir")
   _maybe_distributed()
@@ -79,14 +94,16 @@ def _train(_) -> int | None:
   return 0
 
 
+@COMMANDS.register("eval")
 def _eval(_) -> int | None:
   _require("eval", "workdir")
   _maybe_distributed()
-  from dense_diffusion import train
-  train.evaluate_latest(FLAGS.config, FLAGS.workdir)
+  from dense_diffusion import evaluate
+  evaluate.evaluate_latest(FLAGS.config, FLAGS.workdir)
   return 0
 
 
+@COMMANDS.register("demo")
 def _demo(_) -> int | None:
   from dense_diffusion import demo
   if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
@@ -96,12 +113,14 @@ def _demo(_) -> int | None:
   return demo.run(workdir=FLAGS.workdir or "runs/demo")
 
 
+@COMMANDS.register("convert")
 def _convert(_) -> int | None:
   _require("convert", "src", "dst")
   from dense_diffusion.convert import command
   return command.run(FLAGS["from"].value, FLAGS.src, FLAGS.dst)
 
 
+@COMMANDS.register("predict")
 def _predict(_) -> int | None:
   _require("predict", "workdir", "task", "input", "output")
   from dense_diffusion import predict
@@ -109,32 +128,182 @@ def _predict(_) -> int | None:
                      batch_size=FLAGS.batch_size, steps=FLAGS.steps)
 
 
-# command name -> function(FLAGS) returning an exit code or None.
-COMMANDS = {
-    "train": _train,
-    "eval": _eval,
-    "demo": _demo,
-    "convert": _convert,
-    "predict": _predict,
-}
+def _usage() -> str:
+  return f"python -m dense_diffusion.main {{{'|'.join(COMMANDS.names())}}} [flags]"
 
 
-def main(argv: list[str]) -> int | None:
+def _dispatch(argv: list[str]) -> int | None:
   if len(argv) < 2:
-    raise app.UsageError(f"usage: python -m dense_diffusion.main {{{'|'.join(COMMANDS)}}} [flags]")
+    raise errors.UserError(f"give a command: {_usage()}")
   command, extra = argv[1], argv[2:]
-  if command not in COMMANDS:
-    raise app.UsageError(f"unknown command {command!r}; commands: {', '.join(COMMANDS)}")
+  run_command = COMMANDS.get(command)
   if extra:
-    raise app.UsageError(f"unexpected arguments {extra}; options are --flags")
+    raise errors.UserError(f"unexpected arguments {extra}; options are --flags")
   if not FLAGS["verbosity"].present:
     # The console shows progress lines and tables; library INFO logs only with -v 0.
     logging.set_verbosity(logging.WARNING)
-  return COMMANDS[command](FLAGS)
+  return run_command(FLAGS)
+
+
+def _one_line(message: str) -> str:
+  """`message` on one line: a multi-line one's lines joined, a quoted traceback's last line."""
+  lines = [line.strip() for line in str(message).splitlines() if line.strip()]
+  if "Traceback (most recent call last):" in lines:
+    # ml_collections quotes get_config's traceback: "flag --config=X: Error whilst parsing config
+    # file:", the traceback, "ValueError: what went wrong". Keep the flag and what went wrong.
+    head = lines[0].removesuffix("Error whilst parsing config file:").strip()
+    return f"{head} {lines[-1]}" if head else lines[-1]
+  return " ".join(lines)
+
+
+def _report(error: errors.UserError) -> int:
+  """Prints `error: <message>` on stderr; returns the exit status of a user error."""
+  sys.stdout.flush()
+  sys.stderr.write(f"error: {_one_line(str(error))}\n")
+  sys.stderr.flush()
+  return errors.EXIT_USER_ERROR
+
+
+def main(argv: list[str]) -> int | None:
+  try:
+    return _dispatch(argv)
+  except errors.UserError as e:
+    if FLAGS.traceback:
+      raise
+    return _report(e)
+
+
+# `--config.KEY=VALUE` (and the boolean `--noconfig.KEY`): the overrides ml_collections applies.
+_OVERRIDE = re.compile(r"^--?(?:no)?config\.([^=]+)")
+
+
+def _traceback_requested(argv: list[str]) -> bool:
+  """Whether argv asks for --traceback; read from argv as FLAGS may have failed to parse."""
+  wanted = False
+  for arg in argv[1:]:
+    if arg == "--":
+      break
+    if not arg.startswith("-"):
+      continue
+    name, has_value, value = arg.lstrip("-").partition("=")
+    if name == "traceback":
+      try:
+        wanted = not has_value or bool(FLAGS["traceback"].parser.parse(value))
+      except ValueError:
+        pass
+    elif name == "notraceback":
+      wanted = False
+  return wanted
+
+
+def _raised_applying_overrides(e: Exception) -> bool:
+  """Whether `e` (not a flags.Error) escaped while ml_collections applied --config.KEY overrides.
+
+  ml_collections resolves each override's key in the config flag's `_parse` after loading the
+  file, and lets KeyError, AttributeError, TypeError, ... of an unknown or ill-formed key escape
+  unwrapped. An exception of get_config() itself passes through the file parser's `parse` (it
+  wraps only TypeError and ValueError into a flags.Error): that is the config file's bug.
+  """
+  frames = {(pathlib.Path(f.filename).name, f.name)
+            for f in traceback.extract_tb(e.__traceback__)}
+  return (("config_flags.py", "_parse") in frames
+          and ("config_flags.py", "parse") not in frames)
+
+
+def _override_message(e: Exception, argv: list[str]) -> str:
+  """One line naming the --config.KEY override that failed and what is wrong with its key."""
+  paths = []
+  for arg in argv[1:]:
+    match = _OVERRIDE.match(arg)
+    if match and match.group(1) not in paths:
+      paths.append(match.group(1))
+  inner = e.args[0] if isinstance(e, AttributeError) and e.args else e
+  text = str(inner.args[0]) if isinstance(inner, BaseException) and inner.args else str(inner)
+  if isinstance(inner, KeyError):
+    # ConfigDict: "'key'" and maybe a line 'Did you mean "keys" instead of "key"?'.
+    key, *hint = text.splitlines() or [""]
+    key = key.strip("'\"")
+    for path in paths:
+      parts = path.split(".")
+      if key in parts:
+        parent = ".".join(["config", *parts[:parts.index(key)]])
+        message = f"--config.{path}: {parent} has no key {key!r}"
+        hint = _one_line(" ".join(hint))  # 'Did you mean "keys" instead of "key"?'
+        return f"{message}; {hint[:1].lower()}{hint[1:]}" if hint else message
+  culprits = [p for p in paths if p in text] or paths
+  where = ", ".join(f"--config.{p}" for p in culprits) or "--config"
+  return f"{where}: {type(inner).__name__}: {_one_line(text)}"
+
+
+def _flag_error_message(e: Exception, argv: list[str]) -> str:
+  if isinstance(e, flags.UnrecognizedFlagError) and e.flagname.startswith("config."):
+    if _config_arg(argv) is None:
+      return f"--{e.flagname} overrides a config key: give --config FILE before it"
+  return _one_line(str(e))
+
+
+def _config_arg(argv: list[str]) -> str | None:
+  """The value given to --config in argv (its last one), or None."""
+  value = None
+  for i, arg in enumerate(argv[1:], 1):
+    if arg == "--":
+      break
+    match = re.match(r"^--?config(=|$)", arg)
+    if match:
+      value = arg[match.end():] if match.group(1) else (argv[i + 1] if i + 1 < len(argv) else "")
+  return value
+
+
+def _config_load_error(error: Exception, arg: str) -> errors.UserError:
+  """The user error for a --config file that failed to load with `error` (an OSError)."""
+  path = arg.split(":", 1)[0]
+  if path and not os.path.exists(path):
+    where = "" if os.path.isabs(path) else f" (relative to {os.getcwd()})"
+    return errors.MissingError(f"--config: no config file {path!r}{where}")
+  return errors.ConfigError(f"--config={arg}: {_one_line(str(error))}")
+
+
+def _check_config_loaded() -> None:
+  """A --config file that failed to load is a user error now, not at the config's first use.
+
+  ml_collections keeps an OSError of loading the file (no such file, or one that get_config()
+  raised) in a stand-in config that raises it when the config is first used.
+  """
+  error_config = getattr(config_flags.config_flags, "_ErrorConfig", ())
+  config = FLAGS["config"].value
+  if not isinstance(config, error_config):
+    return
+  try:
+    config.lock  # pylint: disable=pointless-statement  # raises the kept error
+  except OSError as e:
+    arg = config_flags.get_config_filename(FLAGS["config"])
+    raise _config_load_error(e.__cause__ or e, arg) from e
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """app.run's flags_parser: FLAGS(argv), a mistake in the flags one line and exit status 2."""
+  try:
+    try:
+      remaining = FLAGS(argv)
+    except flags.Error as e:
+      raise errors.UserError(_flag_error_message(e, argv)) from e
+    except Exception as e:  # pylint: disable=broad-except
+      if not _raised_applying_overrides(e):
+        raise
+      if isinstance(e, OSError) and "earlier failure to load" in str(e):
+        # The file failed to load (see _check_config_loaded), found applying an override.
+        raise _config_load_error(e.__cause__ or e, _config_arg(argv) or "") from e
+      raise errors.ConfigError(_override_message(e, argv)) from e
+    _check_config_loaded()
+  except errors.UserError as e:
+    if _traceback_requested(argv):
+      raise
+    sys.exit(_report(e))
+  return remaining
 
 
 def run() -> None:
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

@@ -3,18 +3,18 @@
     python -m dense_diffusion.main predict --workdir runs/demo --task depth \
         --input photos/ --output out/
 
-The run's config (`<workdir>/config.json`) rebuilds the model, the latest checkpoint is restored
-(EMA parameters by default) and the configured sampler predicts the RGB-encoded answer of every
-image, which the task object of the run (with the options of its input entry) decodes. Images of
-any size and of any PIL mode (grey, palette, RGBA, 16-bit) are converted to RGB, resized to the
-model resolution, predicted in padded batches, and the answer is resized back to the original
-size (nearest for labels, bilinear for continuous maps). What is written per task is in
-`WRITERS` and docs/predict.md.
+The run's config (`<workdir>/config.json`) rebuilds the run (`experiment.Experiment`), the latest
+checkpoint is restored (EMA parameters by default) and the paradigm's inference predicts the
+RGB-encoded answer of every image, which the run's task object (with the options of its input
+entry) decodes. Images of any size and of any PIL mode (grey, palette, RGBA, 16-bit) are
+converted to RGB, resized to the model resolution, predicted in padded batches, and the answer is
+brought back to the original size by the task (`Task.resize`) and written by the task
+(`Task.write`; docs/predict.md lists the files). A composite task (panoptic) is predicted as its
+trained parts, each brought to the original size, then combined.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import pathlib
@@ -27,15 +27,10 @@ import numpy as np
 from PIL import Image
 from PIL import ImageOps
 
+from dense_diffusion import errors
+from dense_diffusion import sharding
 from dense_diffusion import tasks as tasks_lib
-from dense_diffusion import workdir as workdir_lib
-
-# Continuous maps are resized bilinearly, label maps with nearest neighbour.
-LABEL_TASKS = ("semantic", "instance")
-DEPTH_PNG_SCALE = 1000.0  # depth PNG: uint16 millimetres (metres * 1000), 0 = invalid/too far.
-UINT16_MAX = 65535
-DEPTH_COLORMAP = "Spectral_r"  # matplotlib colormap of the depth preview (near = blue).
-OVERLAY_ALPHA = 0.5  # weight of the label colours in the overlays.
+from dense_diffusion.experiment import config as config_lib
 
 
 # --- images ---------------------------------------------------------------------------------
@@ -49,9 +44,9 @@ def list_inputs(path: str | pathlib.Path) -> list[pathlib.Path]:
   if path.is_dir():
     files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
     if not files:
-      raise FileNotFoundError(f"no files in the input folder {path}")
+      raise errors.MissingError(f"no files in the input folder {path}")
     return files
-  raise FileNotFoundError(f"--input {path} is neither a file nor a folder")
+  raise errors.MissingError(f"--input {path} is neither a file nor a folder")
 
 
 def load_rgb(path: str | pathlib.Path) -> np.ndarray:
@@ -80,175 +75,6 @@ def to_model_input(image: np.ndarray, size: int) -> np.ndarray:
   return np.asarray(resized, np.float32) / 127.5 - 1.0
 
 
-def resize_map(x: np.ndarray, height: int, width: int, nearest: bool) -> np.ndarray:
-  """[h, w] or [h, w, C] -> [height, width(, C)]; nearest keeps the dtype (labels)."""
-  x = np.asarray(x)
-  h, w = x.shape[:2]
-  if (h, w) == (height, width):
-    return x
-  if nearest:
-    rows = np.minimum(((np.arange(height) + 0.5) * h / height).astype(np.int64), h - 1)
-    cols = np.minimum(((np.arange(width) + 0.5) * w / width).astype(np.int64), w - 1)
-    return x[rows[:, None], cols[None, :]]
-  channels = x[..., None] if x.ndim == 2 else x
-  out = np.stack([np.asarray(Image.fromarray(channels[..., c].astype(np.float32), "F").resize(
-      (width, height), Image.BILINEAR)) for c in range(channels.shape[-1])], axis=-1)
-  return out[..., 0] if x.ndim == 2 else out
-
-
-# --- writers: one per task --------------------------------------------------------------------
-
-
-def _u8(x01: np.ndarray) -> np.ndarray:
-  return np.round(np.clip(x01, 0.0, 1.0) * 255.0).astype(np.uint8)
-
-
-def _overlay(image: np.ndarray, colours: np.ndarray, mask: Optional[np.ndarray] = None
-             ) -> np.ndarray:
-  """Blends u8 colours over u8 image where `mask` (everywhere when None)."""
-  blend = (1 - OVERLAY_ALPHA) * image.astype(np.float32) + OVERLAY_ALPHA * colours
-  if mask is not None:
-    blend = np.where(mask[..., None], blend, image)
-  return np.round(blend).clip(0, 255).astype(np.uint8)
-
-
-def _id_colours(ids: np.ndarray) -> np.ndarray:
-  """u8[H, W, 3] colours of integer ids (fixed pseudo-random colour per id; 0 = black)."""
-  top = int(ids.max(initial=0))
-  table = np.random.default_rng(0).integers(40, 256, (top + 1, 3)).astype(np.uint8)
-  table[0] = 0
-  return table[ids]
-
-
-def _save(path: epath.Path, array: np.ndarray) -> epath.Path:
-  """u8[H, W, 3] -> RGB PNG, u16[H, W] -> 16-bit grey PNG."""
-  _save_image(path, Image.fromarray(array))
-  return path
-
-
-def _save_image(path: epath.Path, img: Image.Image) -> None:
-  # Through epath's file object, so that --output may be gs:// (PIL opens only local paths).
-  with path.open("wb") as f:
-    img.save(f, format="PNG")
-
-
-def semantic_palette_png(labels: np.ndarray, task: Any) -> Image.Image:
-  """i32[H, W] class indices (255 = ignore) -> PIL "P" image, index = class, task's colours."""
-  colours = _u8((np.asarray(task.palette) + 1.0) * 0.5)  # row c + 1 is class c
-  table = np.zeros((256, 3), np.uint8)
-  table[:task.num_classes] = colours[1:task.num_classes + 1]
-  table[tasks_lib.IGNORE_LABEL] = colours[0]
-  img = Image.fromarray(np.asarray(labels).astype(np.uint8), "L").convert("P")
-  img.putpalette(table.reshape(-1).tolist())
-  return img
-
-
-def _write_depth(out, stem, image, depth, task, **_):
-  if task.affine_invariant:
-    # Relative depth in [0, 1] (no metric scale): stored as v * 65535.
-    coded = np.round(np.clip(depth, 0.0, 1.0) * UINT16_MAX)
-  else:
-    coded = np.round(np.clip(depth * DEPTH_PNG_SCALE, 0, UINT16_MAX))
-  paths = [_save(out / f"{stem}_depth.png", coded.astype(np.uint16))]
-  from matplotlib import colormaps
-  lo, hi = float(np.min(depth)), float(np.max(depth))
-  v = (depth - lo) / (hi - lo) if hi > lo else np.zeros_like(depth)
-  rgb = colormaps[DEPTH_COLORMAP](v)[..., :3]
-  paths.append(_save(out / f"{stem}_depth_color.png", _u8(rgb)))
-  return paths
-
-
-def _write_normals(out, stem, image, normals, task, **_):
-  return [_save(out / f"{stem}_normals.png", _u8((normals + 1.0) * 0.5))]
-
-
-def _write_semantic(out, stem, image, labels, task, **_):
-  img = semantic_palette_png(labels, task)
-  path = out / f"{stem}_semantic.png"
-  _save_image(path, img)
-  colours = np.asarray(img.convert("RGB"))
-  overlay = _overlay(image, colours, mask=labels != tasks_lib.IGNORE_LABEL)
-  return [path, _save(out / f"{stem}_semantic_overlay.png", overlay)]
-
-
-def _write_instance(out, stem, image, ids, task, **_):
-  ids = np.asarray(ids)
-  if ids.max(initial=0) > UINT16_MAX:
-    raise ValueError(f"{ids.max()} instances do not fit a 16-bit PNG")
-  return [_save(out / f"{stem}_instance.png", ids.astype(np.uint16)),
-          _save(out / f"{stem}_instance_overlay.png",
-                _overlay(image, _id_colours(ids), mask=ids > 0))]
-
-
-def _write_image(out, stem, image, rgb01, task, **_):
-  return [_save(out / f"{stem}_{task.name}.png", _u8(rgb01))]
-
-
-def _write_shading(out, stem, image, shading, task, **_):
-  # s / max_shading in [0, 1] stored as uint16 0..65535.
-  coded = np.round(np.clip(shading / task.max_shading, 0.0, 1.0) * UINT16_MAX)
-  return [_save(out / f"{stem}_shading.png", coded.astype(np.uint16))]
-
-
-def panoptic_id_rgb(ids: np.ndarray) -> np.ndarray:
-  """i32[H, W] segment ids -> u8[H, W, 3] with id = R + 256 G + 256^2 B (COCO panoptic PNG)."""
-  ids = np.asarray(ids, np.int64)
-  return np.stack([ids % 256, ids // 256 % 256, ids // 256**2 % 256], -1).astype(np.uint8)
-
-
-def _bbox(mask: np.ndarray) -> list[int]:
-  ys, xs = np.nonzero(mask)
-  if not len(ys):
-    return [0, 0, 0, 0]
-  return [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)]
-
-
-def _write_panoptic(out, stem, image, answer, task, **_):
-  ids = np.asarray(answer["ids"])
-  png = out / f"{stem}_panoptic.png"
-  _save(png, panoptic_id_rgb(ids))
-  names = {int(c["id"]): c.get("name", str(c["id"])) for c in task.categories}
-  segments = [{"id": int(s["id"]), "category_id": int(s["category_id"]),
-               "category_name": names[int(s["category_id"])], "iscrowd": 0,
-               "isthing": int(bool(s["isthing"])), "area": int(np.sum(ids == s["id"])),
-               "bbox": _bbox(ids == s["id"])} for s in answer["segments"]]
-  record = {"image_id": stem, "file_name": png.name, "height": int(ids.shape[0]),
-            "width": int(ids.shape[1]), "segments_info": segments,
-            "categories": [dict(c) for c in task.categories]}
-  js = out / f"{stem}_panoptic.json"
-  js.write_text(json.dumps(record, indent=1))
-  overlay = _overlay(image, _id_colours(ids), mask=ids > 0)
-  return [png, js, _save(out / f"{stem}_panoptic_overlay.png", overlay)]
-
-
-# task name -> writer(out_dir, stem, image u8[H,W,3], answer at full size, task) -> paths.
-WRITERS: dict[str, Callable[..., list[epath.Path]]] = {
-    "depth": _write_depth,
-    "normals": _write_normals,
-    "semantic": _write_semantic,
-    "instance": _write_instance,
-    "panoptic": _write_panoptic,
-    "albedo": _write_image,
-    "denoise": _write_image,
-    "derain": _write_image,
-    "lowlight": _write_image,
-    "shading": _write_shading,
-}
-
-
-def _unit_normals(full: dict, task: Any) -> np.ndarray:
-  n = full["normals"]  # bilinear resizing shortens the vectors between pixels
-  return n / np.maximum(np.linalg.norm(n, axis=-1, keepdims=True), 1e-6)
-
-
-# task -> f(answers resized to the original size by decoded task name, writer task) -> answer;
-# tasks not listed take their own decoded map as it is.
-FULL_SIZE_ANSWER: dict[str, Callable[[dict, Any], Any]] = {
-    "normals": _unit_normals,
-    "panoptic": lambda full, task: task.merge(full["semantic"], full["instance"]),
-}
-
-
 # --- the predictor ------------------------------------------------------------------------------
 
 
@@ -264,38 +90,23 @@ class Summary:
     return 0 if self.written else 1
 
 
-def _entry_task(config: Any, name: str) -> tasks_lib.Task:
-  from dense_diffusion import evaluate
-  for entry in config.input.entries:
-    entry = dict(entry)
-    task = evaluate.task_from_pp(entry.get("pp_eval") or entry["pp"])
-    if task.name == name:
-      return task
-  raise ValueError(f"no input entry of the config encodes task {name!r}, so its decoding "
-                   "options are unknown")
-
-
-def _panoptic_categories(config: Any) -> Optional[list[dict]]:
-  categories = config.get("eval", {}).get("panoptic_categories")
-  if categories:
-    return [dict(c) for c in categories]
-  if any(dict(e)["dataset"].startswith("synthetic_scenes") for e in config.input.entries):
-    from dense_diffusion.datasets.synthetic_scenes import renderer
-    return [dict(c) for c in renderer.CATEGORIES]
-  return None
-
-
-def check_task(config: Any, task: str, workdir: str = "") -> None:
-  """Raises a ValueError naming the trained tasks when `task` cannot be predicted by this run."""
-  trained = list(config.tasks)
-  available = trained + (["panoptic"] if {"semantic", "instance"} <= set(trained) else [])
-  if task not in available:
-    hint = ("; panoptic needs a run trained on both semantic and instance"
-            if task == "panoptic" else "")
-    where = f" ({workdir})" if workdir else ""
-    also = " (and panoptic)" if "panoptic" in available else ""
-    raise ValueError(f"task {task!r} was not trained in this run{where}; trained tasks: "
-                     f"{', '.join(trained)}{also}{hint}")
+def check_task(config: Any, task: str, workdir: str = "") -> tasks_lib.Task:
+  """The task object for `task`; a UserError naming what can be predicted when it cannot."""
+  available = config_lib.available_tasks(config)
+  if task in available:
+    return available[task]
+  trained = [n for n in config.tasks]
+  composites = [n for n in available if n not in trained]
+  also = f" (and {', '.join(composites)})" if composites else ""
+  where = f" ({workdir})" if workdir else ""
+  hint = ""
+  if task in tasks_lib.composites():
+    parts = tasks_lib.base.TASKS.get(task).parts
+    hint = (f"; {task} combines {', '.join(parts)}: it needs a run trained on all of them"
+            + (" whose tasks carry what it needs (docs/tasks.md)"
+               if set(parts) <= set(trained) else ""))
+  raise errors.ConfigError(f"task {task!r} was not trained in this run{where}; trained tasks: "
+                           f"{', '.join(trained)}{also}{hint}")
 
 
 class Predictor:
@@ -312,12 +123,11 @@ class Predictor:
 
   def __init__(self, workdir: str, *, batch_size: Optional[int] = None,
                steps: Optional[int] = None, use_ema: bool = True, seed: int = 0):
-    from dense_diffusion import train
     self.workdir = str(workdir)
-    self.config = train.load_config(workdir)
+    self.config = config_lib.load(workdir)
     if steps is not None:
       if steps < 1:
-        raise ValueError(f"--steps must be >= 1, got {steps}")
+        raise errors.ConfigError(f"--steps must be >= 1, got {steps}")
       self.config.diffusion.num_inference_steps = int(steps)
     self.resolution = int(self.config.model.unet["sample_size"])
     self.use_ema = use_ema
@@ -325,34 +135,25 @@ class Predictor:
     self._requested_batch = batch_size
     self._setup = None
 
-  def check_task(self, task: str) -> None:
-    check_task(self.config, task, self.workdir)
+  def check_task(self, task: str) -> tasks_lib.Task:
+    return check_task(self.config, task, self.workdir)
 
   def _load(self) -> None:
-    """Builds the model and restores the latest checkpoint (once)."""
+    """Builds the run and restores the latest checkpoint (once)."""
     if self._setup is not None:
       return
-    import jax
-    from dense_diffusion import checkpointing
-    from dense_diffusion import train
+    from dense_diffusion import experiment  # pylint: disable=g-import-not-at-top
 
-    setup = train.Setup(self.config)
-    shards = math.prod(setup.mesh.shape[a] for a in ("data", "fsdp"))
+    setup = experiment.Experiment(self.config)
+    shards = math.prod(setup.mesh.shape[a] for a in sharding.BATCH_AXES)
     batch = self._requested_batch or int(self.config.eval.get("batch_size", shards))
     if batch < 1 or batch % shards:
-      raise ValueError(f"batch size {batch} does not divide over the {shards} data-parallel "
-                       "shards of the mesh; use a multiple of that")
+      raise errors.ConfigError(f"batch size {batch} does not divide over the {shards} "
+                               "data-parallel shards of the mesh; use a multiple of that")
     self.batch_size = batch
-    checkpointer = checkpointing.Checkpointer(
-        os.fspath(workdir_lib.WorkdirPaths(self.workdir).checkpoints), async_save=False)
-    with jax.set_mesh(setup.mesh):
-      step, state = checkpointer.restore_latest(setup.state)
-    checkpointer.close()
-    if state is None:
-      raise FileNotFoundError(f"no checkpoint in {self.workdir}/checkpoints")
-    self.step = int(step)
+    self.step, state = setup.restore_latest(self.workdir, async_save=False)
     self.params = state.ema if self.use_ema else state.params
-    self._sample = setup.make_sampler()
+    self._predict = setup.make_predictor()
     self._setup = setup
 
   def predict_rgb(self, images: np.ndarray, task: str, batch_index: int = 0) -> np.ndarray:
@@ -368,33 +169,20 @@ class Predictor:
     task_ids = np.full((self.batch_size,), setup.task_names.index(task), np.int32)
     key = jax.random.fold_in(jax.random.key(self.seed), batch_index)
     with jax.set_mesh(setup.mesh):
-      batch = setup.device_batch({"image": padded, "target": padded, "task": task_ids})
-      pred = self._sample(self.params, setup.frozen, batch["image"], batch["task"], key)
-      pred = np.asarray(jax.device_get(pred))
+      image = sharding.global_array(padded, setup.batch_shardings["image"])
+      task_index = sharding.global_array(task_ids, setup.batch_shardings["task"])
+      pred = sharding.to_host(self._predict(self.params, setup.frozen, image, task_index, key))
     return np.clip(pred[:n], -1.0, 1.0)
-
-  def _decoders(self, task: str) -> list[tuple[str, Any]]:
-    names = ["semantic", "instance"] if task == "panoptic" else [task]
-    return [(n, _entry_task(self.config, n)) for n in names]
 
   def run(self, task: str, inputs: Sequence[str | pathlib.Path], output: str | os.PathLike,
           *, log: Callable[[str], None] = lambda s: print(s, flush=True),
           err: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)
           ) -> Summary:
     """Predicts `task` for every input file; writes the outputs into `output`."""
-    self.check_task(task)
-    decoders = self._decoders(task)
-    writer_task = decoders[0][1]
-    if task == "panoptic":
-      categories = _panoptic_categories(self.config)
-      if not categories:
-        raise ValueError("panoptic needs the categories: set config.eval.panoptic_categories")
-      if len(categories) != decoders[0][1].num_classes:
-        raise ValueError(f"{len(categories)} panoptic categories but the semantic task has "
-                         f"{decoders[0][1].num_classes} classes; set "
-                         "config.eval.panoptic_categories to the semantic classes in order")
-      writer_task = tasks_lib.get("panoptic", categories=categories,
-                                  instance_options=_task_options(decoders[1][1]))
+    task_obj = self.check_task(task)
+    # What the model predicts: the task itself, or a composite's trained parts.
+    trained = config_lib.available_tasks(self.config)
+    decoders = [(n, trained[n]) for n in (task_obj.parts or (task,))]
     self._load()
     out = epath.Path(output)  # a local folder or gs://
     out.mkdir(parents=True, exist_ok=True)
@@ -410,17 +198,14 @@ class Predictor:
       if not pending:
         return
       model_in = np.stack([to_model_input(img, self.resolution) for _, _, img in pending])
-      answers = {}
-      for name, dec in decoders:
-        rgb = self.predict_rgb(model_in, name, batch_index)
-        answers[name] = dec.decode(rgb)
+      answers = {name: dec.decode(self.predict_rgb(model_in, name, batch_index))
+                 for name, dec in decoders}
       for i, (path, stem, img) in enumerate(pending):
         h, w = img.shape[:2]
-        full = {name: resize_map(answers[name][i], h, w, nearest=name in LABEL_TASKS)
-                for name, _ in decoders}
-        answer = FULL_SIZE_ANSWER.get(task, lambda f, _: f[task])(full, writer_task)
+        full = {name: dec.resize(answers[name][i], h, w) for name, dec in decoders}
+        answer = task_obj.combine(full) if task_obj.parts else full[task]
         try:
-          summary.outputs.extend(WRITERS[task](out, stem, img, answer, writer_task))
+          summary.outputs.extend(task_obj.write(out, stem, img, answer))
           summary.written += 1
         except OSError as e:
           summary.failed.append((path, f"cannot write its outputs: {e}"))
@@ -447,11 +232,6 @@ class Predictor:
     log(f"{task}: {summary.written} written, {len(summary.failed)} failed (of {total} files) "
         f"-> {out}")
     return summary
-
-
-def _task_options(task: Any) -> dict:
-  return {f.name: getattr(task, f.name) for f in dataclasses.fields(task)
-          if f.name not in ("name", "prompt")}
 
 
 def _unique_stems(paths: list) -> dict:

@@ -141,7 +141,9 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from dense_diffusion import demo
+from dense_diffusion import experiment
 from dense_diffusion import train
+from dense_diffusion.datasets import prepare
 
 tfds.disable_progress_bar()  # the preparation's progress bars would fill the cell output
 tf.get_logger().setLevel("ERROR")  # tf.data deprecation notes, not ours to fix here
@@ -162,7 +164,7 @@ workdir = pathlib.Path(WORKDIR)  # this notebook's outputs (and the run, unless 
 workdir.mkdir(parents=True, exist_ok=True)
 if LOAD_WORKDIR:
   run_dir = pathlib.Path(LOAD_WORKDIR)
-  config = train.load_config(str(run_dir))  # the run's own config.json
+  config = experiment.load_config(str(run_dir))  # the run's own config.json
 else:
   run_dir = workdir
   config = demo.load_demo_config()
@@ -173,7 +175,7 @@ if DATA_DIR:
 for key, value in CONFIG_OVERRIDES.items():
   set_dotted(config, key, value)
 
-train.ensure_prepared(config.input.entries, config.input.get("data_dir"))
+prepare.ensure_prepared(config.input.entries, config.input.get("data_dir"))
 print(f"tasks: {', '.join(config.tasks)}")
 print(f"run folder: {run_dir}" + ("" if LOAD_WORKDIR else f" ({config.total_steps} steps)"))
 """
@@ -206,9 +208,11 @@ the end every task is evaluated on the validation split. Running this cell again
 TRAIN = """\
 import time
 
+from dense_diffusion import evaluate
+
 start = time.time()
 if LOAD_WORKDIR:
-  results = train.evaluate_latest(config, str(run_dir))
+  results = evaluate.evaluate_latest(config, str(run_dir))
 else:
   results = train.train_and_evaluate(config, str(run_dir))
 print(f"done in {time.time() - start:.0f}s")
@@ -234,11 +238,11 @@ order = [t for t in (*config.tasks, "panoptic") if t in results]  # the config's
 rows = []
 for task in order + sorted(set(results) - set(order)):
   values = results[task]
-  key = evaluate.HEADLINE.get(task)
+  key = values.get("headline")  # every task's result names its headline metric
   if key is None or key not in values:
     continue
   model, baseline = values[key], values.get("baseline", {}).get(key, float("nan"))
-  better = model > baseline if evaluate.HIGHER_IS_BETTER[key] else model < baseline
+  better = evaluate.is_better(values)  # by the result's own "higher_is_better"
   rows.append({"task": task, "metric": key, "model": round(model, 4),
                "baseline": round(baseline, 4), "better": "yes" if better else "NO",
                "examples": values.get("num_examples")})

@@ -1,5 +1,4 @@
 """The README's main job runs end to end and its round trips are exact on clean encodings."""
-import re
 import subprocess
 import sys
 
@@ -10,14 +9,17 @@ def test_demo_run_writes_grid_and_exact_clean_round_trips(tmp_path, capsys):
   assert demo.show_encodings(workdir=str(tmp_path), resolution=48, num_scenes=1) == 0
   out = capsys.readouterr().out
   assert (tmp_path / "encodings.png").stat().st_size > 10_000
-  rows = {line.split()[0]: line for line in out.splitlines() if line.startswith(
+  rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith(
       ("depth", "normals", "semantic", "instance", "panoptic", "shading", "denoise"))}
-  assert "AbsRel 0.0000" in rows["depth"]
-  assert "mean angle 0.00 deg" in rows["normals"]
-  assert "mIoU 1.0000" in rows["semantic"]
-  assert "PQ 1.0000" in rows["panoptic"]
-  found, total = map(int, re.search(r"(\d+)/(\d+) instances found", rows["instance"]).groups())
-  assert found == total > 0
+  # The task's own headline metric of decode(encode(x)) against x, then with sampler-like noise.
+  clean = {task: (words[-4], float(words[-3])) for task, words in rows.items()}
+  assert clean["depth"][0] == "abs_rel" and clean["depth"][1] < 1e-4
+  assert clean["normals"][0] == "mean" and clean["normals"][1] < 0.01  # degrees
+  assert clean["semantic"] == ("miou", 1.0)
+  assert clean["instance"] == ("pq", 1.0)
+  assert clean["panoptic"] == ("pq", 1.0)
+  assert clean["shading"][0] == "rmse" and clean["shading"][1] < 1e-3
+  assert clean["denoise"][0] == "psnr" and clean["denoise"][1] > 100
 
 
 def test_main_rejects_unknown_command():

@@ -7,8 +7,9 @@ import pytest
 from flax import nnx
 
 from configs import demo
-from dense_diffusion import train
-from dense_diffusion.models import build
+from dense_diffusion import experiment
+from dense_diffusion import tasks
+from dense_diffusion.experiment import model as model_lib
 from dense_diffusion.models import generalist
 
 UNET = dict(sample_size=8, in_channels=6, out_channels=3, block_out_channels=[8, 16],
@@ -16,12 +17,13 @@ UNET = dict(sample_size=8, in_channels=6, out_channels=3, block_out_channels=[8,
             up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"], cross_attention_dim=8,
             attention_head_dim=4, norm_num_groups=4)
 TASKS = ("depth", "denoise", "derain", "albedo")
+TASK_OBJECTS = [tasks.get(n) for n in TASKS]
 
 
 @pytest.fixture(scope="module")
 def model():
   config = ml_collections.ConfigDict(dict(unet=UNET, input_residual=True, num_task_tokens=2))
-  return build.build_generalist(config, TASKS, seed=0)
+  return model_lib.build_model(config, TASK_OBJECTS, seed=0)
 
 
 def _inputs(batch=4):
@@ -68,7 +70,7 @@ def test_gate_is_trained(forward_and_grads):
 
 def test_no_residual_without_the_option():
   config = ml_collections.ConfigDict(dict(unet=UNET, num_task_tokens=2))
-  assert build.input_residual_init(config, []) is None
+  assert model_lib.input_residual_init(config, []) is None
   m = generalist.GeneralistModel(UNET, num_tasks=2, rngs=nnx.Rngs(0))
   assert m.input_residual_gate is None
 
@@ -83,13 +85,13 @@ def test_residual_with_a_noise_or_v_parameterisation_fails_at_setup():
   config = demo.get_config()
   config.diffusion.prediction_type = "v_prediction"
   with pytest.raises(ValueError, match="input_residual.*prediction_type='sample'"):
-    train.Setup(config)
+    experiment.Experiment(config)
 
 
 def test_zero_init_output_starts_at_the_gated_input():
   config = ml_collections.ConfigDict(dict(unet=UNET, input_residual=True, num_task_tokens=2,
                                           zero_init_output=True))
-  m = build.build_generalist(config, TASKS, seed=0)
+  m = model_lib.build_model(config, TASK_OBJECTS, seed=0)
   x_t, t, image, task = _inputs()
   gate = np.array([0.0, 1.0, 1.0, 0.0])[:, None, None, None]
   np.testing.assert_array_equal(m(x_t, t, image, task), gate * np.asarray(image))
@@ -100,13 +102,13 @@ def test_zero_init_output_refuses_a_pretrained_unet(tmp_path):
   config = ml_collections.ConfigDict(dict(unet=UNET, zero_init_output=True,
                                           pretrained_unet=str(tmp_path)))
   with pytest.raises(ValueError, match="zero_init_output would discard"):
-    build.build_generalist(config, TASKS, seed=0)
+    model_lib.build_model(config, TASK_OBJECTS, seed=0)
 
 
 def test_zero_init_output_refuses_lora_only_training():
   config = ml_collections.ConfigDict(dict(unet=UNET, zero_init_output=True, lora=dict(rank=2)))
   with pytest.raises(ValueError, match="LoRA-only training never updates"):
-    build.build_generalist(config, TASKS, seed=0)
+    model_lib.build_model(config, TASK_OBJECTS, seed=0)
 
 
 def test_task_is_the_class_label_of_a_unet_with_class_embeddings():
@@ -114,7 +116,7 @@ def test_task_is_the_class_label_of_a_unet_with_class_embeddings():
   the model equals its UNet called with class_labels=task, and a wrong count fails at build."""
   unet_config = dict(UNET, num_class_embeds=len(TASKS))
   config = ml_collections.ConfigDict(dict(unet=unet_config, num_task_tokens=2))
-  m = build.build_generalist(config, TASKS, seed=0)
+  m = model_lib.build_model(config, TASK_OBJECTS, seed=0)
   x_t, t, image, task = _inputs()
   sample = jnp.concatenate([x_t, image], -1)
   expected = m.unet(sample, t, m.context(image, task), class_labels=task)

@@ -68,7 +68,7 @@ REFERENCE = textwrap.dedent("""
     import jax
     import numpy as np
     import tensorflow_datasets as tfds
-    from dense_diffusion import checkpointing, input_pipeline, sharding, train
+    from dense_diffusion import checkpointing, experiment, input_pipeline, sharding
 
     config_path, workdir, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
     spec = importlib.util.spec_from_file_location("mh_config", config_path)
@@ -99,10 +99,10 @@ REFERENCE = textwrap.dedent("""
 
     # Each process's stream, built exactly as the train loop builds it.
     one = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
-    setup = train.Setup(config, mesh=one)
+    exp = experiment.Experiment(config, mesh=one)
     per_process = int(config.batch_size) // 2
     streams = [iter(tfds.as_numpy(input_pipeline.get_train_dataset(
-        entries, setup.task_names, per_process, seed=int(config.seed), data_dir=data_dir,
+        entries, exp.task_names, per_process, seed=int(config.seed), data_dir=data_dir,
         process_index=i, process_count=2, shuffle_buffer=int(config.input.shuffle_buffer),
         on_bad_example=config.input.on_bad_example))) for i in range(2)]
     batches = [[next(s) for _ in range(steps + 1)] for s in streams]
@@ -119,21 +119,21 @@ REFERENCE = textwrap.dedent("""
     # rest; the loss is a mean, so the order only matters to float rounding anyway.
     glob = [{k: np.concatenate([batches[0][s][k], batches[1][s][k]]) for k in batches[0][s]}
             for s in range(steps + 1)]
-    init = jax.tree.map(np.asarray, setup.state.params)
+    init = jax.tree.map(np.asarray, exp.state.params)
     losses = []
-    with jax.set_mesh(setup.mesh):
+    with jax.set_mesh(exp.mesh):
       for s in range(steps):
-        setup.state, m = setup.train_step(setup.state, setup.frozen, setup.device_batch(glob[s]))
+        exp.state, m = exp.train_step(exp.state, exp.frozen, exp.device_batch(glob[s]))
         losses.append(float(m["loss"]))
     out["losses"] = losses
-    reference = jax.tree.map(np.asarray, setup.state)
+    reference = jax.tree.map(np.asarray, exp.state)
 
     print("TRAINED", flush=True)
     sys.stdin.readline()  # the test says when the two processes have finished.
 
-    with jax.set_mesh(setup.mesh):
+    with jax.set_mesh(exp.mesh):
       checkpointer = checkpointing.Checkpointer(workdir + "/checkpoints")
-      step, restored = checkpointer.restore_latest(setup.state)
+      step, restored = checkpointer.restore_latest(exp.state)
       checkpointer.close()
       out["restored_step"] = int(step)
       out["restored_state_step"] = int(restored.step)
@@ -149,10 +149,10 @@ REFERENCE = textwrap.dedent("""
       out["ema_diff"] = diff(restored_np.ema, reference.ema)
       out["opt_diff"] = diff(restored_np.opt_state, reference.opt_state)
       # Training goes on from the restored state.
-      setup.state = restored
-      setup.state, m = setup.train_step(setup.state, setup.frozen, setup.device_batch(glob[steps]))
+      exp.state = restored
+      exp.state, m = exp.train_step(exp.state, exp.frozen, exp.device_batch(glob[steps]))
       out["continued_loss"] = float(m["loss"])
-      out["continued_step"] = int(setup.state.step)
+      out["continued_step"] = int(exp.state.step)
     print("RESULT " + json.dumps(out), flush=True)
 """)
 

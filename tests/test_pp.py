@@ -120,18 +120,6 @@ def test_keep_drop_copy():
     _run('keep("missing")', {"a": np.ones(2)})
 
 
-def test_encode_task_is_the_task_encoding():
-  rng = np.random.default_rng(0)
-  depth = rng.uniform(0, 10, (8, 9)).astype(np.float32)
-  sem = rng.integers(0, 7, (8, 9)).astype(np.int32)
-  out = _run('encode_task("depth", key="depth", max_depth=10.0)|'
-             'encode_task("semantic", key="sem", outkey="t2", num_classes=7)',
-             {"depth": depth, "sem": sem})
-  np.testing.assert_array_equal(out["target"], tasks.get("depth", max_depth=10.0).encode(depth))
-  np.testing.assert_array_equal(out["t2"], tasks.get("semantic", num_classes=7).encode(sem))
-  assert out["target"].shape == (8, 9, 3)
-
-
 # -- COCO panoptic on the real panopticapi sample --
 def _coco_fixture(shared_fixtures):
   root = shared_fixtures / "coco_panoptic_sample"
@@ -187,14 +175,14 @@ def test_coco_panoptic_real_sample(shared_fixtures):
     np.testing.assert_array_equal(out["panoptic_ids/iscrowd"], [s["iscrowd"] for s in segments])
     sem, inst = out["semantic"], out["instance"]
     np.testing.assert_array_equal(sem[ids == 0], 255)
-    np.testing.assert_array_equal(inst[ids == 0], 0)
+    np.testing.assert_array_equal(inst[ids == 0], tasks.UNKNOWN_INSTANCE)  # void: unknown
     inst_ids = set()
     for s in segments:
       m = ids == s["id"]
       assert m.sum() == s["area"]
       if s["iscrowd"]:
         n_crowd += 1
-        assert np.all(sem[m] == 255) and np.all(inst[m] == 0)
+        assert np.all(sem[m] == 255) and np.all(inst[m] == tasks.UNKNOWN_INSTANCE)
         continue
       assert np.all(sem[m] == index_of[s["category_id"]])
       if s["category_id"] in thing_ids:
@@ -210,16 +198,18 @@ def test_coco_panoptic_real_sample(shared_fixtures):
 def test_coco_panoptic_encode_decode_merge_has_pq_one(shared_fixtures):
   from dense_diffusion.metrics import panoptic as metrics
   categories, samples = _coco_fixture(shared_fixtures)
-  fn = pp.get_preprocess_fn('coco_panoptic|encode_task("semantic", key="semantic", num_classes=133)'
-                            '|encode_task("instance", key="instance", outkey="target_instance")')
+  fn = pp.get_preprocess_fn("coco_panoptic")
+  semantic = tasks.get("semantic", num_classes=133, categories=categories)
+  instance = tasks.get("instance")
   task = tasks.get("panoptic", categories=categories)
   pairs = []
   for rgb, segments in samples:
     ex = _tfds_style(rgb, segments, categories)
     out = fn({"panoptic_image": tf.constant(ex["panoptic_image"]),
               "panoptic_objects": {k: tf.constant(v) for k, v in ex["panoptic_objects"].items()}})
-    pred = task.decode({"semantic": out["target"].numpy(),
-                        "instance": out["target_instance"].numpy()})
+    # What the model is trained to paint for the two parts, decoded and merged.
+    pred = task.decode({"semantic": semantic.encode(out["semantic"].numpy()),
+                        "instance": instance.encode(out["instance"].numpy())})
     ids = _ids(rgb)
     pairs.append((ids, segments, pred["ids"], pred["segments"]))
   result = metrics.panoptic_quality(pairs, categories)

@@ -3,6 +3,7 @@ files at the original size, reports unreadable files and batches with padding.""
 import json
 import pathlib
 
+from etils import epath
 import jax
 import numpy as np
 import pytest
@@ -10,11 +11,12 @@ from PIL import Image
 
 from configs import tiny
 from dense_diffusion import checkpointing
+from dense_diffusion import experiment
 from dense_diffusion import main as cli
 from dense_diffusion import predict
 from dense_diffusion import tasks as tasks_lib
-from dense_diffusion import train
 from dense_diffusion.datasets import readers
+from dense_diffusion.tasks import panoptic
 
 TASKS = ("depth", "semantic", "instance")
 SIZES = {"wide.png": (50, 37), "tall.jpg": (40, 64), "grey.png": (30, 20)}  # (width, height)
@@ -37,12 +39,12 @@ def run_dir(tmp_path_factory) -> pathlib.Path:
   config.batch_size = 2
   config.eval.batch_size = 2
   config.diffusion.num_inference_steps = 1
-  train.save_config(config, workdir)
-  setup = train.Setup(config)
-  state = setup.state.replace(step=setup.state.step + 3,
-                              ema=jax.tree.map(lambda x: x + EMA_OFFSET, setup.state.ema))
+  experiment.save_config(config, workdir)
+  exp = experiment.Experiment(config)
+  state = exp.state.replace(step=exp.state.step + 3,
+                            ema=jax.tree.map(lambda x: x + EMA_OFFSET, exp.state.ema))
   checkpointer = checkpointing.Checkpointer(str(workdir / "checkpoints"), async_save=False)
-  with jax.set_mesh(setup.mesh):
+  with jax.set_mesh(exp.mesh):
     assert checkpointer.maybe_save(3, state, force=True)
   checkpointer.close()
   return workdir
@@ -75,7 +77,7 @@ def _cli(*args: str) -> int:
 def test_restores_the_latest_checkpoint_with_ema(run_dir, predictor):
   predictor._load()
   assert predictor.step == 3
-  fresh = train.Setup(train.load_config(str(run_dir))).state
+  fresh = experiment.Experiment(experiment.load_config(str(run_dir))).state
   # The checkpoint's raw params are the initial ones; its EMA is shifted: predict uses the EMA.
   for restored, init in zip(jax.tree.leaves(predictor.params), jax.tree.leaves(fresh.params)):
     np.testing.assert_allclose(np.asarray(restored), np.asarray(init) + EMA_OFFSET, atol=1e-6)
@@ -207,31 +209,32 @@ def test_load_rgb_converts_modes(tmp_path):
 
 
 def test_writers_encode_values(tmp_path):
+  out = epath.Path(tmp_path)
   image = np.zeros((2, 3, 3), np.uint8)
   depth = np.array([[0.0, 1.2344, 8.0], [65.6, 0.5, 0.001]], np.float32)
-  predict.WRITERS["depth"](tmp_path, "d", image, depth, tasks_lib.get("depth"))
+  tasks_lib.get("depth").write(out, "d", image, depth)
   np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "d_depth.png")),
                                 [[0, 1234, 8000], [65535, 500, 1]])
   normals = np.array([[[0, 0, -1], [1, 0, 0], [0, -1, 0]]] * 2, np.float32)
-  predict.WRITERS["normals"](tmp_path, "n", image, normals, tasks_lib.get("normals"))
+  tasks_lib.get("normals").write(out, "n", image, normals)
   np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "n_normals.png"))[0],
                                 [[128, 128, 0], [255, 128, 128], [128, 0, 128]])
   shading = np.array([[0.0, 0.5, 1.0], [2.0, 0.25, 0.0]], np.float32)
-  predict.WRITERS["shading"](tmp_path, "s", image, shading, tasks_lib.get("shading"))
+  tasks_lib.get("shading").write(out, "s", image, shading)
   np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "s_shading.png")),
                                 [[0, 32768, 65535], [65535, 16384, 0]])
   ids = np.array([[0, 1, 256], [70000, 0, 3]])
-  rgb = predict.panoptic_id_rgb(ids).astype(np.int64)
+  rgb = panoptic.id_rgb(ids).astype(np.int64)
   np.testing.assert_array_equal(rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2], ids)
 
 
 def test_resize_map_nearest_keeps_labels_and_bilinear_is_smooth():
   labels = np.arange(16, dtype=np.int32).reshape(4, 4)
-  up = predict.resize_map(labels, 8, 12, nearest=True)
+  up = tasks_lib.resize_map(labels, 8, 12, nearest=True)
   assert up.dtype == np.int32 and up.shape == (8, 12)
   np.testing.assert_array_equal(up[::2, ::3], labels)
   ramp = np.tile(np.linspace(0, 1, 4, dtype=np.float32), (4, 1))
-  smooth = predict.resize_map(ramp, 4, 10, nearest=False)
+  smooth = tasks_lib.resize_map(ramp, 4, 10, nearest=False)
   assert smooth.shape == (4, 10) and np.all(np.diff(smooth[0]) >= 0)
   assert 0.0 <= smooth.min() and smooth.max() <= 1.0
   assert len(np.unique(smooth[0])) > 4  # interpolated, not repeated

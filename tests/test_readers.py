@@ -93,6 +93,13 @@ def test_ade20k_prepare_command_and_labels(tmp_path):
     assert np.all(b["label/semantic"][row, h:] == 255)  # padded with ignore
     decoded = tasks.get("semantic", num_classes=150).decode(b["target"][row])
     assert set(np.unique(decoded)) <= set(np.unique(raw)) | {255}
+  # Training targets: ADE20K's "other" (0 -> 255) is unknown, left out of the loss.
+  train = next(iter(tfds.as_numpy(ip.get_train_dataset(
+      [entry], ["semantic"], 2, data_dir=str(tmp_path / "data"), process_index=0,
+      process_count=1, shuffle_buffer=4))))
+  black = np.all(train["target"] == -1.0, axis=-1)  # the ignore colour
+  np.testing.assert_array_equal(train["valid"][..., 0], ~black)
+  assert black.any() and (~black).any()
 
 
 def test_ade20k_bad_label_size_fails_or_skips(tmp_path):
@@ -181,6 +188,7 @@ def test_nyu_depth_v2_mocked(tmp_path):
   for i in range(n):
     d = np.tile(np.linspace(0.5, 9.0, 640, dtype=np.float32), (480, 1)) + 0.1 * i
     d[:10] = 0.0  # invalid rows
+    d[150:350, 200:400] = 0.0  # a hole inside the Eigen crop (no sensor return)
     d[-1, -1] = 12.0  # beyond max depth
     depths.append(d.astype(np.float16))
   images = [_rgb(480, 640) for _ in range(n)]
@@ -213,6 +221,11 @@ def test_nyu_depth_v2_mocked(tmp_path):
   # Depth target decodes to metres inside the ramp's range.
   d = tasks.get("depth", max_depth=10.0).decode(train["target"][0])
   assert 0.4 < np.median(d) < 9.5
+  # Holes (0 m, and depth beyond max_depth) are unknown pixels: left out of the loss.
+  assert train["valid"].shape == (2, 32, 32, 1) and train["valid"].dtype == bool
+  assert 0 < train["valid"].mean() < 1
+  np.testing.assert_array_equal(train["valid"][..., 0],
+                                np.all(train["target"] > -1.0, axis=-1))  # 0 m encodes as -1
 
 
 def _coco_examples(shared_fixtures):
@@ -285,6 +298,13 @@ def test_coco_panoptic_mocked_with_real_sample(tmp_path, shared_fixtures):
                                   [s["iscrowd"] for s in ex["segments"]])
   assert train["image"].shape == (4, 32, 32, 3)
   assert set(train["task"].tolist()) <= {0, 1}
+  # Void and crowd pixels are unknown for both parts: never trained on.
+  assert not train["valid"].all()
+  # The semantic task carries COCO's categories, so panoptic can be built from the two parts.
+  semantic, instance = (tasks.from_entry(e) for e in entries)
+  panoptic = tasks.base.TASKS.get("panoptic").from_parts(
+      {"semantic": semantic, "instance": instance})
+  assert panoptic is not None and len(panoptic.categories) == 133
 
 
 def test_unknown_reader_lists_known():

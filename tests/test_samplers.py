@@ -1,11 +1,11 @@
-"""Samplers and modes: diffusers parity (timesteps, DDIM/DDPM steps and trajectories), oracle
-recovery for every sampler, compile-once, ensembling, and the mode registry."""
+"""Samplers: diffusers parity (timesteps, DDIM/DDPM steps and trajectories), oracle recovery for
+every sampler, compile-once and ensembling. The paradigms built on them: test_paradigms.py."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dense_diffusion.diffusion import modes, objectives, samplers, schedules
+from dense_diffusion.diffusion import objectives, samplers, schedules
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -363,109 +363,3 @@ def test_align_affine_with_mask():
   pred[:, 0] = 100.0  # outliers outside the mask must not affect the fit
   out = np.asarray(samplers.align_affine(jnp.asarray(pred), jnp.asarray(ref), mask))
   np.testing.assert_allclose(out[:, 1:], ref[:, 1:], atol=1e-5)
-
-
-# --- modes ------------------------------------------------------------------------------------
-
-
-def test_mode_registry_and_config_errors():
-  assert set(modes.MODES) == {"generalist", "onestep", "dmp", "backbone"}
-  with pytest.raises(KeyError, match="known"):
-    modes.get("latent")
-  with pytest.raises(ValueError, match="unknown diffusion config keys"):
-    modes.make_config({"mode": "dmp", "steps": 5})
-  with pytest.raises(ValueError, match="v_prediction"):
-    modes.make_config(mode="dmp", prediction_type="epsilon")
-  with pytest.raises(ValueError, match="ensemble_size"):
-    modes.make_config(mode="onestep", prediction_type="sample", ensemble_size=3)
-  with pytest.raises(ValueError, match="sampler"):
-    modes.make_config(mode="generalist", sampler="euler")
-  with pytest.raises(ValueError, match="train_timesteps"):
-    modes.make_config(mode="generalist", train_timesteps="late")
-
-
-@pytest.mark.parametrize("name,kw", [
-    ("generalist", dict(prediction_type="sample")),
-    ("dmp", dict(prediction_type="v_prediction")),
-])
-@pytest.mark.parametrize("steps,spacing", [(2, "trailing"), (5, "leading")])
-def test_training_at_the_inference_timesteps(sd, name, kw, steps, spacing):
-  cfg = modes.make_config(mode=name, num_inference_steps=steps, timestep_spacing=spacing,
-                          train_timesteps="inference", **kw)
-  target = jnp.zeros((512, 2, 2, 3), jnp.float32)
-  batch = modes.get(name).training_batch(sd, cfg, target, target, jax.random.PRNGKey(3))
-  inference = samplers.ddim_timesteps(sd.num_train_timesteps, steps, spacing)
-  drawn, counts = np.unique(np.asarray(batch.t), return_counts=True)
-  np.testing.assert_array_equal(drawn, np.sort(np.asarray(inference)))
-  assert counts.min() > 512 / steps / 2, counts  # every sampler step is trained, about evenly
-  uniform = modes.get(name).training_batch(
-      sd, modes.make_config(mode=name, **kw), target, target, jax.random.PRNGKey(3))
-  assert len(np.unique(np.asarray(uniform.t))) > 100
-
-
-@pytest.mark.parametrize("name,kw", [
-    ("generalist", dict(prediction_type="epsilon", weighting="min_snr")),
-    ("generalist", dict(prediction_type="v_prediction")),
-    ("onestep", dict(prediction_type="v_prediction")),
-    ("onestep", dict(prediction_type="sample")),
-    ("dmp", dict(prediction_type="v_prediction", weighting="min_snr")),
-])
-def test_mode_training_batch_is_consistent(sd, target, name, kw):
-  cfg = modes.make_config(mode=name, **kw)
-  image = jnp.asarray(np.random.default_rng(12).uniform(-1, 1, target.shape), jnp.float32)
-  mode = modes.get(name)
-  batch = mode.training_batch(sd, cfg, target, image, jax.random.PRNGKey(1))
-  assert batch.x_t.shape == target.shape and batch.t.shape == (2,)
-  assert batch.t.dtype == jnp.int32 and batch.weight.shape == (2,)
-  loss, aux = mode.loss(sd, cfg, batch.target, batch)  # the target itself has zero loss
-  assert float(loss) == 0.0
-  np.testing.assert_allclose(aux["x0"], target, atol=2e-4)
-  loss, _ = mode.loss(sd, cfg, batch.target + 0.1, batch)
-  np.testing.assert_allclose(loss, 0.01 * np.mean(batch.weight), rtol=1e-4)
-  if name == "dmp":
-    np.testing.assert_allclose(batch.x_t, objectives.dmp_forward(sd, target, image, batch.t),
-                               atol=1e-6)
-  if name == "onestep":
-    np.testing.assert_array_equal(batch.x_t, image)
-    np.testing.assert_array_equal(batch.t, 999)
-
-
-@pytest.mark.parametrize("name,kw", [
-    ("generalist", dict(prediction_type="epsilon", num_inference_steps=5)),
-    ("generalist", dict(prediction_type="sample", sampler="ddpm", num_inference_steps=5,
-                        ensemble_size=2, ensemble="depth_affine")),
-    ("onestep", dict(prediction_type="sample")),
-    ("dmp", dict(prediction_type="v_prediction", num_inference_steps=5,
-                 timestep_spacing="trailing")),
-    ("dmp", dict(prediction_type="v_prediction", num_inference_steps=5, dmp_oracle=True)),
-])
-def test_mode_sample_with_oracle(sd, target, name, kw):
-  cfg = modes.make_config(mode=name, **kw)
-  image = jnp.asarray(np.random.default_rng(13).uniform(-1, 1, target.shape), jnp.float32)
-  if name == "onestep":
-    model_fn = lambda x, t: target
-  else:
-    model_fn = _oracle(sd, target, cfg.prediction_type)
-  got = modes.get(name).sample(sd, cfg, model_fn, image, jax.random.PRNGKey(2))
-  np.testing.assert_allclose(got, target, atol=1e-4)
-
-
-def test_backbone_mode(sd, target):
-  image = target
-  cfg = modes.make_config(mode="backbone")
-  mode = modes.get("backbone")
-  batch = mode.training_batch(sd, cfg, None, image, jax.random.PRNGKey(0))
-  np.testing.assert_array_equal(batch.x_t, image)
-  np.testing.assert_array_equal(batch.t, 0)
-  with pytest.raises(ValueError, match="task head"):
-    mode.loss(sd, cfg, image, batch)
-  cfg = modes.make_config(mode="backbone", timestep=50, backbone_noise=True)
-  batch = mode.training_batch(sd, cfg, None, image, jax.random.PRNGKey(0))
-  np.testing.assert_array_equal(batch.t, 50)
-  noise = (batch.x_t - sd.sqrt_alphas_cumprod[50] * image) / sd.sqrt_one_minus_alphas_cumprod[50]
-  assert 0.3 < float(jnp.std(noise)) < 3.0 and np.abs(np.asarray(batch.x_t - image)).max() > 0
-  feats = mode.sample(sd, cfg, lambda x, t: (x.mean(), t), image, jax.random.PRNGKey(0))
-  np.testing.assert_array_equal(feats[1], 50)
-  with pytest.raises(ValueError, match="outside"):
-    mode.training_batch(sd, modes.make_config(mode="backbone", timestep=1000), None, image,
-                        jax.random.PRNGKey(0))

@@ -38,7 +38,7 @@ def test_registry_lists_every_design_task_and_rejects_unknown():
   expected = {"depth", "normals", "semantic", "instance", "panoptic", "denoise", "derain",
               "lowlight", "albedo", "shading"}
   assert expected <= set(tasks.names())
-  with pytest.raises(ValueError, match="unknown task 'dept'.*depth"):
+  with pytest.raises(KeyError, match="unknown task 'dept'.*depth"):
     tasks.get("dept")
   with pytest.raises(ValueError, match="bad options"):
     tasks.get("depth", maximum=3)
@@ -316,7 +316,12 @@ def test_panoptic_split_and_merge_round_trip():
   ids, segments = _toy_panoptic()
   semantic, instance = task.split(ids, segments)
   assert semantic[0, 0] == tasks.IGNORE_LABEL and semantic[21, 41] == tasks.IGNORE_LABEL
-  assert instance[21, 41] == 0 and len(np.unique(instance[instance > 0])) == 3
+  # Crowd and void are unknown to the instance task (-1): painted as no instance, not trained.
+  assert instance[21, 41] == tasks.UNKNOWN_INSTANCE and instance[0, 0] == tasks.UNKNOWN_INSTANCE
+  assert len(np.unique(instance[instance > 0])) == 3
+  valid = tasks.get("instance").valid_mask(instance)
+  np.testing.assert_array_equal(valid, instance >= 0)
+  np.testing.assert_array_equal(tasks.get("instance").encode(instance)[~valid], -1.0)
   out = task.decode(task.encode({"ids": ids, "segments": segments}))
   cat_of = {s["id"]: s["category_id"] for s in out["segments"]}
   # Every non-crowd, non-void source segment comes back as exactly one segment of its category.

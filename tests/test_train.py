@@ -224,18 +224,21 @@ def test_nonfinite_skip_goes_on_without_updates(env, reference_run, tmp_path):
 
 
 def _check_consistent(config):
+  from dense_diffusion import experiment
+  from dense_diffusion import paradigms
   from dense_diffusion import tasks as tasks_lib
-  from dense_diffusion.diffusion import modes
+  from dense_diffusion.experiment import config as config_lib
   from dense_diffusion.models import unet
+  experiment.check_config(config)  # known keys; every task registered and with an entry
   assert len(set(config.tasks)) == len(config.tasks)
   for entry in config.input.entries:
     assert entry["task"] in config.tasks, entry
-    assert f'encode_task("{entry["task"]}"' in entry["pp"]
+    assert "encode" not in entry["pp"]  # task options are data of the entry, not pp ops
+    assert tasks_lib.from_entry(entry).name == entry["task"]
   assert {e["task"] for e in config.input.entries} == set(config.tasks)
-  for name in config.tasks:
-    assert tasks_lib.get(name).prompt
-  cfg = modes.make_config(dict(config.diffusion))
-  modes.get(cfg.mode).validate(cfg)
+  for task in config_lib.task_objects(config):
+    assert task.prompt
+  paradigms.make_config(dict(config.diffusion))  # validates the paradigm's settings
   u = unet.normalize_config(dict(config.model.unet))
   assert u["in_channels"] == 6 and u["out_channels"] == 3
   assert config.batch_size % 8 == 0  # divides 8 data-parallel devices.

@@ -21,7 +21,7 @@ SCRIPT = textwrap.dedent("""
     import jax
     import numpy as np
     from configs import tiny
-    from dense_diffusion import sharding, train
+    from dense_diffusion import experiment, sharding
 
     assert jax.device_count() == 8, jax.devices()
     config = tiny.get_config()
@@ -29,18 +29,19 @@ SCRIPT = textwrap.dedent("""
     rng = np.random.default_rng(0)
     batches = [{"image": rng.uniform(-1, 1, (8, 32, 32, 3)).astype(np.float32),
                 "target": rng.uniform(-1, 1, (8, 32, 32, 3)).astype(np.float32),
+                "valid": np.ones((8, 32, 32, 1), bool),
                 "task": rng.integers(0, 3, (8,)).astype(np.int32)} for _ in range(3)]
 
-    def train3(setup):
+    def train3(exp):
       losses = []
-      with jax.set_mesh(setup.mesh):
+      with jax.set_mesh(exp.mesh):
         for b in batches:
-          setup.state, m = setup.train_step(setup.state, setup.frozen, setup.device_batch(b))
+          exp.state, m = exp.train_step(exp.state, exp.frozen, exp.device_batch(b))
           losses.append(float(m["loss"]))
       return losses
 
     out = {}
-    multi = train.Setup(config)  # mesh from the config: all 8 devices.
+    multi = experiment.Experiment(config)  # mesh from the config: all 8 devices.
     out["mesh"] = dict(multi.mesh.shape)
     # Shardings as placed (before any step) and after the steps (out_shardings keep them).
     def sharded_bytes(tree):
@@ -54,7 +55,7 @@ SCRIPT = textwrap.dedent("""
     out["opt_bytes"] = sharded_bytes(multi.state.opt_state)
     params_multi = jax.tree.map(np.asarray, multi.state.params)
     one = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
-    single = train.Setup(config, mesh=one)
+    single = experiment.Experiment(config, mesh=one)
     params_init = jax.tree.map(np.asarray, single.state.params)
     out["losses_single"] = train3(single)
     params_single = jax.tree.map(np.asarray, single.state.params)
@@ -70,7 +71,7 @@ SCRIPT = textwrap.dedent("""
       bad.mesh = dict(data=2, fsdp=4, tensor=1)
       bad.update(overrides)
       try:
-        train.Setup(bad)
+        experiment.Experiment(bad)
         errors[name] = None
       except ValueError as e:
         errors[name] = str(e)

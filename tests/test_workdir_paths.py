@@ -142,10 +142,11 @@ def test_train_eval_predict_on_a_remote_workdir(ram_scheme, tmp_path, monkeypatc
   assert "no data-iterator state" not in log, log[-3000:]
 
   # eval reads the run's config.json from the workdir and appends to its eval_metrics.json.
-  again = train.evaluate_latest(None, workdir)
+  again = evaluate.evaluate_latest(None, workdir)
   assert asked[-1] == f"{workdir}/checkpoints"
   for task in config.tasks:
-    key = evaluate.HEADLINE[task]
+    key = results[task]["headline"]
+    assert again[task]["headline"] == key, task
     assert again[task][key] == pytest.approx(results[task][key], rel=1e-4), task
 
   # predict: the run restored from the workdir, outputs written to another remote folder.

@@ -24,6 +24,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from dense_diffusion import errors
 from dense_diffusion.convert import common
 
 PathLike = Union[str, os.PathLike]
@@ -107,10 +108,11 @@ def restore_unet(path: PathLike, **module_options: Any):
 def run(source: str, src: PathLike, dst: PathLike) -> None:
   """Converts the checkpoint at `src` into orbax checkpoints under `dst` (see module doc)."""
   if source not in SOURCES:
-    raise ValueError(f"convert --from={source!r} is not supported; choose one of {SOURCES}")
+    raise errors.ConfigError(f"convert --from={source!r} is not supported; choose one of "
+                             f"{SOURCES}")
   src, dst = pathlib.Path(src), pathlib.Path(dst)
   if not src.is_dir():
-    raise FileNotFoundError(f"convert --src={src} is not a folder")
+    raise errors.MissingError(f"convert --src={src} is not a folder")
   if _is_pipeline(src):
     todo = [(name, src / sub) for name, (sub, _, _) in COMPONENTS.items()
             if (src / sub / CONFIG_NAME).is_file()]
@@ -132,4 +134,5 @@ def run(source: str, src: PathLike, dst: PathLike) -> None:
     print(f"wrote {name}: {n:,} parameters -> {out / PARAMS_DIR} (+ {CONFIG_NAME})")
     written.append(name)
   if not written:
-    raise ValueError(f"nothing converted from {src}")
+    raise errors.MissingError(f"nothing converted from {src}: it holds no diffusers UNet, VAE "
+                              "or text encoder folder with a config.json")

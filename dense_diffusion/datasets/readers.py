@@ -5,36 +5,35 @@
                *readers.get("coco_panoptic", resolution=128)]  # semantic + instance
     ds = input_pipeline.get_train_dataset(entries, task_names, batch_size)
 
-Every function returns plain dicts (`dataset`, `split`, `task`, `pp`, `pp_eval`, `weight`,
-`eval_split`, optional `pad_values`) for `input_pipeline`; configs may copy and edit them. The
-train `pp` ends with `image` in [-1, 1] and `target` = the task's encoding; `pp_eval` also keeps
-the raw labels at full resolution under "label/..." for the metrics.
+Every function returns plain dicts (`dataset`, `split`, `task`, `task_options`, `pp`,
+`pp_eval`, `weight`, `eval_split`, optional `pad_values`) for `input_pipeline`; configs may copy
+and edit them. The train `pp` leaves `image` in [-1, 1] and the task's answer under its
+`label_key`, which the pipeline encodes with the entry's task (`tasks.from_entry`); `pp_eval`
+also keeps the raw labels at full resolution under "label/..." for the metrics. Task options
+(the number of classes, the depth range) are data of the entry, never part of a pp string.
 """
 from __future__ import annotations
 
 from typing import Any, Callable
 
+from dense_diffusion import registry
+from dense_diffusion import tasks as tasks_lib
 from dense_diffusion.datasets.synthetic_scenes import renderer
 
-_READERS: dict[str, Callable[..., Any]] = {}
+READERS: registry.Registry[Callable[..., Any]] = registry.Registry("reader")
 
 
 def register(name: str):
-  def wrap(fn):
-    _READERS[name] = fn
-    return fn
-  return wrap
+  return READERS.register(name)
 
 
 def get(name: str, **kwargs):
   """The entry (or list of entries) of dataset reader `name`."""
-  if name not in _READERS:
-    raise KeyError(f"unknown reader {name!r}; known readers: {', '.join(sorted(_READERS))}")
-  return _READERS[name](**kwargs)
+  return registry.call_with_options("reader", name, READERS.get(name), kwargs)
 
 
 def names() -> list[str]:
-  return sorted(_READERS)
+  return READERS.names()
 
 
 def _join(*ops: str) -> str:
@@ -51,40 +50,31 @@ def _flip(keys, normals_keys=()) -> str:
   return f"random_flip(keys={tuple(keys)!r}, normals_keys={tuple(normals_keys)!r})"
 
 
-_ENC = 'encode_task("{task}", key="{key}"{opts})'
-
-
-def _encode(task: str, key: str, **options) -> str:
-  opts = "".join(f", {k}={v!r}" for k, v in options.items())
-  return _ENC.format(task=task, key=key, opts=opts)
-
-
 @register("nyu_depth_v2")
 def nyu_depth_v2(resolution: int = 128, split: str = "train", weight: float = 1.0,
                  max_depth: float = 10.0, affine_invariant: bool = False) -> dict:
   """NYUv2 depth (TFDS `nyu_depth_v2`): Eigen crop, valid range (1e-3, max_depth) m."""
-  enc = _encode("depth", "depth", min_depth=0.0, max_depth=max_depth,
-                affine_invariant=affine_invariant)
   rng = f"depth_range(0.001, {max_depth})"
   train = _join(rng, "nyu_eigen_crop", 'random_crop((416, 416), keys=("image", "depth"))',
                 _flip(("image", "depth")), _resize(resolution, label_keys=("depth",)),
-                "value_range(-1, 1)", enc)
+                "value_range(-1, 1)")
   evalp = _join(rng, 'copy("depth", "label/depth")', 'eigen_mask("label/depth")',
-                _resize(resolution, label_keys=("depth",)), "value_range(-1, 1)", enc)
+                _resize(resolution, label_keys=("depth",)), "value_range(-1, 1)")
   return {"dataset": "nyu_depth_v2", "split": split, "eval_split": "validation",
-          "task": "depth", "pp": train, "pp_eval": evalp, "weight": weight}
+          "task": "depth", "task_options": {"min_depth": 0.0, "max_depth": max_depth,
+                                            "affine_invariant": affine_invariant},
+          "pp": train, "pp_eval": evalp, "weight": weight}
 
 
 @register("ade20k")
 def ade20k(resolution: int = 128, split: str = "train", weight: float = 1.0) -> dict:
   """ADE20K 150 classes (our `ade20k` builder): 0 -> 255 ignore, 1..150 -> 0..149."""
-  enc = _encode("semantic", "semantic", num_classes=150)
   train = _join('ade20k_labels("semantic")', _flip(("image", "semantic")),
-                _resize(resolution, label_keys=("semantic",)), "value_range(-1, 1)", enc)
+                _resize(resolution, label_keys=("semantic",)), "value_range(-1, 1)")
   evalp = _join('ade20k_labels("semantic")', 'copy("semantic", "label/semantic")',
-                _resize(resolution, label_keys=("semantic",)), "value_range(-1, 1)", enc)
+                _resize(resolution, label_keys=("semantic",)), "value_range(-1, 1)")
   return {"dataset": "ade20k", "split": split, "eval_split": "validation", "task": "semantic",
-          "pp": train, "pp_eval": evalp, "weight": weight,
+          "task_options": {"num_classes": 150}, "pp": train, "pp_eval": evalp, "weight": weight,
           "pad_values": {"label/semantic": 255}}
 
 
@@ -94,22 +84,23 @@ def coco_panoptic(resolution: int = 128, split: str = "train", weight: float = 1
   """COCO panoptic (TFDS `coco/2017_panoptic`) as two entries: semantic (133 classes) + instance.
 
   Panoptic is trained as two tasks with two prompts; `weight` is split evenly between them. The
-  evaluation entry keeps the raw segment-id map and segment lists for PQ.
+  evaluation entries keep the raw segment-id map and segment lists for PQ; the semantic task
+  carries the 133 categories, so panoptic is evaluated and predicted from the two.
   """
+  from dense_diffusion.datasets import coco  # pylint: disable=g-import-not-at-top
   keys = ("image", "semantic", "instance")
+  options = {"semantic": {"num_classes": 133, "categories": coco.panoptic_categories()}}
   out = []
   for task in tasks:
-    opts = {"num_classes": 133} if task == "semantic" else {}
-    enc = _encode(task, task, **opts)
     train = _join("coco_panoptic", _flip(keys), _resize(resolution, label_keys=keys[1:]),
-                  "value_range(-1, 1)", enc)
+                  "value_range(-1, 1)")
     evalp = _join("coco_panoptic", 'copy("panoptic_ids", "label/panoptic_ids")',
                   'copy("panoptic_ids/segment_id", "label/segment_id")',
                   'copy("panoptic_ids/category_id", "label/category_id")',
                   'copy("panoptic_ids/iscrowd", "label/iscrowd")',
-                  _resize(resolution, label_keys=keys[1:]), "value_range(-1, 1)", enc)
+                  _resize(resolution, label_keys=keys[1:]), "value_range(-1, 1)")
     out.append({"dataset": "coco/2017_panoptic", "split": split, "eval_split": "validation",
-                "task": task, "pp": train, "pp_eval": evalp, "weight": weight / len(tasks),
+                "task": task, "task_options": options.get(task, {}), "pp": train, "pp_eval": evalp, "weight": weight / len(tasks),
                 "check_keys": ["image", "panoptic_image"]})
   return out
 
@@ -117,12 +108,11 @@ def coco_panoptic(resolution: int = 128, split: str = "train", weight: float = 1
 def _restoration(dataset: str, task: str, resolution: int, split: str, eval_split: str,
                  weight: float) -> dict:
   keys = ("image", "clean")
-  train = _join(f"random_crop({resolution}, keys={keys!r})", _flip(keys), "value_range(-1, 1)",
-                _encode(task, "clean"))
+  train = _join(f"random_crop({resolution}, keys={keys!r})", _flip(keys), "value_range(-1, 1)")
   evalp = _join('copy("clean", "label/clean")', _resize(resolution, image_keys=keys),
-                "value_range(-1, 1)", 'value_range(0, 1, key="clean")', _encode(task, "clean"))
+                "value_range(-1, 1)", 'value_range(0, 1, key="clean")')
   return {"dataset": dataset, "split": split, "eval_split": eval_split, "task": task,
-          "pp": train, "pp_eval": evalp, "weight": weight}
+          "task_options": {}, "pp": train, "pp_eval": evalp, "weight": weight}
 
 
 @register("sidd")
@@ -147,49 +137,50 @@ def lol(resolution: int = 128, split: str = "train", weight: float = 1.0) -> dic
 # ------------------------------------------------------------------------------------------------
 # Synthetic scenes: every task from one dataset.
 SYNTHETIC_MAX_DEPTH = 8.0  # metres; the rooms are at most 7 m deep (renderer.sample_scene).
-
-_SYNTHETIC_TASKS = {
-    # task: (pp before the shared part, label keys (nearest), normals keys, encode op)
-    "depth": ("", ("depth",), (), _encode("depth", "depth", max_depth=SYNTHETIC_MAX_DEPTH)),
-    "normals": ("", (), ("normals",), _encode("normals", "normals")),
-    "semantic": ("", ("semantic",), (),
-                 _encode("semantic", "semantic", num_classes=renderer.NUM_CLASSES)),
-    "instance": ("", ("instance",), (), _encode("instance", "instance")),
-    "albedo": ("", ("albedo",), (), _encode("albedo", "albedo")),
-    "shading": ("", ("shading",), (), _encode("shading", "shading")),
-    "denoise": ('copy("image", "clean")|copy("noisy", "image")', ("clean",), (),
-                _encode("denoise", "clean")),
-    "derain": ('copy("image", "clean")|copy("rainy", "image")', ("clean",), (),
-               _encode("derain", "clean")),
-    "lowlight": ('copy("image", "clean")|copy("dark", "image")', ("clean",), (),
-                 _encode("lowlight", "clean")),
+# Options of the tasks on synthetic_scenes (others: the task's defaults).
+SYNTHETIC_TASK_OPTIONS = {
+    "depth": {"max_depth": SYNTHETIC_MAX_DEPTH},
+    "semantic": {"num_classes": renderer.NUM_CLASSES,
+                 "categories": [dict(c) for c in renderer.CATEGORIES]},
 }
-SYNTHETIC_TASKS = tuple(_SYNTHETIC_TASKS)
+SYNTHETIC_TASKS = ("depth", "normals", "semantic", "instance", "albedo", "shading", "denoise",
+                   "derain", "lowlight")
 
 
 @register("synthetic_scenes")
 def synthetic_scenes(task: str, config: str = "res64", split: str = "train",
-                     weight: float = 1.0, flip: bool = True) -> dict:
+                     weight: float = 1.0, flip: bool = True,
+                     task_options: dict[str, Any] | None = None) -> dict:
   """One task of the built-in `synthetic_scenes/<config>` (no resize: already at R x R).
 
-  Panoptic categories are `renderer.CATEGORIES` (category id = class index + 1); the evaluation
-  entries of semantic and instance keep `label/panoptic_ids` and the segment lists for PQ.
+  Any registered task that says how synthetic_scenes provides it (`Task.synthetic_source`: its
+  input and answer features, renamed) works, including tasks registered outside the package.
+  Every evaluation entry keeps the panoptic ground truth (`label/panoptic_ids` and the segment
+  lists), so the panoptic merge of semantic and instance can be scored.
+
+  Args:
+    task_options: the task's options (default `SYNTHETIC_TASK_OPTIONS[task]`).
   """
-  if task not in _SYNTHETIC_TASKS:
-    raise ValueError(f"synthetic_scenes has no task {task!r}; tasks: {SYNTHETIC_TASKS}")
-  prefix, label_keys, normals_keys, enc = _SYNTHETIC_TASKS[task]
-  train = _join(prefix, _flip(("image",) + label_keys, normals_keys) if flip else "",
-                "value_range(-1, 1)", enc, 'keep("image", "target")')
-  raw = (label_keys + normals_keys)[0]
-  # Semantic and instance (the two halves of panoptic) also keep the panoptic ground truth.
-  panoptic = "panoptic_labels" if task in ("semantic", "instance") else ""
-  evalp = _join(prefix, f'copy("{raw}", "label/{raw}")', panoptic, "value_range(-1, 1)", enc)
-  source = {"denoise": "noisy", "derain": "rainy", "lowlight": "dark"}.get(task)
-  features = ["image", "key"] + ([source] if source else list(label_keys + normals_keys))
-  eval_features = features + (["panoptic"] if panoptic else [])
+  options = dict(SYNTHETIC_TASK_OPTIONS.get(task, {}) if task_options is None else task_options)
+  task_obj = tasks_lib.get(task, **options)
+  if task_obj.parts:
+    raise ValueError(f"{task} is a composite of {list(task_obj.parts)}: read those tasks")
+  renames = tuple(task_obj.synthetic_source)
+  label = task_obj.label_key
+  prefix = _join(*(f'copy("{src}", "{dst}")' for src, dst in renames))
+  normals_keys = (label,) if task_obj.flip_negates_x else ()
+  image_keys = ("image",) + (() if normals_keys else (label,))
+  train = _join(prefix, _flip(image_keys, normals_keys) if flip else "", "value_range(-1, 1)",
+                f'keep("image", "{label}")')
+  evalp = _join(prefix, f'copy("{label}", "label/{label}")', "panoptic_labels",
+                "value_range(-1, 1)")
+  produced = {dst for _, dst in renames}
+  features = ["image", "key"] + sorted({src for src, _ in renames} - {"image"})
+  if label not in produced and label not in features:
+    features.append(label)
   return {"dataset": f"synthetic_scenes/{config}", "split": split, "eval_split": "validation",
-          "task": task, "pp": train, "pp_eval": evalp, "weight": weight,
-          "features": features, "eval_features": eval_features}
+          "task": task, "task_options": options, "pp": train, "pp_eval": evalp,
+          "weight": weight, "features": features, "eval_features": features + ["panoptic"]}
 
 
 def synthetic_mixture(tasks: tuple[str, ...] = SYNTHETIC_TASKS, config: str = "res64",

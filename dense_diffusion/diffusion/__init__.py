@@ -1,7 +1,6 @@
-"""Diffusion core: schedules, objectives, samplers and the per-mode registry (`modes.get`)."""
-from dense_diffusion.diffusion import modes
+"""Diffusion core: noise schedules, objectives and samplers (the paradigms build on them)."""
 from dense_diffusion.diffusion import objectives
 from dense_diffusion.diffusion import samplers
 from dense_diffusion.diffusion import schedules
 
-__all__ = ["modes", "objectives", "samplers", "schedules"]
+__all__ = ["objectives", "samplers", "schedules"]

@@ -1,20 +1,63 @@
-"""The task interface: a prompt plus an exact encoding of the task's answer as an RGB image.
+"""The task unit: everything the rest of the code asks about a dense task.
 
-Every task turns its answer into f32[H, W, 3] in [-1, 1] (`encode`) and back (`decode`). `decode`
-accepts any float array of shape (H, W, 3) or (N, H, W, 3); values outside [-1, 1] are clipped
-first, because a sampler's output is not guaranteed to stay in range.
+A task is a frozen dataclass registered under its name (`tasks.get(name, **options)`); its
+dataclass fields are its options, which travel as data in a config's input entry
+(`{"task": "depth", "task_options": {"max_depth": 8.0}}`). What the train loop, the evaluator,
+the predictor and the demo need of it:
+
+  prompt                      the text naming the task ("Perform depth estimation")
+  encode(answer) -> rgb       f32[H, W, 3] in [-1, 1], the image the model learns to paint
+  valid_mask(answer)          bool[H, W]: pixels whose answer is known (the loss skips others)
+  decode(rgb) -> answer       (H, W, 3) or (N, H, W, 3) floats -> the answer (batched alike)
+  label_key                   the example feature that holds the answer after a dataset's pp
+  answer(example, prefix)     the answer read from an example's (label) features
+  resize(answer, h, w)        the answer brought to another size (labels nearest, maps bilinear)
+  evaluator()                 accumulates the task's metrics and its trivial baseline
+  headline, higher_is_better  the metric of the summary table, and which way is better
+  write(out, stem, image, answer)  the prediction files of one image
+  synthetic_source            which `synthetic_scenes` features hold its input and answer
+
+A composite task (`parts`, e.g. panoptic = semantic + instance) is not trained itself: its answer
+is combined from the answers of its trained parts (`from_parts`, `combine`).
+
+`decode` accepts any float array of shape (H, W, 3) or (N, H, W, 3); values outside [-1, 1] are
+clipped first, because a sampler's output is not guaranteed to stay in range.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, ClassVar, Mapping, Optional, Sequence
 
 import numpy as np
+
+from dense_diffusion import registry
+
+LABEL_PREFIX = "label/"  # evaluation examples keep the raw labels for the metrics under it.
+
+
+class Evaluator:
+  """Accumulates one task's metrics, and its trivial baseline, over an evaluation split.
+
+  `update` takes, for the real examples of a batch, the decoded predictions already resized to
+  their ground truth's size, the ground-truth answers (`Task.answer` of the example) and the
+  model inputs f32[h, w, 3] in [-1, 1]. `result` returns {metric: value, "baseline": {...}}.
+  """
+
+  def __init__(self, task: "Task"):
+    self.task = task
+
+  def update(self, answers: Sequence[Any], truths: Sequence[Any],
+             inputs: Sequence[np.ndarray]) -> None:
+    raise NotImplementedError
+
+  def result(self) -> dict:
+    raise NotImplementedError
 
 
 @dataclasses.dataclass(frozen=True)
 class Task:
-  """Base class. Subclasses set `name` and `prompt` and implement `_encode` / `_decode_batch`."""
+  """Base class. Subclasses set the class declarations below and implement `_encode` and
+  `_decode_batch` (and, where they differ from the defaults, the other hooks)."""
 
   name: str = ""
   prompt: str = ""
@@ -22,10 +65,32 @@ class Task:
   # image): a model may then predict a correction to its input (`model.input_residual`).
   input_is_estimate: bool = False
 
+  # --- Declarations of the task kind (class attributes, not options). ---
+  # The example feature holding the answer after a dataset's pp (e.g. "depth", "clean").
+  label_key: ClassVar[str] = ""
+  # How answers and label maps are resized: "nearest" (labels, ids) or "bilinear".
+  interpolation: ClassVar[str] = "bilinear"
+  # A horizontal flip of the answer also negates its x component (surface normals).
+  flip_negates_x: ClassVar[bool] = False
+  # The metric the summary table shows, and its direction.
+  headline: ClassVar[str] = ""
+  higher_is_better: ClassVar[bool] = True
+  # How `synthetic_scenes` provides this task: copy(src, dst) renames applied in order to its
+  # features before the shared pp, e.g. denoise: (("image", "clean"), ("noisy", "image")) (the
+  # clean render is the answer, the noisy one the input).
+  synthetic_source: ClassVar[tuple[tuple[str, str], ...]] = ()
+  # Composite tasks: the names of the trained tasks whose answers `combine` merges.
+  parts: ClassVar[tuple[str, ...]] = ()
+
+  # --- Encoding. ---
   def encode(self, answer: Any) -> np.ndarray:
     """answer (task-specific, one example) -> f32[H, W, 3] in [-1, 1]."""
     rgb = np.asarray(self._encode(answer), np.float32)
     return np.clip(rgb, -1.0, 1.0)
+
+  def valid_mask(self, answer: Any) -> np.ndarray:
+    """bool[H, W]: where the answer is known. Default: everywhere."""
+    return np.ones(np.shape(answer)[:2], bool)
 
   def decode(self, rgb: Any) -> Any:
     """f32[H, W, 3] or f32[N, H, W, 3] -> the answer (batched like the input)."""
@@ -33,7 +98,6 @@ class Task:
     out = self._decode_batch(rgb)
     return out if batched else _first(out)
 
-  # Subclass hooks.
   def _encode(self, answer: Any) -> np.ndarray:
     raise NotImplementedError
 
@@ -41,11 +105,49 @@ class Task:
     """f32[N, H, W, 3] clipped to [-1, 1] -> batched answer."""
     raise NotImplementedError
 
+  # --- Reading and resizing answers. ---
+  def answer(self, example: Mapping[str, Any], prefix: str = LABEL_PREFIX) -> Any:
+    """The ground-truth answer held by an example (its `prefix + label_key` feature)."""
+    return np.asarray(example[prefix + self.label_key])
+
+  def answer_size(self, answer: Any) -> tuple[int, int]:
+    """(H, W) of an answer."""
+    shape = np.shape(answer)
+    return int(shape[0]), int(shape[1])
+
+  def resize(self, answer: Any, height: int, width: int) -> Any:
+    """The answer at (height, width), with the task's interpolation."""
+    return resize_map(answer, height, width, nearest=self.interpolation == "nearest")
+
+  # --- Evaluation and prediction files. ---
+  def evaluator(self) -> Evaluator:
+    raise NotImplementedError(f"task {self.name!r} has no evaluator")
+
+  def write(self, out: Any, stem: str, image: np.ndarray, answer: Any) -> list:
+    """Writes the prediction files of one input (u8[H, W, 3]) into `out` (an epath.Path
+    folder); returns their paths."""
+    raise NotImplementedError(f"task {self.name!r} has no prediction writer")
+
+  # --- Composite tasks. ---
+  @classmethod
+  def from_parts(cls, parts: Mapping[str, "Task"]) -> Optional["Task"]:
+    """The composite built from its trained parts' task objects, or None when the parts lack
+    what it needs (e.g. panoptic without the category list)."""
+    del parts
+    return None
+
+  def combine(self, part_answers: Mapping[str, Any]) -> Any:
+    """The composite's answer from its parts' answers (all at one size)."""
+    raise NotImplementedError(f"task {self.name!r} is not composite")
+
+  def options(self) -> dict:
+    """The task's options (its dataclass fields other than name and prompt)."""
+    return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+            if f.name not in ("name", "prompt", "input_is_estimate")}
+
 
 def _first(out):
-  if isinstance(out, np.ndarray):
-    return out[0]
-  if isinstance(out, list):
+  if isinstance(out, (np.ndarray, list)):
     return out[0]
   if isinstance(out, tuple):
     return tuple(_first(o) for o in out)
@@ -94,28 +196,48 @@ def check_map(x: Any, task_name: str, what: str, ndim: int = 2) -> np.ndarray:
   return x
 
 
-_REGISTRY: dict[str, Callable[..., Task]] = {}
+def resize_map(x: np.ndarray, height: int, width: int, nearest: bool) -> np.ndarray:
+  """[h, w] or [h, w, C] -> [height, width(, C)]; nearest keeps the dtype (labels), bilinear
+  (PIL, antialiased when shrinking) gives float32."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  x = np.asarray(x)
+  h, w = x.shape[:2]
+  if (h, w) == (height, width):
+    return x
+  if nearest:
+    rows = np.minimum(((np.arange(height) + 0.5) * h / height).astype(np.int64), h - 1)
+    cols = np.minimum(((np.arange(width) + 0.5) * w / width).astype(np.int64), w - 1)
+    return x[rows[:, None], cols[None, :]]
+  channels = x[..., None] if x.ndim == 2 else x
+  out = np.stack([np.asarray(Image.fromarray(channels[..., c].astype(np.float32), "F").resize(
+      (width, height), Image.BILINEAR)) for c in range(channels.shape[-1])], axis=-1)
+  return out[..., 0] if x.ndim == 2 else out
+
+
+TASKS: registry.Registry = registry.Registry("task")
 
 
 def register(name: str):
   """Class decorator: makes `tasks.get(name, **options)` build this task."""
-  def wrap(factory):
-    if name in _REGISTRY:
-      raise ValueError(f"task {name!r} registered twice")
-    _REGISTRY[name] = factory
-    return factory
-  return wrap
+  return TASKS.register(name)
 
 
 def get(name: str, **options) -> Task:
   """Builds the task called `name` with its options (e.g. `get("semantic", num_classes=150)`)."""
-  if name not in _REGISTRY:
-    raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(sorted(_REGISTRY))}")
-  try:
-    return _REGISTRY[name](**options)
-  except TypeError as e:
-    raise ValueError(f"bad options {options} for task {name!r}: {e}") from None
+  return registry.call_with_options("task", name, TASKS.get(name), options)
 
 
 def names() -> list[str]:
-  return sorted(_REGISTRY)
+  return TASKS.names()
+
+
+def composites() -> list[str]:
+  """Names of the composite tasks (combined from trained parts, not trained themselves)."""
+  return [n for n, cls in TASKS.items() if cls.parts]
+
+
+def from_entry(entry: Mapping[str, Any]) -> Task:
+  """The task object of an input entry: `tasks.get(entry["task"], **entry["task_options"])`."""
+  options = entry.get("task_options") or {}
+  options = options.to_dict() if hasattr(options, "to_dict") else dict(options)
+  return get(entry["task"], **options)

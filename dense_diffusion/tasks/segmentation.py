@@ -1,21 +1,22 @@
-"""Semantic and instance segmentation as RGB images.
+"""Semantic segmentation as an RGB image.
 
-Semantic: class c is colour c + 1 of a palette of L^3 evenly spaced colours (L levels per channel,
-the smallest L with L^3 >= K + 1); colour 0 (black) is ignore/void. Decoding snaps every pixel to
-the nearest palette colour of the K classes.
-
-Instance: every pixel of a thing instance carries its instance's centre of mass (R = x, G = y in
-[-1, 1], B = +1); other pixels are (-1, -1, -1). Decoding clusters the centre votes.
+Class c is colour c + 1 of a palette of L^3 evenly spaced colours (L levels per channel, the
+smallest L with L^3 >= K + 1); colour 0 (black) is ignore/void. Decoding snaps every pixel to the
+nearest palette colour of the K classes.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 
-import numpy as np
-from scipy import ndimage
+from typing import Any, Sequence
 
+import numpy as np
+from PIL import Image
+
+from dense_diffusion import metrics
 from dense_diffusion.tasks import base
+from dense_diffusion.tasks import outputs
 
 IGNORE_LABEL = 255
 
@@ -39,7 +40,7 @@ def levels_per_channel(num_classes: int) -> int:
   return levels
 
 
-def _neighbour_votes(labels: np.ndarray, candidate: np.ndarray) -> np.ndarray:
+def neighbour_votes(labels: np.ndarray, candidate: np.ndarray) -> np.ndarray:
   """Counts, per pixel, the 8-neighbours whose label equals `candidate` (both i32[N, H, W])."""
   padded = np.pad(labels, ((0, 0), (1, 1), (1, 1)), constant_values=-1)
   h, w = labels.shape[1:]
@@ -66,10 +67,23 @@ class SemanticTask(base.Task):
   # 1.5e-4 (plain nearest: 4-sigma crossings) to 1.5e-6, and left 1-pixel-scattered labels as they
   # were (1.50e-4 -> 1.59e-4); measured over 40 random 128x128 maps with K = 150.
   ambiguity_margin: float = 0.3
+  # Optional [{"id", "name", "isthing"}, ...], one per class in class order: the names (prompts
+  # of backbones, file outputs) and the thing/stuff split that panoptic merging needs.
+  categories: Sequence[dict] = ()
+
+  label_key = "semantic"
+  interpolation = "nearest"
+  headline = "miou"
+  higher_is_better = True
 
   def __post_init__(self):
     if self.num_classes < 1 or self.num_classes >= IGNORE_LABEL:
       raise ValueError(f"semantic num_classes must be in 1..254, got {self.num_classes}")
+    categories = tuple(dict(c) for c in self.categories)
+    if categories and len(categories) != self.num_classes:
+      raise ValueError(f"semantic has {self.num_classes} classes but {len(categories)} "
+                       "categories; give one category per class, in class order")
+    object.__setattr__(self, "categories", categories)
 
   @property
   def palette(self) -> np.ndarray:
@@ -90,6 +104,31 @@ class SemanticTask(base.Task):
           f"0..{self.num_classes - 1} (and not the ignore label {IGNORE_LABEL})")
     colour = np.where(labels == IGNORE_LABEL, 0, labels.astype(np.int64) + 1)
     return self.palette[colour]
+
+  def valid_mask(self, labels):
+    return base.check_map(labels, self.name, "a label map (H, W)") != IGNORE_LABEL
+
+  def evaluator(self):
+    return SemanticEvaluator(self)
+
+  def palette_png(self, labels: np.ndarray) -> Image.Image:
+    """i32[H, W] class indices (255 = ignore) -> PIL "P" image: index = class, task colours."""
+    colours = outputs.u8((np.asarray(self.palette) + 1.0) * 0.5)  # row c + 1 is class c
+    table = np.zeros((256, 3), np.uint8)
+    table[:self.num_classes] = colours[1:self.num_classes + 1]
+    table[IGNORE_LABEL] = colours[0]
+    img = Image.fromarray(np.asarray(labels).astype(np.uint8), "L").convert("P")
+    img.putpalette(table.reshape(-1).tolist())
+    return img
+
+  def write(self, out, stem, image, labels):
+    """`X_semantic.png`: palette PNG, pixel = class index (255 = ignore), the task's colours;
+    `X_semantic_overlay.png`: the colours blended over the input."""
+    img = self.palette_png(labels)
+    path = outputs.save_png(out / f"{stem}_semantic.png", img)
+    colours = np.asarray(img.convert("RGB"))
+    overlay = outputs.overlay(image, colours, mask=labels != IGNORE_LABEL)
+    return [path, outputs.save_png(out / f"{stem}_semantic_overlay.png", overlay)]
 
   def _decode_batch(self, rgb):
     """Nearest palette colour, computed on the colour grid instead of against all K colours.
@@ -122,8 +161,8 @@ class SemanticTask(base.Task):
       # Switch only pixels that no neighbour agrees with, towards a colour at least two neighbours
       # have: a correct pixel at a region's corner keeps its label even when the other side is
       # larger, and a scattered map (no regions) is left alone.
-      switch = (ambiguous & (other_label >= 0) & (_neighbour_votes(labels, labels) == 0)
-                & (_neighbour_votes(labels, other_label) >= 2))
+      switch = (ambiguous & (other_label >= 0) & (neighbour_votes(labels, labels) == 0)
+                & (neighbour_votes(labels, other_label) >= 2))
       labels = np.where(switch, other_label, labels)
     return labels.astype(np.int32)
 
@@ -144,201 +183,23 @@ class SemanticTask(base.Task):
     return labels
 
 
-def centres_of_mass(instance_ids: np.ndarray) -> dict[int, tuple[float, float]]:
-  """{instance id: (x, y) in pixels} for every id > 0 of an i32[H, W] map."""
-  ids = np.unique(instance_ids)
-  ids = ids[ids > 0]
-  if ids.size == 0:
-    return {}
-  centres = ndimage.center_of_mass(np.ones_like(instance_ids, np.float32), instance_ids, ids)
-  return {int(i): (float(c[1]), float(c[0])) for i, c in zip(ids, centres)}
+class SemanticEvaluator(base.Evaluator):
+  """mIoU and pixel accuracy; baseline: the image's majority class everywhere."""
+  KEYS = ("miou", "pixel_accuracy")
 
+  def __init__(self, task: SemanticTask):
+    super().__init__(task)
+    self.model = metrics.SemanticConfusion(task.num_classes)
+    self.baseline = metrics.SemanticConfusion(task.num_classes)
 
-@base.register("instance")
-@dataclasses.dataclass(frozen=True)
-class InstanceTask(base.Task):
-  """Thing instances (i32[H, W], 0 = none) as per-pixel centre-of-mass votes."""
+  def update(self, answers: Sequence[Any], truths: Sequence[Any], inputs) -> None:
+    for pred, gt in zip(answers, truths):
+      self.model.update(pred, gt)
+      known = gt[gt != IGNORE_LABEL]
+      majority = np.bincount(known).argmax() if known.size else 0
+      self.baseline.update(np.full_like(gt, majority), gt)
 
-  name: str = "instance"
-  prompt: str = "Perform instance segmentation"
-  vote_smoothing: float = 1.0  # Gaussian sigma (pixels) of the vote histogram before peak picking.
-  peak_window: int = 3  # peaks are maxima of the smoothed histogram in this window (pixels).
-  radius: float = 8.0  # a pixel joins the nearest peak within this distance (pixels) of its vote.
-  peak_dip: float = 0.5  # two peaks within `radius` are one centre unless the smoothed vote
-                        # histogram between them dips below this fraction of the weaker one.
-  min_votes: int = 4  # peaks with fewer votes within `radius` are dropped.
-  centre_tolerance: float = 1.0  # pixels; see `_split_cluster`.
-  ambiguity_ratio: float = 0.6  # nearest / second-nearest peak distance above which a vote is
-                                # ambiguous; see `_assign_votes`.
-  min_area: int = 1  # connected components smaller than this (pixels) are dropped.
-
-  def _encode(self, instance_ids):
-    ids = base.check_map(instance_ids, self.name, "an instance-id map (H, W)")
-    if not np.issubdtype(ids.dtype, np.integer):
-      raise ValueError(f"instance.encode expects integer ids, got {ids.dtype}")
-    h, w = ids.shape
-    rgb = np.full((h, w, 3), -1.0, np.float32)
-    centres = centres_of_mass(ids)
-    if not centres:
-      return rgb
-    lut_x = np.zeros(ids.max() + 1, np.float32)
-    lut_y = np.zeros(ids.max() + 1, np.float32)
-    for i, (x, y) in centres.items():
-      lut_x[i], lut_y[i] = x, y
-    fg = ids > 0
-    rgb[fg, 0] = _to_unit(lut_x[ids[fg]], w)
-    rgb[fg, 1] = _to_unit(lut_y[ids[fg]], h)
-    rgb[fg, 2] = 1.0
-    return rgb
-
-  def _decode_batch(self, rgb):
-    return np.stack([self._decode_one(x) for x in rgb]).astype(np.int32)
-
-  def _decode_one(self, rgb: np.ndarray) -> np.ndarray:
-    """f32[H, W, 3] -> i32[H, W] instance ids 1..M (0 = none)."""
-    h, w = rgb.shape[:2]
-    fg = rgb[..., 2] > 0
-    out = np.zeros((h, w), np.int32)
-    if not fg.any():
-      return out
-    vx = _from_unit(rgb[..., 0][fg], w)
-    vy = _from_unit(rgb[..., 1][fg], h)
-    peaks = self._vote_peaks(vx, vy, h, w)
-    if peaks.size == 0:
-      return out
-    clusters = self._assign_votes(fg, vx, vy, peaks)
-    vote_x = np.zeros((h, w), np.float32)
-    vote_y = np.zeros((h, w), np.float32)
-    vote_x[fg], vote_y[fg] = vx, vy
-    next_id = 1
-    for c in range(1, len(peaks) + 1):
-      for mask in self._split_cluster(clusters == c, vote_x, vote_y):
-        out[mask] = next_id
-        next_id += 1
-    return out
-
-  def _assign_votes(self, fg: np.ndarray, vx: np.ndarray, vy: np.ndarray, peaks: np.ndarray
-                    ) -> np.ndarray:
-    """Foreground votes -> i32[H, W] cluster index 1..M (0 = background).
-
-    Each vote joins its nearest peak within `radius`. Votes about as close to a second peak
-    (distance ratio above `ambiguity_ratio`) follow whichever of the two more of their 8
-    neighbours joined; foreground pixels whose vote is near no peak take the cluster of the
-    nearest assigned pixel within `radius`. Both only touch pixels that noise made uncertain:
-    on clean input every vote sits on its peak.
-    """
-    h, w = fg.shape
-    dist2 = (vx[:, None] - peaks[None, :, 0]) ** 2 + (vy[:, None] - peaks[None, :, 1]) ** 2
-    dist2 = np.where(dist2 <= self.radius**2, dist2, np.inf)  # [P_fg, peaks]
-    order = np.argsort(dist2, axis=1)[:, :2]
-    first = order[:, 0]
-    d1 = np.take_along_axis(dist2, order[:, :1], 1)[:, 0]
-    clusters = np.zeros((h, w), np.int32)
-    clusters[fg] = np.where(np.isfinite(d1), first + 1, 0)
-    if len(peaks) > 1:
-      second = order[:, 1]
-      d2 = np.take_along_axis(dist2, order[:, 1:2], 1)[:, 0]
-      ambiguous = np.isfinite(d2) & (np.sqrt(d1) > self.ambiguity_ratio * np.sqrt(d2))
-      if ambiguous.any():
-        own = np.zeros((h, w), np.int32)
-        other = np.full((h, w), -1, np.int32)
-        own[fg], other[fg] = clusters[fg], np.where(ambiguous, second + 1, -1)
-        switch = (_neighbour_votes(clusters[None], other[None])[0]
-                  > _neighbour_votes(clusters[None], own[None])[0]) & (other > 0)
-        clusters = np.where(switch, other, clusters)
-    lost = fg & (clusters == 0)
-    if lost.any() and (clusters > 0).any():
-      distance, (iy, ix) = ndimage.distance_transform_edt(clusters == 0, return_indices=True)
-      joined = clusters[iy, ix]
-      # Only votes that missed their peak by less than twice the radius: a tiny object (fewer
-      # than `min_votes` pixels, so no peak of its own) is dropped, not glued to a neighbour.
-      vote_x = np.zeros((h, w), np.float32)
-      vote_y = np.zeros((h, w), np.float32)
-      vote_x[fg], vote_y[fg] = vx, vy
-      peak = peaks[np.maximum(joined - 1, 0)]
-      missed = np.hypot(vote_x - peak[..., 0], vote_y - peak[..., 1])
-      near = lost & (distance <= self.radius) & (missed <= 2 * self.radius)
-      clusters[near] = joined[near]
-    return clusters
-
-  def _split_cluster(self, mask: np.ndarray, vote_x: np.ndarray, vote_y: np.ndarray
-                     ) -> list[np.ndarray]:
-    """One cluster of votes for (nearly) the same centre -> the masks of its instances.
-
-    The encoding is the centre of mass of the whole instance. A connected component that is a
-    whole object has its own centre of mass at its mean vote; a piece of an object that an
-    occluder cut has not. So the cluster is split into its components only when every component
-    is whole in that sense (e.g. a ring and a disc inside it, or two objects whose nearby centres
-    merged into one peak); otherwise it is one instance in several pieces. "At" means
-    within `centre_tolerance` pixels. Instances smaller than `min_area` are dropped.
-    """
-    components, count = ndimage.label(mask)
-    if count == 0:
-      return []
-    instances = [mask]
-    if count > 1:
-      index = np.arange(1, count + 1)
-      centres = np.asarray(ndimage.center_of_mass(mask, components, index)).reshape(-1, 2)
-      mean_vx = ndimage.mean(vote_x, components, index)
-      mean_vy = ndimage.mean(vote_y, components, index)
-      whole = ((centres[:, 1] - mean_vx) ** 2 + (centres[:, 0] - mean_vy) ** 2
-               <= self.centre_tolerance**2)
-      if whole.all():
-        instances = [components == i for i in index]
-    return [m for m in instances if m.sum() >= self.min_area]
-
-  def _vote_peaks(self, vx: np.ndarray, vy: np.ndarray, h: int, w: int) -> np.ndarray:
-    """Centre votes (pixels) -> f32[M, 2] (x, y) cluster centres.
-
-    Two passes. Sharp centres first: histogram bins holding at least `min_votes` votes and at
-    least half of the votes of their 3 x 3 neighbourhood (clean or lightly noisy votes of one object land in
-    one bin); they are kept even right next to a bigger object's centre. Then local maxima of
-    the smoothed histogram, strongest first: noise smears one centre into several maxima, told
-    apart from distinct nearby centres by the histogram between them: a maximum within `radius`
-    of a kept one, with no dip below `peak_dip` times its height on the way, is dropped. Maxima
-    with fewer than `min_votes` votes within `radius` are dropped too.
-    """
-    hist = np.zeros((h, w), np.float32)
-    np.add.at(hist, (np.clip(np.rint(vy), 0, h - 1).astype(int),
-                     np.clip(np.rint(vx), 0, w - 1).astype(int)), 1.0)
-    near_mass = ndimage.uniform_filter(hist, 3, mode="constant") * 9.0
-    sharp = ((hist >= self.min_votes) & (hist >= 0.5 * near_mass)
-             & (hist == ndimage.maximum_filter(hist, 3)))
-    sy, sx = np.nonzero(sharp)
-    kept_xy: list[np.ndarray] = []
-    for i in np.argsort(-hist[sy, sx], kind="stable"):
-      xy = np.array([sx[i], sy[i]], np.float32)
-      if not any(((k - xy) ** 2).sum() <= 2.0 for k in kept_xy):
-        kept_xy.append(xy)
-
-    smooth = ndimage.gaussian_filter(hist, self.vote_smoothing) if self.vote_smoothing else hist
-    is_peak = (smooth == ndimage.maximum_filter(smooth, self.peak_window)) & (smooth > 0)
-    py, px = np.nonzero(is_peak)
-    candidates = np.stack([px, py], -1).astype(np.float32)
-    dist2 = (vx[:, None] - px[None]) ** 2 + (vy[:, None] - py[None]) ** 2
-    support = (dist2 <= self.radius**2).sum(0)
-    steps = np.linspace(0.0, 1.0, 9)[1:-1]
-    for i in np.argsort(-smooth[py, px], kind="stable"):
-      if support[i] < self.min_votes:
-        continue
-      near = [k for k in kept_xy if ((k - candidates[i]) ** 2).sum() <= self.radius**2]
-      if near:
-        # Points along the segment from this maximum to each nearby kept centre: no dip between
-        # them means one centre smeared by noise; a dip means two centres.
-        near = np.stack(near)
-        line = candidates[i][None, None] + steps[None, :, None] * (near[:, None] - candidates[i])
-        between = ndimage.map_coordinates(smooth, [line[..., 1].ravel(), line[..., 0].ravel()],
-                                          order=1).reshape(len(near), -1)
-        if (between.min(axis=1) >= self.peak_dip * smooth[py[i], px[i]]).any():
-          continue
-      kept_xy.append(candidates[i])
-    return np.stack(kept_xy) if kept_xy else np.zeros((0, 2), np.float32)
-
-
-def _to_unit(coord: np.ndarray, size: int) -> np.ndarray:
-  """Pixel coordinate in [0, size-1] -> [-1, 1]."""
-  return 2.0 * coord / max(size - 1, 1) - 1.0
-
-
-def _from_unit(value: np.ndarray, size: int) -> np.ndarray:
-  return (value + 1.0) * 0.5 * max(size - 1, 1)
+  def result(self) -> dict:
+    model, baseline = self.model.result(), self.baseline.result()
+    return {**{k: float(model[k]) for k in self.KEYS},
+            "baseline": {k: float(baseline[k]) for k in self.KEYS}}

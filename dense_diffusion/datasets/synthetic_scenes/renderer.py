@@ -429,3 +429,13 @@ def render_scene(rng_or_seed: np.random.Generator | int | Any, resolution: int) 
       "room": {k: np.float32(v) for k, v in scene["room"].items()},
       "objects": scene["objects"],
   }
+
+
+def label_features(scene: dict[str, Any]) -> dict[str, Any]:
+  """A rendered scene with its panoptic segments also as arrays, the layout of the label
+  features of evaluation examples: `panoptic_ids` and, per segment, `segment_id`,
+  `category_id`, `iscrowd` (i32[n])."""
+  segments = scene["segments"]
+  column = lambda k: np.array([int(s[k]) for s in segments], np.int32)
+  return {**scene, "segment_id": column("id"), "category_id": column("category_id"),
+          "iscrowd": column("iscrowd")}

@@ -1,4 +1,8 @@
-"""Builds the generalist model from the `model` section of a config (random or pre-trained)."""
+"""Builds a run's model from the `model` section of its config, with its pretrained parts.
+
+This is assembly: it reads checkpoints through `convert/` and builds `models/`, which know
+nothing of configs or checkpoints files (models/ never imports convert/).
+"""
 from __future__ import annotations
 
 from typing import Any, Sequence
@@ -8,16 +12,22 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dense_diffusion import errors
 from dense_diffusion import tasks as tasks_lib
+from dense_diffusion.convert import clip
+from dense_diffusion.convert import unet as unet_convert
 from dense_diffusion.models import generalist
 from dense_diffusion.models import image_encoder as image_encoder_lib
+from dense_diffusion.models import lora
+from dense_diffusion.models import text_encoder as text_encoder_lib
+from dense_diffusion.models import tokenizer as tokenizer_lib
 
 DTYPES = {"float32": None, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 def compute_dtype(name: str):
   if name not in DTYPES:
-    raise ValueError(f"model.dtype={name!r}; choose one of {sorted(DTYPES)}")
+    raise errors.ConfigError(f"model.dtype={name!r}; choose one of {sorted(DTYPES)}")
   return DTYPES[name]
 
 
@@ -26,9 +36,6 @@ def prompt_embeddings(model_config: Any, prompts: Sequence[str]) -> np.ndarray |
   path = model_config.get("text_encoder")
   if not path:
     return None
-  from dense_diffusion.convert import clip
-  from dense_diffusion.models import text_encoder as text_encoder_lib
-  from dense_diffusion.models import tokenizer as tokenizer_lib
   encoder = clip.load_transformers_clip_text(path)
   tokenizer = tokenizer_lib.CLIPTokenizer.from_folder(path)
   emb = text_encoder_lib.embed_prompts(
@@ -45,22 +52,22 @@ def input_residual_init(model_config: Any, task_objects: Sequence[tasks_lib.Task
   return [1.0 if t.input_is_estimate else 0.0 for t in task_objects]
 
 
-def build_generalist(model_config: Any, task_names: Sequence[str], *, seed: int = 0
-                     ) -> generalist.GeneralistModel:
-  """The generalist for these tasks (their order is the `task` index of batches)."""
-  task_objects = [tasks_lib.get(name) for name in task_names]
+def build_model(model_config: Any, task_objects: Sequence[tasks_lib.Task], *,
+                paradigm: Any = None, seed: int = 0) -> generalist.GeneralistModel:
+  """The network for these tasks (their order is the `task` index of batches), with the
+  modules the paradigm adds (`Paradigm.add_modules`)."""
   prompts = [t.prompt for t in task_objects]
   dtype = compute_dtype(model_config.get("dtype", "float32"))
   if model_config.get("zero_init_output") and model_config.get("pretrained_unet"):
-    raise ValueError("model.zero_init_output would discard the pretrained UNet's conv_out: "
-                     "set it only for randomly initialised UNets")
+    raise errors.ConfigError("model.zero_init_output would discard the pretrained UNet's "
+                             "conv_out: set it only for randomly initialised UNets")
   if model_config.get("zero_init_output") and model_config.get("lora"):
-    raise ValueError("model.zero_init_output with model.lora: LoRA-only training never updates "
-                     "the zeroed conv_out, so the output would stay zero; turn one off")
+    raise errors.ConfigError("model.zero_init_output with model.lora: LoRA-only training never "
+                             "updates the zeroed conv_out, so the output would stay zero; turn "
+                             "one off")
   unet_config = dict(model_config.unet)
   unet = None
   if model_config.get("pretrained_unet"):
-    from dense_diffusion.convert import unet as unet_convert
     unet = unet_convert.load_diffusers_unet(
         model_config.pretrained_unet, input_widening=model_config.get("input_widening",
                                                                       "copy_scale"),
@@ -85,17 +92,16 @@ def build_generalist(model_config: Any, task_names: Sequence[str], *, seed: int 
     conv_out = model.unet.conv_out
     conv_out.kernel[...] = jnp.zeros_like(conv_out.kernel[...])
   if model_config.get("pretrained_image_encoder"):
-    from dense_diffusion.convert import clip
     loaded = clip.load_transformers_clip_vision(
         model_config.pretrained_image_encoder,
         context_dim=model.unet.config["cross_attention_dim"], dtype=dtype, seed=seed,
         **image_options)
     model.image_encoder = loaded
   if model_config.get("lora"):
-    from dense_diffusion.models import lora
     opts = dict(model_config.lora)
-    names = lora.apply_lora(model.unet, opts.pop("pattern", lora.DEFAULT_PATTERN),
-                            rngs=rngs,
+    names = lora.apply_lora(model.unet, opts.pop("pattern", lora.DEFAULT_PATTERN), rngs=rngs,
                             **opts)
     logging.info("LoRA on %d layers", len(names))
+  if paradigm is not None:
+    paradigm.add_modules(model, model_config, rngs)
   return model
