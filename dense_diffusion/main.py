@@ -142,7 +142,14 @@ def _dispatch(argv: list[str]) -> int | None:
   if not FLAGS["verbosity"].present:
     # The console shows progress lines and tables; library INFO logs only with -v 0.
     logging.set_verbosity(logging.WARNING)
+    logging.get_absl_handler().addFilter(_drop_library_deprecations)
   return run_command(FLAGS)
+
+
+def _drop_library_deprecations(record) -> bool:
+  """False for TensorFlow's and TFDS's deprecation notices about their own internals (a dozen
+  lines per run that a user cannot act on); every other record passes."""
+  return not ("tensorflow" in record.pathname and "deprecat" in record.getMessage())
 
 
 def _one_line(message: str) -> str:
