@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from dense_diffusion import errors
 from dense_diffusion import registry
 from dense_diffusion import tasks as tasks_lib
 from dense_diffusion.datasets.synthetic_scenes import renderer
@@ -161,10 +162,11 @@ def synthetic_scenes(task: str, config: str = "res64", split: str = "train",
   Args:
     task_options: the task's options (default `SYNTHETIC_TASK_OPTIONS[task]`).
   """
+  parts = tasks_lib.base.TASKS.get(task).parts
+  if parts:
+    raise errors.ConfigError(f"{task} is a composite of {list(parts)}: read those tasks")
   options = dict(SYNTHETIC_TASK_OPTIONS.get(task, {}) if task_options is None else task_options)
   task_obj = tasks_lib.get(task, **options)
-  if task_obj.parts:
-    raise ValueError(f"{task} is a composite of {list(task_obj.parts)}: read those tasks")
   renames = tuple(task_obj.synthetic_source)
   label = task_obj.label_key
   prefix = _join(*(f'copy("{src}", "{dst}")' for src, dst in renames))
