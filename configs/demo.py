@@ -14,6 +14,12 @@ from dense_diffusion.datasets import readers
 
 TASKS = ("depth", "normals", "semantic", "instance", "albedo", "shading", "denoise", "derain",
          "lowlight")
+# A small AutoencoderKL (diffusers keys) for latent runs on synthetic_scenes: factor 4 (a 32x32
+# image is an 8x8x4 latent). Randomly initialised: the latent path runs end to end, but until
+# a VAE is trained on these scenes its latents carry little of the image.
+SYNTHETIC_VAE = dict(block_out_channels=[16, 32, 32], layers_per_block=1, latent_channels=4,
+                     norm_num_groups=8, down_block_types=["DownEncoderBlock2D"] * 3,
+                     up_block_types=["UpDecoderBlock2D"] * 3)
 
 
 def parse_arg(arg, **defaults):
@@ -58,7 +64,7 @@ def get_config(arg=None):
 
   c.model = ml_collections.ConfigDict()
   c.model.unet = dict(  # diffusers UNet2DConditionModel keys.
-      sample_size=arg.res, in_channels=6, out_channels=3,
+      sample_size=arg.res,  # the image size; in/out channels follow the space (model.latent).
       # 16 channels at full resolution: XLA:CPU's convolutions cost ~3x more at 32 (bench).
       block_out_channels=[16, 48, 96], layers_per_block=1,
       down_block_types=["DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"],
@@ -85,6 +91,16 @@ def get_config(arg=None):
   c.model.dtype = "float32"  # compute dtype; "bfloat16" on accelerators.
   c.model.remat = False  # recompute UNet blocks in the backward pass (saves memory).
   c.model.lora = None  # e.g. dict(rank=4, alpha=4.0, pattern=...) to train adapters only.
+  # The space the UNet works in, the one switch between pixel and latent runs: False = RGB
+  # pixels; True = the latents of model.vae (Marigold, GenPercept, E2E-FT), frozen unless
+  # model.vae.trainable.
+  c.model.latent = False
+  c.model.vae = ml_collections.ConfigDict(dict(
+      pretrained=config_dict.placeholder(str),  # diffusers AutoencoderKL (or pipeline) folder.
+      config={},  # diffusers AutoencoderKL keys: a VAE to initialise when there is no folder.
+      dtype=config_dict.placeholder(str),  # compute dtype (None: model.dtype).
+      remat_decoder=False,  # recompute decoder activations in the backward (image-level loss).
+      trainable=False))  # train the VAE too (only with a config that means it).
 
   c.diffusion = ml_collections.ConfigDict(dict(
       mode="generalist",  # generalist | onestep | dmp

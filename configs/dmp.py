@@ -9,18 +9,22 @@ Diffusion's scaled_linear schedule, 5 DDIM steps from z_T = x, LoRA adapters (ra
 UNet's attention projections as the only trained UNet weights.
 
 `arg`: `real=0` (0: small synthetic_scenes set-up of configs/demo.py, 1: the real-data SD2-size
-set-up of configs/generalist_pixel128.py), `res` (image size), `rank` (LoRA rank).
+set-up of configs/generalist_pixel128.py), `res` (image size), `rank` (LoRA rank), `latent`
+(0: pixels, 1: the VAE's latents).
 """
 from configs import demo
 from configs import generalist_pixel128
 
 
 def get_config(arg=None):
-  arg = demo.parse_arg(arg, real=0, res=0, rank=4)
+  arg = demo.parse_arg(arg, real=0, res=0, rank=4, latent=0)
   if arg.real:
     c = generalist_pixel128.get_config(f"res={arg.res or 128}")
+    c.model.vae.dtype = "bfloat16"  # frozen VAE at half precision on accelerators.
   else:
     c = demo.get_config(f"res={arg.res or 32}")
+    c.model.vae.config = demo.SYNTHETIC_VAE
+  c.model.latent = bool(arg.latent)  # pixels or the VAE's latents: the one switch.
   c.diffusion.mode = "dmp"
   c.diffusion.prediction_type = "v_prediction"  # DMP's parameterisation.
   c.diffusion.sampler = "ddim"

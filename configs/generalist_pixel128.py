@@ -53,7 +53,7 @@ def get_config(arg=None):
 
   c.model = ml_collections.ConfigDict()
   c.model.unet = dict(  # diffusers UNet2DConditionModel keys of stabilityai/stable-diffusion-2.
-      sample_size=arg.res, in_channels=6, out_channels=3,  # pixel space: RGB in and out.
+      sample_size=arg.res,  # the image size; in/out channels follow the space (model.latent).
       block_out_channels=[320, 640, 1280, 1280], layers_per_block=2,
       down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
                         "CrossAttnDownBlock2D", "DownBlock2D"],
@@ -78,6 +78,16 @@ def get_config(arg=None):
   c.model.dtype = "bfloat16"  # compute dtype; parameters stay float32.
   c.model.remat = True  # recompute UNet blocks in the backward pass.
   c.model.lora = None  # full fine-tuning.
+  # The space the UNet works in, the one switch between pixel and latent runs: False = RGB
+  # pixels; True = the latents of model.vae (Marigold, GenPercept, E2E-FT), frozen unless
+  # model.vae.trainable.
+  c.model.latent = False
+  c.model.vae = ml_collections.ConfigDict(dict(
+      pretrained=config_dict.placeholder(str),  # diffusers AutoencoderKL (or pipeline) folder.
+      config={},  # diffusers AutoencoderKL keys: a VAE to initialise when there is no folder.
+      dtype=config_dict.placeholder(str),  # compute dtype (None: model.dtype).
+      remat_decoder=False,  # recompute decoder activations in the backward (image-level loss).
+      trainable=False))  # train the VAE too (only with a config that means it).
 
   c.diffusion = ml_collections.ConfigDict(dict(
       mode="generalist", prediction_type="v_prediction",  # SD2's parameterisation.

@@ -1,30 +1,44 @@
-"""GenPercept / Lotus-style one-step perception: a fixed timestep, the answer in one pass.
+"""GenPercept / Lotus / E2E-FT one-step perception: a fixed timestep, the answer in one pass.
 
     python -m dense_diffusion.main train --config configs/onestep.py --workdir runs/onestep
-    python -m dense_diffusion.main train --config configs/onestep.py:real=1,pred=v_prediction \
-        --config.model.pretrained_unet=weights/sd2-unet --config.input.data_dir=/data/tfds ...
+    python -m dense_diffusion.main train --config configs/onestep.py:loss=image,latent=1 ...
+    python -m dense_diffusion.main train --config configs/onestep.py:real=1,latent=1,loss=image \
+        --config.model.pretrained_unet=weights/sd2 --config.model.vae.pretrained=weights/sd2 \
+        --config.input.data_dir=/data/tfds ...
 
-The UNet sees concat(x_t, image) at the fixed t = T - 1 and predicts the target directly
-(`prediction_type="sample"`) or its v (`"v_prediction"`, with zero-terminal SNR so that t = T - 1
-is pure noise and v = -x0, i.e. a direct prediction as well). Evaluation is the same single pass.
+The UNet sees concat(x_t, condition) at the fixed t = T - 1 and predicts the answer directly
+(`pred=sample`) or its v (`pred=v_prediction`, with zero-terminal SNR so that t = T - 1 is pure
+noise and v = -x0, i.e. a direct prediction as well). Evaluation is the same single pass.
+`loss=image` is GenPercept's and E2E-FT's recipe: the answer is decoded (through the frozen VAE
+in latent space, with gradients) and scored by each task's image-level loss (scale-and-shift-
+invariant L1 for affine-invariant depth, angular for normals, RGB MSE otherwise).
 
-`arg`: `real=0` (0: the small synthetic_scenes set-up of configs/demo.py; 1: the real-data,
+`arg`: `real` (0: the small synthetic_scenes set-up of configs/demo.py; 1: the real-data,
 SD2-size set-up of configs/generalist_pixel128.py), `res` (image size), `pred` (sample |
-v_prediction).
+v_prediction), `latent` (0: pixels, 1: the VAE's latents; the only key in which the two runs
+differ), `loss` (prediction | image).
 """
 from configs import demo
 from configs import generalist_pixel128
 
 
 def get_config(arg=None):
-  arg = demo.parse_arg(arg, real=0, res=0, pred="sample")
+  arg = demo.parse_arg(arg, real=0, res=0, pred="sample", latent=0, loss="prediction")
   if arg.real:
     c = generalist_pixel128.get_config(f"res={arg.res or 128}")
+    c.model.vae.dtype = "bfloat16"  # frozen VAE at half precision on accelerators.
+    # At 480x640, 2 examples per 80 GB GPU fit (55 GiB in XLA's buffer assignment), 4 do not
+    # (92 GiB): set batch_size to 2 x devices there (docs/training.md, "Memory on one device").
   else:
     c = demo.get_config(f"res={arg.res or 32}")
+    c.model.vae.config = demo.SYNTHETIC_VAE
+  c.model.latent = bool(arg.latent)  # pixels or the VAE's latents: the one switch.
   c.diffusion.mode = "onestep"
   c.diffusion.prediction_type = arg.pred  # sample | v_prediction.
+  c.diffusion.loss_space = arg.loss  # prediction | image (GenPercept / E2E-FT).
   c.model.input_residual = arg.pred == "sample"  # restoration as input + correction; x0 only.
+  # A zero output is a flat latent, whose decoder gradients overflow under an image-level loss.
+  c.model.zero_init_output = c.model.zero_init_output and arg.loss != "image"
   c.diffusion.timestep = None  # None = T - 1 (GenPercept's fixed timestep).
   c.diffusion.num_inference_steps = 1  # one pass.
   c.diffusion.weighting = "none"  # one timestep: nothing to weight.

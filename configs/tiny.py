@@ -25,7 +25,7 @@ def get_config(arg=None):
   c.input.shuffle_buffer = 16  # the whole tiny32 train split.
   c.task_loss_weights = {}  # equal weights (tests swap in other task lists).
   c.model.unet = dict(  # diffusers UNet2DConditionModel keys; 2 levels, 16/32 channels.
-      sample_size=arg.res, in_channels=6, out_channels=3,
+      sample_size=arg.res,  # the image size; in/out channels follow the space (model.latent).
       block_out_channels=[16, 32], layers_per_block=1,
       down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
       up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"],

@@ -103,10 +103,10 @@ def test_training_batch_and_loss(sd, target, name, kw):
     np.testing.assert_allclose(tb.x_t, objectives.dmp_forward(sd, target, image, tb.t), atol=1e-6)
   # The loss is the MSE of the network's output against that target, per example, weighted:
   # 0 for a network that outputs it, 0.01 * weight for one that is off by 0.1 everywhere.
-  exact = lambda x_t, t, img, task: tb.target
+  exact = lambda x_t, t, img, task, cond: tb.target
   per_example, _ = paradigm.loss(exact, _batch(target, image), key)
   assert per_example.shape == (2,) and float(jnp.abs(per_example).max()) == 0.0
-  off = lambda x_t, t, img, task: tb.target + 0.1
+  off = lambda x_t, t, img, task, cond: tb.target + 0.1
   per_example, _ = paradigm.loss(off, _batch(target, image), key)
   np.testing.assert_allclose(per_example, 0.01 * tb.weight, rtol=1e-4)
 
@@ -120,8 +120,8 @@ class Oracle:
   sqrt_1ma: jax.Array
   prediction_type: str = flax.struct.field(pytree_node=False)
 
-  def __call__(self, x_t, t, image, task):
-    del image, task
+  def __call__(self, x_t, t, image, task, cond=None):
+    del image, task, cond
     if self.prediction_type == "sample":
       return jnp.broadcast_to(self.y, x_t.shape)
     a = self.sqrt_a[t][:, None, None, None]
@@ -155,10 +155,11 @@ class TinyConvNet(nnx.Module):
   def __init__(self, rngs):
     self.conv = nnx.Conv(6, 3, (3, 3), rngs=rngs)
 
-  def __call__(self, x_t, t, image, task):
+  def __call__(self, x_t, t, image, task, cond=None):
     del task
+    cond = image if cond is None else cond
     scale = 1.0 + t.astype(jnp.float32)[:, None, None, None] / 1000.0
-    return self.conv(jnp.concatenate([x_t, image], -1)) * scale
+    return self.conv(jnp.concatenate([x_t, cond], -1)) * scale
 
 
 @pytest.mark.parametrize("name,kw", [

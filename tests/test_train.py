@@ -228,6 +228,7 @@ def _check_consistent(config):
   from dense_diffusion import paradigms
   from dense_diffusion import tasks as tasks_lib
   from dense_diffusion.experiment import config as config_lib
+  from dense_diffusion.experiment import model as model_lib
   from dense_diffusion.models import unet
   experiment.check_config(config)  # known keys; every task registered and with an entry
   assert len(set(config.tasks)) == len(config.tasks)
@@ -239,8 +240,15 @@ def _check_consistent(config):
   for task in config_lib.task_objects(config):
     assert task.prompt
   paradigms.make_config(dict(config.diffusion))  # validates the paradigm's settings
-  u = unet.normalize_config(dict(config.model.unet))
-  assert u["in_channels"] == 6 and u["out_channels"] == 3
+  # The space sets the UNet's channels: RGB answer + RGB image, or answer + image latents.
+  vae = None
+  if config.model.latent:
+    import types
+    from dense_diffusion.models import vae as vae_lib
+    vae = types.SimpleNamespace(config=vae_lib.VAEConfig.from_dict(dict(config.model.vae.config)))
+  u = unet.normalize_config(model_lib.unet_config_for_space(config.model, vae))
+  channels = vae.config.latent_channels if vae else 3
+  assert u["in_channels"] == 2 * channels and u["out_channels"] == channels
   assert config.batch_size % 8 == 0  # divides 8 data-parallel devices.
   return u
 
@@ -265,7 +273,9 @@ def test_generalist_pixel128_config():
 
 
 @pytest.mark.parametrize("name,arg", [("onestep", None), ("onestep", "real=1,pred=v_prediction"),
-                                      ("dmp", None), ("dmp", "real=1"), ("tiny", None)])
+                                      ("onestep", "latent=1,loss=image"), ("dmp", None),
+                                      ("dmp", "real=1"), ("tiny", None), ("marigold", None),
+                                      ("marigold", "latent=0"), ("marigold", "real=1")])
 def test_mode_configs(name, arg):
   import importlib
   config = importlib.import_module(f"configs.{name}").get_config(arg)
@@ -276,5 +286,12 @@ def test_mode_configs(name, arg):
     assert dict(config.model.lora) == {"rank": 4, "alpha": 4.0}
   if name == "onestep":
     assert config.diffusion.mode == "onestep"
+  if name == "marigold":
+    assert config.model.latent == (arg != "latent=0")
+    assert config.diffusion.prediction_type == "v_prediction"
+    assert config.diffusion.noise == "multires" and config.diffusion.multires_annealed
+    assert config.diffusion.timestep_spacing == "trailing"
+    assert all(e["task_options"].get("affine_invariant") for e in config.input.entries
+               if e["task"] == "depth")
   real = bool(arg and "real=1" in arg)
   assert all(e["dataset"].startswith("synthetic_scenes") for e in config.input.entries) != real

@@ -29,6 +29,7 @@ from dense_diffusion import workdir as workdir_lib
 from dense_diffusion.diffusion import schedules
 from dense_diffusion.experiment import config as config_lib
 from dense_diffusion.experiment import model as model_lib
+from dense_diffusion.paradigms import spaces
 
 # Keys of a training batch and their ranks (all sharded over the batch axes).
 BATCH_RANKS = {"image": 4, "target": 4, "valid": 4, "task": 1}
@@ -73,9 +74,14 @@ class Experiment:
   Args:
     config: the run's ConfigDict (configs/*.py); checked first (`config.check`).
     mesh: a device mesh to use instead of the config's.
+    abstract: build nothing: the model, `state` and `frozen` are shapes and dtypes
+      (`jax.ShapeDtypeStruct`s with their shardings), for lowering and compiling the train step
+      of a config too big for this machine (`train_step.lower(...).compile()` gives its FLOPs
+      and memory; bench/train_memory.py).
   """
 
-  def __init__(self, config: Any, *, mesh: jax.sharding.Mesh | None = None):
+  def __init__(self, config: Any, *, mesh: jax.sharding.Mesh | None = None,
+               abstract: bool = False):
     config_lib.check(config)
     self.config = config
     self.tasks = config_lib.task_objects(config)  # the model's tasks, in task-index order
@@ -90,12 +96,25 @@ class Experiment:
           "model.input_residual adds the input image to the network output, an estimate of "
           "the answer only under diffusion.prediction_type='sample' (x0), not "
           f"{self.diffusion.prediction_type!r}: set one or the other")
+    latent = bool(config.model.get("latent"))
+    if latent and config.model.get("zero_init_output") and self.diffusion.loss_space == "image":
+      raise errors.ConfigError(
+          "model.zero_init_output with model.latent and diffusion.loss_space='image': a zero "
+          "latent decodes to a flat image whose GroupNorm gradients overflow; turn "
+          "zero_init_output off")
     self.schedule = make_schedule(config)
-    self.paradigm = paradigms.make(self.diffusion, self.schedule)
-    model = model_lib.build_model(config.model, self.tasks, paradigm=self.paradigm,
-                                  seed=int(config.seed))
+    vae = dict(config.model.get("vae") or {})
+    self.space = spaces.make(latent, remat_decoder=bool(vae.get("remat_decoder", False)))
+    self.paradigm = paradigms.make(self.diffusion, self.schedule, space=self.space,
+                                   tasks=self.tasks)
+    build = lambda: model_lib.build_model(config.model, self.tasks, paradigm=self.paradigm,
+                                          seed=int(config.seed))
+    model = nnx.eval_shape(build) if abstract else build()
     lora_only = bool(config.model.get("lora"))
-    self.graphdef, params, self.frozen = nnx.split(model, model.trainable_filter(lora_only), ...)
+    trainable = model.trainable_filter(lora_only)
+    for path in model_lib.frozen_paths(config.model):
+      trainable = nnx.All(trainable, nnx.Not(nnx.PathContains(path)))
+    self.graphdef, params, self.frozen = nnx.split(model, trainable, ...)
     self.tx, self.lr_fn = make_optimizer(config.optimizer, int(config.total_steps))
     self.ema_decay = float(config.optimizer.ema_decay)
     seed = int(config.seed)
@@ -116,12 +135,19 @@ class Experiment:
         nonfinite_steps=sharding.replicated(self.mesh),
         first_nonfinite_step=sharding.replicated(self.mesh))
     self.frozen_shardings = sharding.state_shardings(self.frozen, self.mesh, self.rules)
-    with jax.set_mesh(self.mesh):
-      params = jax.device_put(params, param_sh)
-      self.frozen = jax.device_put(self.frozen, self.frozen_shardings)
-      # One program for the optimizer moments, the EMA copy and the counters, created in place
-      # with their shardings (run eagerly, every parameter shape is its own compilation).
-      self.state = jax.jit(initial_state, out_shardings=self.state_shardings)(params)
+    if abstract:
+      with_sharding = lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh)
+      self.frozen = jax.tree.map(with_sharding, self.frozen, self.frozen_shardings)
+      self.state = jax.tree.map(with_sharding, jax.eval_shape(initial_state, params),
+                                self.state_shardings)
+    else:
+      with jax.set_mesh(self.mesh):
+        params = jax.device_put(params, param_sh)
+        self.frozen = jax.device_put(self.frozen, self.frozen_shardings)
+        # One program for the optimizer moments, the EMA copy and the counters, created in
+        # place with their shardings (run eagerly, every parameter shape is its own
+        # compilation).
+        self.state = jax.jit(initial_state, out_shardings=self.state_shardings)(params)
     self.batch_shardings = {k: sharding.batch_sharding(self.mesh, rank)
                             for k, rank in BATCH_RANKS.items()}
     self.train_step = jax.jit(

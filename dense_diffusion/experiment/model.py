@@ -16,11 +16,15 @@ from dense_diffusion import errors
 from dense_diffusion import tasks as tasks_lib
 from dense_diffusion.convert import clip
 from dense_diffusion.convert import unet as unet_convert
+from dense_diffusion.convert import vae as vae_convert
 from dense_diffusion.models import generalist
 from dense_diffusion.models import image_encoder as image_encoder_lib
 from dense_diffusion.models import lora
 from dense_diffusion.models import text_encoder as text_encoder_lib
 from dense_diffusion.models import tokenizer as tokenizer_lib
+from dense_diffusion.models import vae as vae_lib
+
+VAE_PATH = "vae"  # the model attribute (and parameter path) of the latent space's VAE.
 
 DTYPES = {"float32": None, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -52,12 +56,70 @@ def input_residual_init(model_config: Any, task_objects: Sequence[tasks_lib.Task
   return [1.0 if t.input_is_estimate else 0.0 for t in task_objects]
 
 
+def build_vae(model_config: Any, *, seed: int = 0) -> vae_lib.AutoencoderKL:
+  """The latent space's VAE (`model.vae`): a diffusers AutoencoderKL folder
+  (`model.vae.pretrained`), or one initialised from `model.vae.config` (diffusers keys)."""
+  vae_config = dict(model_config.get("vae") or {})
+  known = {"pretrained", "config", "dtype", "trainable", "remat_decoder"}
+  unknown = sorted(set(vae_config) - known)
+  if unknown:
+    raise errors.ConfigError(f"model.vae has unknown keys {unknown}; known: {sorted(known)}")
+  dtype = compute_dtype(vae_config.get("dtype") or model_config.get("dtype", "float32"))
+  if vae_config.get("pretrained"):
+    try:
+      return vae_convert.load_diffusers_vae(vae_config["pretrained"], dtype=dtype, seed=seed)
+    except FileNotFoundError as e:
+      raise errors.MissingError(f"model.vae.pretrained={vae_config['pretrained']!r}: {e}"
+                                ) from None
+  if not vae_config.get("config"):
+    raise errors.ConfigError("model.latent needs a VAE: model.vae.pretrained (a diffusers "
+                             "AutoencoderKL or pipeline folder) or model.vae.config")
+  try:
+    config = vae_lib.VAEConfig.from_dict(dict(vae_config["config"]))
+  except (TypeError, ValueError) as e:
+    raise errors.ConfigError(f"model.vae.config: {e}") from None
+  return vae_lib.AutoencoderKL(config, dtype=dtype, rngs=nnx.Rngs(seed))
+
+
+def unet_config_for_space(model_config: Any, vae: vae_lib.AutoencoderKL | None) -> dict:
+  """`model.unet` with the keys the space sets: in_channels = answer + condition channels and
+  out_channels = answer channels (3 + 3 and 3 for pixels; 2 x 4 and 4 for SD latents, as
+  Marigold), and, in latent space, the diffusers `sample_size` of the latents
+  (`model.unet.sample_size` is the image size in both spaces). So a pixel and a latent run of
+  one config differ in `model.latent` alone."""
+  unet_config = dict(model_config.unet)
+  channels = vae.config.latent_channels if vae is not None else 3
+  space = "latent" if vae is not None else "pixel"
+  for key, want in (("in_channels", 2 * channels), ("out_channels", channels)):
+    if unet_config.get(key, want) != want:
+      raise errors.ConfigError(f"model.unet.{key}={unet_config[key]} does not fit the {space} "
+                               f"space ({want}); remove it: the space sets it")
+    unet_config[key] = want
+  if vae is not None and "sample_size" in unet_config:
+    factor = vae.config.downsample_factor
+    if int(unet_config["sample_size"]) % factor:
+      raise errors.ConfigError(f"model.unet.sample_size={unet_config['sample_size']} (the "
+                               f"image size) is not a multiple of the VAE's factor {factor}")
+    unet_config["sample_size"] = int(unet_config["sample_size"]) // factor
+  return unet_config
+
+
+def frozen_paths(model_config: Any) -> tuple[str, ...]:
+  """Parameter paths the optimizer never updates: the latent space's VAE unless
+  `model.vae.trainable`."""
+  latent = bool(model_config.get("latent"))
+  trainable = bool(dict(model_config.get("vae") or {}).get("trainable", False))
+  return (VAE_PATH,) if latent and not trainable else ()
+
+
 def build_model(model_config: Any, task_objects: Sequence[tasks_lib.Task], *,
                 paradigm: Any = None, seed: int = 0) -> generalist.GeneralistModel:
-  """The network for these tasks (their order is the `task` index of batches), with the
-  modules the paradigm adds (`Paradigm.add_modules`)."""
+  """The network for these tasks (their order is the `task` index of batches), with the VAE of
+  the latent space (`model.latent`) and the modules the paradigm adds (`add_modules`)."""
   prompts = [t.prompt for t in task_objects]
   dtype = compute_dtype(model_config.get("dtype", "float32"))
+  vae = build_vae(model_config, seed=seed) if model_config.get("latent") else None
+  condition_channels = vae.config.latent_channels if vae is not None else 3
   if model_config.get("zero_init_output") and model_config.get("pretrained_unet"):
     raise errors.ConfigError("model.zero_init_output would discard the pretrained UNet's "
                              "conv_out: set it only for randomly initialised UNets")
@@ -65,15 +127,14 @@ def build_model(model_config: Any, task_objects: Sequence[tasks_lib.Task], *,
     raise errors.ConfigError("model.zero_init_output with model.lora: LoRA-only training never "
                              "updates the zeroed conv_out, so the output would stay zero; turn "
                              "one off")
-  unet_config = dict(model_config.unet)
+  unet_config = unet_config_for_space(model_config, vae)
   unet = None
   if model_config.get("pretrained_unet"):
     unet = unet_convert.load_diffusers_unet(
         model_config.pretrained_unet, input_widening=model_config.get("input_widening",
                                                                       "copy_scale"),
-        in_channels=unet_config.get("in_channels", 6), out_channels=unet_config.get(
-            "out_channels", 3), dtype=dtype, remat=bool(model_config.get("remat", False)),
-        seed=seed)
+        in_channels=unet_config["in_channels"], out_channels=unet_config["out_channels"],
+        dtype=dtype, remat=bool(model_config.get("remat", False)), seed=seed)
   image_options = dict(model_config.get("image_encoder_options") or {})
   vision_config = None
   if model_config.get("image_encoder"):
@@ -85,7 +146,10 @@ def build_model(model_config: Any, task_objects: Sequence[tasks_lib.Task], *,
           model_config, prompts),
       num_task_tokens=int(model_config.get("num_task_tokens", 4)),
       input_residual_init=input_residual_init(model_config, task_objects), dtype=dtype,
-      remat=bool(model_config.get("remat", False)), rngs=rngs, unet=unet)
+      remat=bool(model_config.get("remat", False)), rngs=rngs, unet=unet,
+      condition_channels=condition_channels)
+  if vae is not None:
+    setattr(model, VAE_PATH, vae)
   if model_config.get("zero_init_output"):
     # ADM (guided-diffusion) starts its output conv at zero: the first answers are the input
     # residual alone (restoration: the input; other tasks: grey) instead of random images.

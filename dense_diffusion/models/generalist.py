@@ -1,8 +1,11 @@
 """The generalist: one UNet that turns an image into any task's RGB-encoded answer.
 
 Conditioning (DESIGN.md s.4):
-  UNet input  = concat(x_t, image) over channels     [B, H, W, C_target + 3]
+  UNet input  = concat(x_t, cond) over channels      [B, h, w, C_target + C_cond]
   context     = concat(task tokens, image tokens)    [B, L_task + L_image, cross_attention_dim]
+`cond` is the condition image in the space the UNet works in: the RGB image itself in pixel
+space (C_cond = 3), its VAE latent in latent space (C_cond = 4, Marigold's 8 input channels);
+image tokens always come from the RGB image.
 Task tokens are the cached last hidden states of a frozen text encoder on each task's prompt
 (`PromptCache`, not trained), or, when no text encoder weights are given, a learned embedding per
 task (`num_task_tokens` tokens each). Image tokens come from a CLIP-layout ViT (`ImageEncoder`).
@@ -12,7 +15,7 @@ adds a learned embedding of the task to the timestep embedding, so every ResNet 
 the task (through its timestep projection), not only the cross-attention levels.
 
 Input residual (optional, for x0 / `sample` prediction): the answer estimate is
-  unet(...) + gate[task] * image,   gate f32[num_tasks, 3] learned,
+  unet(...) + gate[task] * cond,    gate f32[num_tasks, C_target] learned,
 initialised to 1 for tasks whose input is already a rough answer (restoration) and 0 elsewhere.
 Restoration networks learn the correction to their input rather than the whole image (DnCNN,
 Restormer, NAFNet all add the input back); without it a small UNet must carry every pixel of
@@ -41,7 +44,8 @@ class GeneralistModel(nnx.Module):
   """UNet denoiser of RGB-encoded answers, conditioned on the input image and the task.
 
   Args:
-    unet_config: diffusers-style UNet config; `in_channels` must be target channels + 3.
+    unet_config: diffusers-style UNet config; `in_channels` = target channels +
+      `condition_channels`.
     num_tasks: size of the task list (the `task` index of a batch).
     image_encoder_config: `CLIPVisionConfig` of the image tower, or None for no image tokens.
     image_encoder_options: keyword options of `ImageEncoder` (layer, tokens, trainable, ...).
@@ -51,14 +55,16 @@ class GeneralistModel(nnx.Module):
     input_residual_init: per-task initial gate of the input residual (length num_tasks, e.g.
       1.0 for restoration tasks, 0.0 elsewhere), or None for no input residual.
     dtype: compute dtype (None = float32; bfloat16 on accelerators). remat: per-block remat.
+    condition_channels: channels of the condition concatenated to x_t (3: RGB; 4: a latent).
   """
 
   def __init__(self, unet_config: Mapping[str, Any], *, num_tasks: int,
                image_encoder_config: Optional[image_encoder_lib.CLIPVisionConfig] = None,
                image_encoder_options: Optional[Mapping[str, Any]] = None,
                prompt_embeddings: Optional[np.ndarray] = None, num_task_tokens: int = 4,
-               input_residual_init: Optional[Sequence[float]] = None, dtype=None, remat: bool = False, rngs: nnx.Rngs,
-               unet: Optional[unet_lib.UNet] = None):
+               input_residual_init: Optional[Sequence[float]] = None, dtype=None,
+               remat: bool = False, rngs: nnx.Rngs, unet: Optional[unet_lib.UNet] = None,
+               condition_channels: int = 3):
     self.unet = unet if unet is not None else unet_lib.UNet(
         unet_config, dtype=dtype, remat=remat, rngs=rngs)
     context_dim = self.unet.config["cross_attention_dim"]
@@ -70,10 +76,14 @@ class GeneralistModel(nnx.Module):
     if num_class_embeds is not None and num_class_embeds != num_tasks:
       raise ValueError(f"UNet num_class_embeds={num_class_embeds} must equal the number of tasks "
                        f"({num_tasks}): the generalist uses the task index as class label")
-    self.target_channels = self.unet.config["in_channels"] - 3
+    self.target_channels = self.unet.config["in_channels"] - condition_channels
     if self.target_channels <= 0:
       raise ValueError(f"UNet in_channels={self.unet.config['in_channels']} leaves no room for "
-                       "the target next to the 3-channel condition image")
+                       f"the target next to the {condition_channels}-channel condition")
+    if self.unet.config["out_channels"] != self.target_channels:
+      raise ValueError(f"UNet out_channels={self.unet.config['out_channels']} must equal the "
+                       f"target channels, in_channels - {condition_channels} = "
+                       f"{self.target_channels}")
     if prompt_embeddings is not None:
       prompt_embeddings = np.asarray(prompt_embeddings, np.float32)
       if prompt_embeddings.ndim != 3 or prompt_embeddings.shape[0] != num_tasks:
@@ -95,12 +105,13 @@ class GeneralistModel(nnx.Module):
       if init_gate.shape != (num_tasks,):
         raise ValueError(f"input_residual_init needs one value per task ({num_tasks}), got "
                          f"shape {init_gate.shape}")
-      if self.target_channels != 3:
-        raise ValueError("the input residual adds the RGB input to the answer, which needs 3 "
-                         f"target channels, not {self.target_channels}")
+      if self.target_channels != condition_channels:
+        raise ValueError("the input residual adds the condition to the answer, which needs as "
+                         f"many target channels ({self.target_channels}) as condition channels "
+                         f"({condition_channels})")
       self.input_residual_gate = nnx.Param(
-          jnp.repeat(jnp.asarray(init_gate)[:, None], 3, axis=1), out_sharding=(None, None),
-          eager_sharding=False)
+          jnp.repeat(jnp.asarray(init_gate)[:, None], self.target_channels, axis=1),
+          out_sharding=(None, None), eager_sharding=False)
     else:
       self.input_residual_gate = None
     if image_encoder_config is not None:
@@ -118,17 +129,24 @@ class GeneralistModel(nnx.Module):
       tokens.append(self.image_encoder(image).astype(jnp.float32))
     return jnp.concatenate(tokens, axis=1)
 
-  def __call__(self, x_t: jax.Array, t: jax.Array, image: jax.Array, task: jax.Array
-               ) -> jax.Array:
-    """x_t f32[B, H, W, C], t i32[B], image f32[B, H, W, 3] in [-1, 1], task i32[B] -> [B,H,W,C]."""
-    if x_t.shape[:3] != image.shape[:3]:
-      raise ValueError(f"x_t {x_t.shape} and image {image.shape} differ in batch or size")
-    sample = jnp.concatenate([x_t, image.astype(x_t.dtype)], axis=-1)
+  def __call__(self, x_t: jax.Array, t: jax.Array, image: jax.Array, task: jax.Array,
+               cond: Optional[jax.Array] = None) -> jax.Array:
+    """The network's output f32[B, h, w, C_target].
+
+    Args:
+      x_t: f32[B, h, w, C_target]. t: i32[B]. image: f32[B, H, W, 3] in [-1, 1] (image tokens).
+      task: i32[B]. cond: f32[B, h, w, C_cond], the condition in the UNet's space (None: the
+        image itself, pixel space).
+    """
+    cond = image if cond is None else cond
+    if x_t.shape[:3] != cond.shape[:3]:
+      raise ValueError(f"x_t {x_t.shape} and the condition {cond.shape} differ in batch or size")
+    sample = jnp.concatenate([x_t, cond.astype(x_t.dtype)], axis=-1)
     class_labels = task if self.unet.config["num_class_embeds"] is not None else None
     out = self.unet(sample, t, self.context(image, task), class_labels=class_labels)
     if self.input_residual_gate is not None:
       gate = jnp.take(self.input_residual_gate[...], task, axis=0)[:, None, None, :]
-      out = out + gate.astype(out.dtype) * image.astype(out.dtype)
+      out = out + gate.astype(out.dtype) * cond.astype(out.dtype)
     return out
 
   def trainable_filter(self, lora_only: bool = False):

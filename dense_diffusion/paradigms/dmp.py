@@ -19,17 +19,17 @@ class DMP(base.Paradigm):
   def validate(cls, cfg):
     onestep.deterministic_checks(cfg, ("v_prediction",))
 
-  def training_batch(self, target, image, key):
+  def training_batch(self, target, cond, key):
     t = base.train_timesteps(key, self.schedule, self.cfg, target.shape[0])
-    z_t = objectives.dmp_forward(self.schedule, target, image, t)
-    tgt = objectives.dmp_v_target(self.schedule, target, image, t)
+    z_t = objectives.dmp_forward(self.schedule, target, cond, t)
+    tgt = objectives.dmp_v_target(self.schedule, target, cond, t)
     return base.TrainingBatch(z_t, t, tgt,
                               base.loss_weight(self.schedule, self.cfg, t, "v_prediction"))
 
-  def predict(self, model, image, task, key):
+  def sample(self, model, image, cond, task, key):
     del key
     ts, prev = base.sampler_steps(self.schedule, self.cfg)
-    return samplers.sample_dmp(base.denoise_fn, self.schedule, image, ts, prev,
-                               oracle=self.cfg.dmp_oracle, model_args=(model, image, task),
+    return samplers.sample_dmp(base.denoise_fn, self.schedule, cond, ts, prev,
+                               oracle=self.cfg.dmp_oracle, model_args=(model, image, task, cond),
                                clip_sample=self.cfg.clip_sample,
                                clip_sample_range=self.cfg.clip_sample_range)

@@ -28,8 +28,8 @@ def deterministic_checks(cfg, allowed: tuple[str, ...]) -> None:
 class OneStep(base.Paradigm):
   """x_t = the image at a fixed t; one deterministic forward pass."""
 
-  def __init__(self, cfg, schedule):
-    super().__init__(cfg, schedule)
+  def __init__(self, cfg, schedule, **kwargs):
+    super().__init__(cfg, schedule, **kwargs)
     self.timestep  # pylint: disable=pointless-statement  # fails early on an impossible t
 
   @classmethod
@@ -40,15 +40,15 @@ class OneStep(base.Paradigm):
   def timestep(self) -> int:
     return base.fixed_timestep(self.cfg, self.schedule, self.schedule.num_train_timesteps - 1)
 
-  def training_batch(self, target, image, key):
+  def training_batch(self, target, cond, key):
     del key
     t = jnp.full((target.shape[0],), self.timestep, jnp.int32)
-    tgt = objectives.onestep_target(self.schedule, target, image, t, self.cfg.prediction_type)
-    return base.TrainingBatch(image, t, tgt, jnp.ones((target.shape[0],), jnp.float32))
+    tgt = objectives.onestep_target(self.schedule, target, cond, t, self.cfg.prediction_type)
+    return base.TrainingBatch(cond, t, tgt, jnp.ones((target.shape[0],), jnp.float32))
 
-  def predict(self, model, image, task, key):
+  def sample(self, model, image, cond, task, key):
     del key
     return samplers.sample_onestep(
-        base.denoise_fn, self.schedule, image, self.timestep,
-        prediction_type=self.cfg.prediction_type, model_args=(model, image, task),
+        base.denoise_fn, self.schedule, cond, self.timestep,
+        prediction_type=self.cfg.prediction_type, model_args=(model, image, task, cond),
         clip_sample=self.cfg.clip_sample, clip_sample_range=self.cfg.clip_sample_range)

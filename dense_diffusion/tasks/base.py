@@ -12,6 +12,8 @@ the predictor and the demo need of it:
   label_key                   the example feature that holds the answer after a dataset's pp
   answer(example, prefix)     the answer read from an example's (label) features
   resize(answer, h, w)        the answer brought to another size (labels nearest, maps bilinear)
+  image_loss(pred, target, valid)  a differentiable loss on RGB answers (jax), for paradigms
+                              trained on the decoded image (GenPercept / E2E-FT)
   evaluator()                 accumulates the task's metrics and its trivial baseline
   headline, higher_is_better  the metric of the summary table, and which way is better
   write(out, stem, image, answer)  the prediction files of one image
@@ -28,6 +30,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar, Mapping, Optional, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from dense_diffusion import registry
@@ -119,6 +123,14 @@ class Task:
     """The answer at (height, width), with the task's interpolation."""
     return resize_map(answer, height, width, nearest=self.interpolation == "nearest")
 
+  # --- Training on the decoded answer. ---
+  def image_loss(self, pred: jax.Array, target: jax.Array, valid: jax.Array | None
+                 ) -> jax.Array:
+    """f32[B]: a loss of predicted RGB answers f32[B, H, W, 3] against the encoded targets, over
+    the known pixels (`valid` bool[B, H, W, 1]). Default: mean squared error in RGB (for labels
+    the RGB equivalent of a classification loss). Differentiable (jax), runs inside the step."""
+    return masked_mean(jnp.square(pred - target), valid)
+
   # --- Evaluation and prediction files. ---
   def evaluator(self) -> Evaluator:
     raise NotImplementedError(f"task {self.name!r} has no evaluator")
@@ -194,6 +206,15 @@ def check_map(x: Any, task_name: str, what: str, ndim: int = 2) -> np.ndarray:
   if x.ndim != ndim:
     raise ValueError(f"{task_name}.encode expects {what}, got shape {x.shape}")
   return x
+
+
+def masked_mean(values: jax.Array, valid: jax.Array | None) -> jax.Array:
+  """f32[B]: per-example mean of values f32[B, H, W, C] over the known pixels (all if None)."""
+  axes = tuple(range(1, values.ndim))
+  if valid is None:
+    return jnp.mean(values, axis=axes)
+  m = jnp.broadcast_to(jnp.asarray(valid, values.dtype), values.shape)
+  return jnp.sum(values * m, axis=axes) / jnp.maximum(jnp.sum(m, axis=axes), 1.0)
 
 
 def resize_map(x: np.ndarray, height: int, width: int, nearest: bool) -> np.ndarray:

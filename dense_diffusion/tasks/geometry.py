@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import jax.numpy as jnp
 import numpy as np
 
 from dense_diffusion import metrics
@@ -100,6 +101,17 @@ class DepthTask(base.Task):
   def evaluator(self):
     return DepthEvaluator(self)
 
+  def image_loss(self, pred, target, valid):
+    """L1 of the depth code (channel mean) on known pixels; with `affine_invariant`, after the
+    per-image least-squares scale and shift of the prediction onto the target (E2E-FT's
+    scale-and-shift-invariant loss)."""
+    p, t = jnp.mean(pred, axis=-1), jnp.mean(target, axis=-1)
+    m = (jnp.ones_like(p) if valid is None else jnp.asarray(valid[..., 0], p.dtype))
+    if self.affine_invariant:
+      scale, shift = least_squares_scale_shift(p, t, m)
+      p = scale[:, None, None] * p + shift[:, None, None]
+    return base.masked_mean(jnp.abs(p - t)[..., None], m[..., None])
+
   def write(self, out, stem, image, depth):
     """`X_depth.png`: 16-bit millimetres (relative depth * 65535 when affine-invariant);
     `X_depth_color.png`: the image's own min..max through a colormap."""
@@ -172,6 +184,13 @@ class NormalsTask(base.Task):
   def evaluator(self):
     return NormalsEvaluator(self)
 
+  def image_loss(self, pred, target, valid):
+    """Mean angle (radians) between the predicted and true normals on known pixels."""
+    n = pred / jnp.maximum(jnp.linalg.norm(pred, axis=-1, keepdims=True), 1e-6)
+    # Clipped inside (-1, 1): arccos has an infinite slope at the ends.
+    cos = jnp.clip(jnp.sum(n * target, axis=-1, keepdims=True), -1.0 + 1e-6, 1.0 - 1e-6)
+    return base.masked_mean(jnp.arccos(cos), valid)
+
   def write(self, out, stem, image, normals):
     """`X_normals.png`: RGB (n + 1) / 2 * 255."""
     return [outputs.save_png(out / f"{stem}_normals.png", outputs.u8((normals + 1.0) * 0.5))]
@@ -221,3 +240,20 @@ class ShadingTask(base.Task):
   def write(self, out, stem, image, shading):
     """`X_shading.png`: 16-bit grey of shading / max_shading * 65535."""
     return [outputs.save_unit_u16(out / f"{stem}_shading.png", shading / self.max_shading)]
+
+
+def least_squares_scale_shift(pred, target, mask):
+  """Per-image (scale f32[B], shift f32[B]) minimising sum(mask * (scale * pred + shift -
+  target)^2) over f32[B, H, W] maps: the 2x2 normal equations, solved in closed form; (1, 0)
+  where they are singular (fewer than two distinct known values)."""
+  a00 = jnp.sum(mask * pred * pred, (1, 2))
+  a01 = jnp.sum(mask * pred, (1, 2))
+  a11 = jnp.sum(mask, (1, 2))
+  b0 = jnp.sum(mask * pred * target, (1, 2))
+  b1 = jnp.sum(mask * target, (1, 2))
+  det = a00 * a11 - a01 * a01
+  ok = det > 1e-12
+  safe = jnp.where(ok, det, 1.0)
+  scale = jnp.where(ok, (a11 * b0 - a01 * b1) / safe, 1.0)
+  shift = jnp.where(ok, (a00 * b1 - a01 * b0) / safe, 0.0)
+  return scale, shift
