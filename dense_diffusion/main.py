@@ -4,6 +4,7 @@ Commands (a registry, not an if-chain; each command module is imported only when
   train     --config configs/X.py[:arg] --workdir DIR [--config.key=value ...]
   eval      --workdir DIR [--config ...]: evaluate the latest checkpoint
   predict   --workdir DIR --task T --input IMG_OR_DIR --output DIR: answers for your images
+            (or --pretrained MARIGOLD_FOLDER instead of --workdir and --task)
   demo      the README's main job (see dense_diffusion/demo.py)
   convert   --from diffusers --src DIR --dst DIR: converted weights -> orbax checkpoint
 
@@ -54,7 +55,12 @@ flags.DEFINE_string("task", None, "predict: the task to predict (one the run was
 flags.DEFINE_string("input", None, "predict: an image file or a folder of images.")
 flags.DEFINE_string("output", None, "predict: folder for the predictions.")
 flags.DEFINE_integer("batch_size", None, "predict: images per batch (default: eval.batch_size).")
-flags.DEFINE_integer("steps", None, "predict: sampler steps (default: the run's config).")
+flags.DEFINE_integer("steps", None, "predict: sampler steps (default: the run's config, or the "
+                     "pretrained folder's default_denoising_steps).")
+flags.DEFINE_string("pretrained", None, "predict: a diffusers Marigold-format pipeline folder "
+                    "(depth / normals / intrinsics, E2E-FT fine-tunes) to predict with instead of "
+                    "a trained run's --workdir.")
+flags.DEFINE_integer("ensemble_size", 1, "predict --pretrained: predictions combined per image.")
 flags.DEFINE_bool("traceback", False, "Show the traceback of a user error (a wrong flag, config "
                   "key or value, a missing run) as well as its one-line message.")
 
@@ -122,10 +128,11 @@ def _convert(_) -> int | None:
 
 @COMMANDS.register("predict")
 def _predict(_) -> int | None:
-  _require("predict", "workdir", "task", "input", "output")
+  _require("predict", "input", "output")
   from dense_diffusion import predict
   return predict.run(FLAGS.workdir, FLAGS.task, FLAGS.input, FLAGS.output,
-                     batch_size=FLAGS.batch_size, steps=FLAGS.steps)
+                     batch_size=FLAGS.batch_size, steps=FLAGS.steps,
+                     pretrained=FLAGS.pretrained, ensemble_size=FLAGS.ensemble_size)
 
 
 def _usage() -> str:

@@ -184,34 +184,55 @@ class Predictor:
     trained = config_lib.available_tasks(self.config)
     decoders = [(n, trained[n]) for n in (task_obj.parts or (task,))]
     self._load()
+    batch_index = 0
+
+    def answer_batch(images: list[np.ndarray]) -> list[list[tuple[Any, Any]]]:
+      nonlocal batch_index
+      model_in = np.stack([to_model_input(img, self.resolution) for img in images])
+      answers = {name: dec.decode(self.predict_rgb(model_in, name, batch_index))
+                 for name, dec in decoders}
+      batch_index += 1
+      out = []
+      for i, img in enumerate(images):
+        h, w = img.shape[:2]
+        full = {name: dec.resize(answers[name][i], h, w) for name, dec in decoders}
+        out.append([(task_obj, task_obj.combine(full) if task_obj.parts else full[task])])
+      return out
+
+    return predict_files(task, inputs, output, self.batch_size, answer_batch, log=log, err=err)
+
+
+def predict_files(label: str, inputs: Sequence[str | pathlib.Path], output: str | os.PathLike,
+                  batch_size: int, answer_batch: Callable[[list[np.ndarray]], list],
+                  *, log: Callable[[str], None], err: Callable[[str], None]) -> Summary:
+    """Reads every input, answers them `batch_size` at a time and writes each answer's files.
+
+    `answer_batch(images u8[H, W, 3] list)` returns, per image, the (task, answer at the
+    image's size) pairs to write. Unreadable files and failed writes are reported and skipped.
+    """
     out = epath.Path(output)  # a local folder or gs://
     out.mkdir(parents=True, exist_ok=True)
     stems = _unique_stems(list(inputs))
     summary = Summary()
     pending: list[tuple[pathlib.Path, str, np.ndarray]] = []
-    batch_index = 0
-    total = len(inputs)
+    batches = 0
     start = time.time()
 
     def flush():
-      nonlocal batch_index
+      nonlocal batches
       if not pending:
         return
-      model_in = np.stack([to_model_input(img, self.resolution) for _, _, img in pending])
-      answers = {name: dec.decode(self.predict_rgb(model_in, name, batch_index))
-                 for name, dec in decoders}
-      for i, (path, stem, img) in enumerate(pending):
-        h, w = img.shape[:2]
-        full = {name: dec.resize(answers[name][i], h, w) for name, dec in decoders}
-        answer = task_obj.combine(full) if task_obj.parts else full[task]
+      answers = answer_batch([img for _, _, img in pending])
+      for (path, stem, img), pairs in zip(pending, answers):
         try:
-          summary.outputs.extend(task_obj.write(out, stem, img, answer))
+          for task_obj, answer in pairs:
+            summary.outputs.extend(task_obj.write(out, stem, img, answer))
           summary.written += 1
         except OSError as e:
           summary.failed.append((path, f"cannot write its outputs: {e}"))
           err(f"error: {path}: cannot write its outputs ({e})")
-      batch_index += 1
-      log(f"batch {batch_index}: {len(pending)} images ({summary.written} written, "
+      batches += 1
+      log(f"batch {batches}: {len(pending)} images ({summary.written} written, "
           f"{len(summary.failed)} failed, {time.time() - start:.1f}s)")
       pending.clear()
 
@@ -226,12 +247,68 @@ class Predictor:
         err(f"error: cannot read {path} ({type(e).__name__}: {e}); skipped")
         continue
       pending.append((path, stems[path], image))
-      if len(pending) == self.batch_size:
+      if len(pending) == batch_size:
         flush()
     flush()
-    log(f"{task}: {summary.written} written, {len(summary.failed)} failed (of {total} files) "
-        f"-> {out}")
+    log(f"{label}: {summary.written} written, {len(summary.failed)} failed (of {len(inputs)} "
+        f"files) -> {out}")
     return summary
+
+
+class PretrainedPredictor:
+  """A pretrained diffusers-format pipeline folder (Marigold depth / normals / intrinsics, and
+  their E2E-FT fine-tunes) predicting on image files, written as a trained run's files.
+
+  Args:
+    folder: what the diffusers pipeline's `save_pretrained` wrote.
+    steps: denoising steps (default: the folder's `default_denoising_steps`).
+    ensemble_size: predictions per image, combined as the pipeline does.
+    batch_size: latents per device call.
+    seed: the initial noise.
+  """
+
+  def __init__(self, folder: str, *, steps: Optional[int] = None, ensemble_size: int = 1,
+               batch_size: Optional[int] = None, seed: int = 0):
+    from dense_diffusion.pipelines import answers  # pylint: disable=g-import-not-at-top
+    self._answers = answers
+    self.pipeline = answers.load(folder)
+    self.steps, self.ensemble_size = steps, ensemble_size
+    self.batch_size = batch_size or ensemble_size
+    self.seed = seed
+
+  def tasks(self) -> list[str]:
+    return [t.name for t in self._answers.tasks(self.pipeline)]
+
+  def check_task(self, task: Optional[str]) -> None:
+    if task is not None and task not in self.tasks():
+      raise errors.ConfigError(f"the pretrained {type(self.pipeline).__name__} answers "
+                               f"{', '.join(self.tasks())}, not {task!r}; leave out --task or "
+                               "name one of those")
+
+  def run(self, task: Optional[str], inputs: Sequence[str | pathlib.Path],
+          output: str | os.PathLike, *,
+          log: Callable[[str], None] = lambda s: print(s, flush=True),
+          err: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)
+          ) -> Summary:
+    """Predicts every input (its task(s): all the pipeline answers, or `task`)."""
+    import jax  # pylint: disable=g-import-not-at-top
+    self.check_task(task)
+    calls = 0
+
+    def answer_batch(images: list[np.ndarray]) -> list:
+      nonlocal calls
+      out = []
+      for image in images:  # one call per image: the pipeline takes images of one size
+        output = self.pipeline(image, num_inference_steps=self.steps,
+                               ensemble_size=self.ensemble_size, batch_size=self.batch_size,
+                               key=jax.random.fold_in(jax.random.key(self.seed), calls))
+        calls += 1
+        pairs = [(t, a[0]) for t, a in self._answers.task_answers(self.pipeline, output)]
+        out.append([(t, a) for t, a in pairs if task is None or t.name == task])
+      return out
+
+    label = task or "+".join(self.tasks())
+    return predict_files(label, inputs, output, 1, answer_batch, log=log, err=err)
 
 
 def _unique_stems(paths: list) -> dict:
@@ -244,10 +321,24 @@ def _unique_stems(paths: list) -> dict:
           for p in paths}
 
 
-def run(workdir: str, task: str, input_path: str, output: str, *,
-        batch_size: Optional[int] = None, steps: Optional[int] = None) -> int:
-  """The `predict` command; returns the exit code (non-zero only if no image was processed)."""
-  predictor = Predictor(workdir, batch_size=batch_size, steps=steps)
+def run(workdir: Optional[str], task: Optional[str], input_path: str, output: str, *,
+        batch_size: Optional[int] = None, steps: Optional[int] = None,
+        pretrained: Optional[str] = None, ensemble_size: int = 1) -> int:
+  """The `predict` command: a trained run (`workdir`) or a pretrained pipeline folder
+  (`pretrained`); returns the exit code (non-zero only if no image was processed)."""
+  if (workdir is None) == (pretrained is None):
+    raise errors.ConfigError("predict needs either --workdir (a trained run) or --pretrained "
+                             "(a diffusers Marigold-format folder), not both")
+  if pretrained is not None:
+    predictor = PretrainedPredictor(pretrained, steps=steps, ensemble_size=ensemble_size,
+                                    batch_size=batch_size)
+  else:
+    if task is None:
+      raise errors.ConfigError("predict --workdir needs --task (a task the run was trained on)")
+    if ensemble_size != 1:
+      raise errors.ConfigError("--ensemble_size is for --pretrained pipelines; a trained run "
+                               "ensembles as its config.diffusion says")
+    predictor = Predictor(workdir, batch_size=batch_size, steps=steps)
   predictor.check_task(task)  # before the (slow) model build
   summary = predictor.run(task, list_inputs(input_path), output)
   if not summary.written:

@@ -363,3 +363,102 @@ def test_align_affine_with_mask():
   pred[:, 0] = 100.0  # outliers outside the mask must not affect the fit
   out = np.asarray(samplers.align_affine(jnp.asarray(pred), jnp.asarray(ref), mask))
   np.testing.assert_allclose(out[:, 1:], ref[:, 1:], atol=1e-5)
+
+
+# --- LCM (diffusers' LCMScheduler) ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n,original,total", [(1, 50, 1000), (2, 50, 1000), (4, 50, 1000),
+                                              (7, 50, 1000), (50, 50, 1000), (3, 10, 1000),
+                                              (4, 30, 500)])
+def test_lcm_timesteps_match_diffusers(n, original, total):
+  ref = diffusers.LCMScheduler(num_train_timesteps=total, original_inference_steps=original)
+  ref.set_timesteps(n)
+  np.testing.assert_array_equal(samplers.lcm_timesteps(total, n, original),
+                                ref.timesteps.numpy())
+
+
+def test_lcm_timesteps_errors():
+  with pytest.raises(ValueError, match="num_inference_steps"):
+    samplers.lcm_timesteps(1000, 51, 50)
+  with pytest.raises(ValueError, match="original_inference_steps"):
+    samplers.lcm_timesteps(1000, 4, 2000)
+
+
+def _lcm_reference(pt, **kw):
+  ref = diffusers.LCMScheduler(**SD, prediction_type=pt, **kw)
+  return ref, schedules.from_diffusers_config(dict(ref.config))
+
+
+@pytest.mark.parametrize("pt", PTS)
+@pytest.mark.parametrize("clip", [False, True])
+def test_lcm_step_matches_diffusers(x_start, pt, clip):
+  ref, cfg = _lcm_reference(pt, clip_sample=clip, set_alpha_to_one=False, timestep_scaling=7.0)
+  assert cfg.timestep_scaling == 7.0 and cfg.clip_sample == clip
+  ref.set_timesteps(4)
+  ts = ref.timesteps.numpy()
+  rng = np.random.default_rng(12)
+  out = rng.standard_normal(x_start.shape).astype(np.float32)
+  noise = rng.standard_normal(x_start.shape).astype(np.float32)
+  import diffusers.schedulers.scheduling_lcm as lcm_mod  # pylint: disable=import-outside-toplevel
+  original = lcm_mod.randn_tensor
+  lcm_mod.randn_tensor = lambda *a, **k: _nchw(noise)
+  try:
+    for i, t in enumerate(ts):
+      exp = ref.step(_nchw(out), int(t), _nchw(x_start))
+      t_next = ts[i + 1] if i + 1 < len(ts) else -1
+      got, denoised = samplers.lcm_step(cfg.schedule, out, int(t), int(t_next), x_start, pt,
+                                        noise=noise, timestep_scaling=7.0, clip_sample=clip,
+                                        return_denoised=True)
+      np.testing.assert_allclose(denoised, _nhwc(exp.denoised), atol=1e-5, rtol=1e-5)
+      np.testing.assert_allclose(got, _nhwc(exp.prev_sample), atol=1e-5, rtol=1e-5)
+  finally:
+    lcm_mod.randn_tensor = original
+  # The last step needs no noise; an earlier one does.
+  samplers.lcm_step(cfg.schedule, out, int(ts[-1]), -1, x_start, pt)
+  with pytest.raises(ValueError, match="noise"):
+    samplers.lcm_step(cfg.schedule, out, int(ts[0]), int(ts[1]), x_start, pt)
+
+
+@pytest.mark.parametrize("pt", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("n", [1, 4])
+def test_lcm_trajectory_matches_diffusers_with_its_generator_noise(x_start, pt, n):
+  ref, cfg = _lcm_reference(pt)
+  ref.set_timesteps(n)
+  generator = torch.Generator().manual_seed(5)
+  xt = _nchw(x_start)
+  for t in ref.timesteps:
+    xt = ref.step(fake_torch(xt, t.repeat(2)), t, xt, generator=generator).prev_sample
+  # diffusers draws one normal tensor per step but the last from the generator, in NCHW.
+  generator = torch.Generator().manual_seed(5)
+  draws = [_nhwc(torch.randn(_nchw(x_start).shape, generator=generator)) for _ in range(n - 1)]
+  noise = jnp.asarray(np.stack(draws)) if draws else None
+  ts = samplers.lcm_timesteps(1000, n)
+  got = samplers.sample_lcm(fake_jax, cfg.schedule, jnp.asarray(x_start), ts, prediction_type=pt,
+                            noise=noise)
+  np.testing.assert_allclose(got, _nhwc(xt), atol=1e-5, rtol=1e-5)
+  if n > 1:  # from a key instead: reproducible, different from diffusers' draws
+    a = samplers.sample_lcm(fake_jax, cfg.schedule, jnp.asarray(x_start), ts,
+                            prediction_type=pt, key=jax.random.PRNGKey(0))
+    b = samplers.sample_lcm(fake_jax, cfg.schedule, jnp.asarray(x_start), ts,
+                            prediction_type=pt, key=jax.random.PRNGKey(0))
+    np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="key"):
+      samplers.sample_lcm(fake_jax, cfg.schedule, jnp.asarray(x_start), ts)
+    with pytest.raises(ValueError, match="noise must have shape"):
+      samplers.sample_lcm(fake_jax, cfg.schedule, jnp.asarray(x_start), ts,
+                          noise=jnp.zeros((n,) + x_start.shape))
+
+
+def test_lcm_scheduler_config_defaults_are_lcm_ones(tmp_path):
+  """A saved LCMScheduler config reads with its own defaults (scaled_linear, no clipping) for the
+  keys a hand-written file may leave out."""
+  import json  # pylint: disable=import-outside-toplevel
+  cfg = schedules.from_diffusers_config({"_class_name": "LCMScheduler",
+                                         "original_inference_steps": 30})
+  ref = diffusers.LCMScheduler(original_inference_steps=30)
+  np.testing.assert_allclose(cfg.schedule.alphas_cumprod, ref.alphas_cumprod.numpy(), atol=1e-7)
+  assert (cfg.clip_sample, cfg.original_inference_steps, cfg.timestep_scaling) == (False, 30, 10.0)
+  ref.save_config(tmp_path)
+  saved = json.loads((tmp_path / "scheduler_config.json").read_text())
+  assert schedules.from_diffusers_config(saved).class_name == "LCMScheduler"

@@ -1,4 +1,4 @@
-"""Samplers: DDPM, DDIM, one-step, DMP DDIM / oracle-DDIM; test-time ensembling.
+"""Samplers: DDPM, DDIM, one-step, DMP DDIM / oracle-DDIM, LCM; test-time ensembling.
 
 Every sampler is a jitted `jax.lax.scan` over the step list: the timesteps (and the previous
 timesteps) are int32 array arguments, not Python constants, so a sampler compiles once per
@@ -18,7 +18,9 @@ rounding makes the gaps unequal (n = 3: list 999, 666, 332 but steps 999->666->3
 888). `prev_timesteps(..., rule="diffusers")` reproduces diffusers' behaviour (the default, so
 pretrained checkpoints evaluated with diffusers' DDIM give the same numbers here);
 `rule="next"` is the self-consistent chain. DDPM (diffusers' `previous_timestep`) uses the next
-entry of the list, so `sample_ddpm` uses rule "next".
+entry of the list, so `sample_ddpm` uses rule "next". LCM (`lcm_timesteps`, `sample_lcm`, as
+diffusers' LCMScheduler) takes its own timesteps from the distillation schedule and re-noises to
+the next list entry between steps.
 """
 from __future__ import annotations
 
@@ -35,7 +37,8 @@ from dense_diffusion.registry import Registry
 
 __all__ = [
     "ddim_timesteps", "prev_timesteps", "ddim_step", "ddpm_step", "sample_ddim", "sample_ddpm",
-    "sample_onestep", "sample_dmp", "ensemble", "align_affine", "SAMPLERS", "ENSEMBLERS",
+    "sample_onestep", "sample_dmp", "lcm_timesteps", "lcm_scalings", "lcm_step", "sample_lcm",
+    "ensemble", "align_affine", "SAMPLERS", "ENSEMBLERS",
     "PREV_RULES",
 ]
 
@@ -413,12 +416,172 @@ def sample_dmp(model_fn: ModelFn, schedule: Schedule, image: jax.Array, timestep
                    bool(clip_sample), float(clip_sample_range))
 
 
+# ---------------------------------------------------------------------------------------------
+# Latent consistency models (diffusers' LCMScheduler).
+
+
+def lcm_timesteps(num_train_timesteps: int, num_inference_steps: int,
+                  original_inference_steps: int = 50, strength: float = 1.0) -> np.ndarray:
+  """Descending LCM timesteps, equal to diffusers' `LCMScheduler.set_timesteps().timesteps`.
+
+  The distillation schedule is every k-th training step, k = T // original_inference_steps
+  (k - 1, 2k - 1, ..., original_inference_steps * k - 1); inference takes n of its entries,
+  evenly spaced in index from the noisiest one (floor(linspace(0, len, n, endpoint=False))).
+  `timestep_spacing` and `steps_offset` of the config play no part (as in diffusers).
+
+  Args:
+    num_train_timesteps: T.
+    num_inference_steps: n, at most original_inference_steps * strength.
+    original_inference_steps: the distillation schedule's length (the config's
+      `original_inference_steps`, 50 by default).
+    strength: fraction of the distillation schedule used (1 = all of it).
+  Returns:
+    np.int64[n] descending timesteps in 0..T-1.
+  """
+  t_train, n = int(num_train_timesteps), int(num_inference_steps)
+  original = int(original_inference_steps)
+  if not 1 <= original <= t_train:
+    raise ValueError(f"original_inference_steps must be in 1..{t_train} (num_train_timesteps), "
+                     f"got {original}.")
+  origin = np.arange(1, int(original * strength) + 1, dtype=np.int64) * (t_train // original) - 1
+  if not 1 <= n <= len(origin):
+    raise ValueError(f"num_inference_steps must be in 1..{len(origin)} (original_inference_steps "
+                     f"x strength), got {n}.")
+  origin = origin[::-1]
+  index = np.floor(np.linspace(0, len(origin), num=n, endpoint=False)).astype(np.int64)
+  return origin[index].copy()
+
+
+def lcm_scalings(t, timestep_scaling: float = 10.0, sigma_data: float = 0.5):
+  """Consistency-model boundary scalings (c_skip, c_out) at discrete timesteps t.
+
+  With u = t * timestep_scaling: c_skip = sigma_data^2 / (u^2 + sigma_data^2),
+  c_out = u / sqrt(u^2 + sigma_data^2) (float32, as diffusers computes them from the int64 t).
+  """
+  u = jnp.asarray(t, jnp.float32) * jnp.float32(timestep_scaling)
+  sd2 = jnp.float32(sigma_data) ** 2
+  return sd2 / (u * u + sd2), u / jnp.sqrt(u * u + sd2)
+
+
+def lcm_step(schedule: Schedule, model_output: jax.Array, t, t_next, x_t: jax.Array,
+             prediction_type: str, noise: jax.Array | None = None, *,
+             timestep_scaling: float = 10.0, clip_sample: bool = False,
+             clip_sample_range: float = 1.0, return_denoised: bool = False):
+  """One LCM step (diffusers' `LCMScheduler.step`).
+
+  denoised = c_out(t) * x0 + c_skip(t) * x_t (x0 from the model output, clipped when asked).
+  Unless this is the last step (t_next < 0), the next sample re-noises it to t_next:
+  x_next = sqrt(a_next) * denoised + sqrt(1 - a_next) * noise; the last step returns denoised.
+
+  Args:
+    schedule: the schedule.
+    model_output: f32[B, H, W, C].
+    t: int (Python or array, [] or [B]) the current timestep.
+    t_next: the next timestep of the list, or -1 at the last step.
+    x_t: f32[B, H, W, C].
+    prediction_type: "epsilon" | "v_prediction" | "sample".
+    noise: f32[B, H, W, C] standard normal; required unless t_next < 0 (a concrete -1).
+    timestep_scaling: the config's `timestep_scaling` (10 in diffusers).
+    clip_sample, clip_sample_range: clip predicted x0.
+    return_denoised: also return the denoised sample.
+  Returns:
+    x_next f32[B, H, W, C], or (x_next, denoised).
+  """
+  _check_prediction_type(prediction_type)
+  x0, _ = _x0_eps(schedule, model_output, t, x_t, prediction_type, clip_sample,
+                  clip_sample_range)
+  bcast = objectives._bcast  # pylint: disable=protected-access
+  c_skip, c_out = lcm_scalings(t, timestep_scaling)
+  denoised = bcast(c_out, x_t) * x0 + bcast(c_skip, x_t) * x_t
+  if noise is None:
+    if not _is_last(t_next):
+      raise ValueError("lcm_step before the last step needs `noise` (standard normal, shaped "
+                       "like x_t).")
+    x_next = denoised
+  else:
+    a_next = _alpha_prev(schedule, t_next, x_t)
+    renoised = jnp.sqrt(a_next) * denoised + jnp.sqrt(1.0 - a_next) * noise
+    last = bcast(jnp.asarray(t_next, jnp.int32) < 0, x_t)
+    x_next = jnp.where(last, denoised, renoised)
+  return (x_next, denoised) if return_denoised else x_next
+
+
+def _is_last(t_next) -> bool:
+  """True when t_next is a concrete negative number (the last step)."""
+  try:
+    return bool(np.all(np.asarray(t_next) < 0))
+  except (TypeError, jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+    return False
+
+
+@functools.partial(jax.jit, static_argnames=("model_fn", "prediction_type", "timestep_scaling",
+                                             "clip_sample", "clip_sample_range", "noise_mode"))
+def _lcm_loop(model_fn, schedule, x_start, timesteps, nxt, model_args, noise, prediction_type,
+              timestep_scaling, clip_sample, clip_sample_range, noise_mode):
+  def body(x, inputs):
+    t, t_next, n = inputs
+    out = model_fn(x, _batch_t(t, x), *model_args)
+    drawn = _draw(noise_mode, n, x)
+    return lcm_step(schedule, out, t, t_next, x, prediction_type,
+                    noise=jnp.zeros_like(x) if drawn is None else drawn,
+                    timestep_scaling=timestep_scaling, clip_sample=clip_sample,
+                    clip_sample_range=clip_sample_range), None
+
+  x, _ = jax.lax.scan(body, x_start, (timesteps, nxt, noise))
+  return x
+
+
+def sample_lcm(model_fn: ModelFn, schedule: Schedule, x_start: jax.Array, timesteps, *,
+               prediction_type: str = "epsilon", timestep_scaling: float = 10.0,
+               key: jax.Array | None = None, noise: jax.Array | None = None,
+               model_args: Sequence[Any] = (), clip_sample: bool = False,
+               clip_sample_range: float = 1.0) -> jax.Array:
+  """Multi-step LCM sampling (the loop of diffusers' LCM pipelines, jitted as a scan).
+
+  Each step maps x_t to the consistency estimate `denoised` and, except after the last step,
+  re-noises it to the next timestep of the list with fresh standard-normal noise; one step is
+  deterministic. diffusers draws that noise from its torch generator: pass the same draws as
+  `noise` to reproduce a diffusers run exactly.
+
+  Args:
+    model_fn, schedule, model_args, clip_sample, clip_sample_range: as `sample_ddim`.
+    x_start: f32[B, H, W, C].
+    timesteps: int[S] descending (`lcm_timesteps`).
+    prediction_type: "epsilon" | "v_prediction" | "sample".
+    timestep_scaling: the config's `timestep_scaling`.
+    key: PRNG key for the re-noising (one split per step, drawn inside the loop).
+    noise: f32[S - 1, B, H, W, C] explicit re-noising draws, one per step but the last
+      (overrides key). Neither is needed when S = 1.
+  Returns:
+    f32[B, H, W, C] the denoised sample of the last step.
+  """
+  _check_prediction_type(prediction_type)
+  ts = np.asarray(timesteps, np.int32) if not isinstance(timesteps, jax.Array) else (
+      timesteps.astype(jnp.int32))
+  if ts.ndim != 1 or ts.shape[0] < 1:
+    raise ValueError(f"timesteps must be 1-D and non-empty, got shape {ts.shape}.")
+  steps = ts.shape[0]
+  nxt = np.asarray(np.concatenate([np.asarray(ts[1:]), [-1]]), np.int32)
+  if noise is not None:
+    want = (steps - 1,) + tuple(x_start.shape)
+    if tuple(noise.shape) != want:
+      raise ValueError(f"noise must have shape {want} (one draw per step but the last), got "
+                       f"{tuple(noise.shape)}.")
+    noise = jnp.concatenate([jnp.asarray(noise, jnp.float32),
+                             jnp.zeros((1,) + tuple(x_start.shape), jnp.float32)])
+  noise_mode, noise_in = _noise_inputs(key, noise, steps, x_start.shape, steps > 1)
+  return _lcm_loop(model_fn, schedule, x_start, ts, nxt, tuple(model_args), noise_in,
+                   prediction_type, float(timestep_scaling), bool(clip_sample),
+                   float(clip_sample_range), noise_mode)
+
+
 SAMPLERS: Registry[Callable] = Registry("sampler")
 SAMPLERS.register("ddim", sample_ddim)
 SAMPLERS.register("ddpm", sample_ddpm)
 SAMPLERS.register("onestep", sample_onestep)
 SAMPLERS.register("dmp", sample_dmp)
 SAMPLERS.register("dmp_oracle", functools.partial(sample_dmp, oracle=True))
+SAMPLERS.register("lcm", sample_lcm)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -267,7 +267,10 @@ class SchedulerConfig:
     steps_offset: added to leading-spaced timesteps.
     clip_sample: whether the sampler clips predicted x0 to [-clip_sample_range, clip_sample_range].
     clip_sample_range: the clipping range.
-    class_name: the diffusers class the file was written for (information only).
+    class_name: the diffusers class the file was written for ("DDIMScheduler", "LCMScheduler",
+      ...); it chooses the defaults of missing keys and, for pipelines, the sampler.
+    original_inference_steps: LCM only: length of the distillation timestep schedule.
+    timestep_scaling: LCM only: the boundary-condition timestep scale.
   """
   schedule: Schedule
   prediction_type: str = "epsilon"
@@ -276,6 +279,8 @@ class SchedulerConfig:
   clip_sample: bool = False
   clip_sample_range: float = 1.0
   class_name: str | None = None
+  original_inference_steps: int = 50
+  timestep_scaling: float = 10.0
 
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -289,6 +294,14 @@ _IGNORED_KEYS = frozenset({
     "sample_max_value", "dynamic_thresholding_ratio",  # only used with thresholding (rejected).
     "timestep_type", "interpolation_type", "final_sigmas_type", "sigma_min", "sigma_max",
 })
+# Defaults of keys a config may leave out, per diffusers class (those of DDIMScheduler /
+# DDPMScheduler unless the class says otherwise).
+_DEFAULTS = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02,
+             "beta_schedule": "linear", "clip_sample": True}
+_CLASS_DEFAULTS = {
+    "LCMScheduler": {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+                     "clip_sample": False},
+}
 # Keys with the only value we support (anything else raises naming the key).
 _REQUIRED_VALUES = {
     "thresholding": (False,),
@@ -306,9 +319,11 @@ def from_diffusers_config(config: Mapping[str, Any]) -> SchedulerConfig:
 
   Known keys: num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
   prediction_type, timestep_spacing, steps_offset, set_alpha_to_one, rescale_betas_zero_snr,
-  clip_sample, clip_sample_range, plus keys that do not affect DDPM/DDIM numbers (see
-  `_IGNORED_KEYS`) and keys whose only supported value is their default (thresholding=False,
-  variance_type="fixed_small", no Karras/exponential/beta sigmas). Defaults are diffusers'.
+  clip_sample, clip_sample_range, original_inference_steps and timestep_scaling (LCM), plus keys
+  that do not affect DDPM/DDIM/LCM numbers (see `_IGNORED_KEYS`) and keys whose only supported
+  value is their default (thresholding=False, variance_type="fixed_small", no
+  Karras/exponential/beta sigmas). Defaults of missing keys are those of the diffusers class
+  named by `_class_name` (DDIMScheduler's unless it names LCMScheduler).
 
   Raises:
     ConfigError: naming the key, for unsupported values or unknown keys.
@@ -316,7 +331,8 @@ def from_diffusers_config(config: Mapping[str, Any]) -> SchedulerConfig:
   cfg = dict(config)
   known = {"num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
            "prediction_type", "timestep_spacing", "steps_offset", "set_alpha_to_one",
-           "rescale_betas_zero_snr", "clip_sample", "clip_sample_range"}
+           "rescale_betas_zero_snr", "clip_sample", "clip_sample_range",
+           "original_inference_steps", "timestep_scaling"}
   for key, value in cfg.items():
     if key in known or key in _IGNORED_KEYS:
       continue
@@ -330,8 +346,10 @@ def from_diffusers_config(config: Mapping[str, Any]) -> SchedulerConfig:
         f"unknown scheduler config key {key!r} (value {value!r}); remove it or add "
         "support for it in dense_diffusion/diffusion/schedules.py.")
 
-  t = int(cfg.get("num_train_timesteps", 1000))
-  kind = cfg.get("beta_schedule", "linear")
+  defaults = {**_DEFAULTS, **_CLASS_DEFAULTS.get(cfg.get("_class_name"), {})}
+  cfg = {**defaults, **cfg}
+  t = int(cfg["num_train_timesteps"])
+  kind = cfg["beta_schedule"]
   trained = cfg.get("trained_betas")
   final = 1.0
   set_alpha_to_one = bool(cfg.get("set_alpha_to_one", True))
@@ -348,7 +366,7 @@ def from_diffusers_config(config: Mapping[str, Any]) -> SchedulerConfig:
       raise errors.ConfigError(
           f"scheduler config key 'beta_schedule' = {kind!r} is not supported; "
           f"supported: {[k for k in KINDS if k != 'ones']}.")
-    schedule = make(kind, t, float(cfg.get("beta_start", 0.0001)), float(cfg.get("beta_end", 0.02)),
+    schedule = make(kind, t, float(cfg["beta_start"]), float(cfg["beta_end"]),
                     rescale_betas_zero_snr=rescale)
   if not set_alpha_to_one:
     final = float(schedule.alphas_cumprod[0])
@@ -369,7 +387,9 @@ def from_diffusers_config(config: Mapping[str, Any]) -> SchedulerConfig:
       prediction_type=prediction_type,
       timestep_spacing=spacing,
       steps_offset=int(cfg.get("steps_offset", 0)),
-      clip_sample=bool(cfg.get("clip_sample", True)),
+      clip_sample=bool(cfg["clip_sample"]),
       clip_sample_range=float(cfg.get("clip_sample_range", 1.0)),
       class_name=cfg.get("_class_name"),
+      original_inference_steps=int(cfg.get("original_inference_steps", 50)),
+      timestep_scaling=float(cfg.get("timestep_scaling", 10.0)),
   )
