@@ -46,6 +46,7 @@ setup(
             "torch==2.13.0",
             "diffusers>=0.35",
             "transformers>=4.50",
+            "peft>=0.17",  # tests/test_lora_interop.py: diffusers' load_lora_adapter needs it
             "scikit-image>=0.24",
             "torchmetrics>=1.4",
             "nbclient>=0.10",  # tests/test_notebook.py executes notebooks/demo.ipynb headless

@@ -7,6 +7,8 @@ Commands (a registry, not an if-chain; each command module is imported only when
             (or --pretrained MARIGOLD_FOLDER instead of --workdir and --task)
   demo      the README's main job (see dense_diffusion/demo.py)
   convert   --from diffusers --src DIR --dst DIR: converted weights -> orbax checkpoint
+            (--lora FILE: a diffusers / peft LoRA file folded into the converted UNet)
+  export-lora --workdir DIR --dst FILE: a LoRA run's EMA adapters -> diffusers / peft LoRA file
 
 A user's mistake (a flag, a config key or value, a missing run: an `errors.UserError`) prints one
 line, `error: <what to change>`, on stderr and exits with status 2; `--traceback` shows its
@@ -49,7 +51,10 @@ flags.DEFINE_string("local_device_ids", None,
                     "(one process per GPU on one host); default: all visible.")
 flags.DEFINE_string("from", "diffusers", "convert: source format of the checkpoint.")
 flags.DEFINE_string("src", None, "convert: folder of the source checkpoint.")
-flags.DEFINE_string("dst", None, "convert: folder for the converted orbax checkpoint.")
+flags.DEFINE_string("dst", None, "convert: folder for the converted orbax checkpoint; "
+                    "export-lora: the LoRA .safetensors file to write.")
+flags.DEFINE_string("lora", None, "convert: a diffusers / peft LoRA .safetensors file to fold "
+                    "into the converted UNet.")
 flags.DEFINE_string("task", None, "predict: the task to predict (one the run was trained on, or "
                     "panoptic when it had semantic and instance).")
 flags.DEFINE_string("input", None, "predict: an image file or a folder of images.")
@@ -123,7 +128,20 @@ def _demo(_) -> int | None:
 def _convert(_) -> int | None:
   _require("convert", "src", "dst")
   from dense_diffusion.convert import command
-  return command.run(FLAGS["from"].value, FLAGS.src, FLAGS.dst)
+  return command.run(FLAGS["from"].value, FLAGS.src, FLAGS.dst, lora=FLAGS.lora)
+
+
+@COMMANDS.register("export-lora")
+def _export_lora(_) -> int | None:
+  _require("export-lora", "workdir", "dst")
+  from dense_diffusion import experiment
+  from dense_diffusion.convert import lora as lora_convert
+  exp = experiment.Experiment(experiment.load_config(FLAGS.workdir))
+  step, state = exp.restore_latest(FLAGS.workdir, async_save=False)
+  unet = exp.model(state.ema).unet
+  out = lora_convert.save_diffusers_lora(unet, FLAGS.dst)
+  print(f"wrote the LoRA adapters of {FLAGS.workdir} (step {step}, EMA) -> {out}")
+  return 0
 
 
 @COMMANDS.register("predict")

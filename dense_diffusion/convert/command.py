@@ -10,7 +10,11 @@ Converts a diffusers checkpoint into orbax checkpoints of our modules' parameter
 index; written to DST/unet) or a full pipeline folder (model_index.json and/or sub-folders), in
 which case every component in `COMPONENTS` whose sub-folder exists is converted with its loader.
 Loaders are imported lazily; a component whose loader is not available is skipped with a note.
-`restore(DST, "unet")` rebuilds the module from the two files.
+`restore_unet(DST / "unet")` rebuilds the module from the two files.
+
+`--lora FILE` (`run(..., lora=FILE)`): a diffusers / peft LoRA file (`convert/lora.py`) is put on
+the converted UNet and folded into its kernels, so DST/unet is a plain UNet with the LoRA's
+outputs.
 """
 from __future__ import annotations
 
@@ -105,8 +109,9 @@ def restore_unet(path: PathLike, **module_options: Any):
   return model
 
 
-def run(source: str, src: PathLike, dst: PathLike) -> None:
-  """Converts the checkpoint at `src` into orbax checkpoints under `dst` (see module doc)."""
+def run(source: str, src: PathLike, dst: PathLike, *, lora: Optional[PathLike] = None) -> None:
+  """Converts the checkpoint at `src` into orbax checkpoints under `dst` (see module doc); with
+  `lora`, that LoRA file is folded into the UNet first."""
   if source not in SOURCES:
     raise errors.ConfigError(f"convert --from={source!r} is not supported; choose one of "
                              f"{SOURCES}")
@@ -122,12 +127,28 @@ def run(source: str, src: PathLike, dst: PathLike) -> None:
       print(f"note: {src} has no {', '.join(missing)} (no such sub-folder with config.json)")
   else:
     todo = [("unet", src)]
+  if lora is not None:
+    from dense_diffusion.convert import lora as lora_convert  # pylint: disable=g-import-not-at-top
+    lora = lora_convert.lora_file(lora)
+    if "unet" not in dict(todo):
+      raise errors.ConfigError(f"convert --lora: {src} has no UNet to fold {lora} into")
   written = []
   for name, folder in todo:
     loader = _loader(name)
     if loader is None:
       continue
     model = loader(folder)
+    if name == "unet" and lora is not None:
+      try:
+        adapted = lora_convert.load_diffusers_lora(model, lora)
+      except common.CheckpointMismatchError as e:
+        shapes = [f"{k}: file {tuple(a)} vs {tuple(b)}" for k, _, a, b in e.shape_mismatches]
+        raise errors.ConfigError(
+            f"convert --lora: {lora} does not fit the UNet of {folder} ({len(e.unused)} key(s) "
+            f"naming no layer of it, {len(shapes)} shape mismatch(es)), e.g. "
+            f"{'; '.join((e.unused + shapes)[:3])} (--traceback lists all)") from e
+      lora_convert.fold_lora(model, copy=False)
+      print(f"folded {lora} ({len(adapted)} adapted layers) into the unet")
     config = common.read_config(folder)
     out = save_params(model, config, dst / name)
     n = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(model, nnx.Param)))
