@@ -80,6 +80,7 @@ def main():
   sem_gt[:, :16] = 255
   sem_pred = np.where(rng.random(sem_gt.shape) < 0.7, sem_gt % 150,
                       rng.integers(0, 150, sem_gt.shape)).astype(np.uint8)
+  sem_raw = np.where(sem_gt == 255, 0, sem_gt + 1).astype(np.uint8)  # ADE20K PNG: 0 = other
   rgb_gt = rng.integers(0, 256, (pool_n, s, s, 3)).astype(np.uint8)
   rgb_pred = np.clip(rgb_gt + rng.normal(0, 10, rgb_gt.shape), 0, 255).astype(np.uint8)
   pan = _panoptic_pool(rng, pool_n, s)
@@ -91,12 +92,24 @@ def main():
   _time("depth (scale_shift alignment)",
         lambda: metrics.DepthMetrics(alignment="scale_shift"),
         (depth_pred, depth_gt), n, b, results)
-  _time("normals", metrics.NormalMetrics, (normals_pred, normals_gt), n, b, results)
+  _time("depth (scale_shift_disparity, alignment_max_res 256)",
+        lambda: metrics.DepthMetrics(alignment="scale_shift_disparity", alignment_max_res=256),
+        (depth_pred, depth_gt), n, b, results)
+  _time("normals (pixel-pooled)", metrics.NormalMetrics, (normals_pred, normals_gt), n, b,
+        results)
+  _time("normals (per-image)", lambda: metrics.NormalMetrics(reduction="image"),
+        (normals_pred, normals_gt), n, b, results)
   _time("semantic mIoU (K=150)", lambda: metrics.SemanticConfusion(150),
         (sem_pred, sem_gt), n, b, results)
+  _time("semantic mIoU (K=150, reduce_zero_label)",
+        lambda: metrics.SemanticConfusion(150, reduce_zero_label=True),
+        (sem_pred, sem_raw), n, b, results)
   _time("PSNR+SSIM RGB (uint8 range)", lambda: metrics.RestorationMetrics(255.0),
         (rgb_pred, rgb_gt), n, b, results)
   _time("PSNR+SSIM Y channel", lambda: metrics.RestorationMetrics(255.0, y_channel=True),
+        (rgb_pred, rgb_gt), n, b, results)
+  _time("PSNR+SSIM Y channel, 8-bit (rain100)",
+        lambda: metrics.restoration_protocol("rain100").accumulator(255.0),
         (rgb_pred, rgb_gt), n, b, results)
   acc = metrics.PanopticQuality(categories)
   acc.update(*pan[0])  # warm-up, same as the others

@@ -175,3 +175,85 @@ def test_normals_bad_input():
     metrics.normal_metrics(bad, n)
   with pytest.raises(ValueError, match="mask shape"):
     metrics.normal_metrics(n, n, mask=np.ones((4, 5), bool))
+
+
+def _torch_errors(pred, gt):
+  """Per-pixel angles as DSINE's compute_normal_error / Marigold's compute_cosine_error take
+  them: torch.cosine_similarity over the channel axis, clamped, acos, degrees."""
+  import torch  # pylint: disable=g-import-not-at-top
+  p = torch.as_tensor(np.moveaxis(pred, -1, 0), dtype=torch.float64)
+  g = torch.as_tensor(np.moveaxis(gt, -1, 0), dtype=torch.float64)
+  cos = torch.clamp(torch.cosine_similarity(p, g, dim=0), -1.0, 1.0)
+  return (torch.acos(cos) * 180.0 / np.pi).numpy()
+
+
+def _stats(e):
+  """DSINE's compute_normal_metrics on a 1-D array of errors (fractions instead of percent)."""
+  out = {"mean": np.average(e), "median": np.median(e), "rmse": np.sqrt(np.sum(e * e) / e.size)}
+  for t in (5, 7.5, 11.25, 22.5, 30):
+    out[f"a{t:g}"] = np.sum(e < t) / e.size
+  return out
+
+
+@pytest.fixture(scope="module")
+def normals_batch():
+  """Three images with very different numbers of valid pixels and error levels, so the pooled and
+  the per-image conventions disagree."""
+  rng = np.random.default_rng(5)
+  gt = _rand_normals(rng, (3, 18, 22))
+  noise = np.array([0.05, 0.3, 0.8])[:, None, None, None]
+  pred = gt + rng.normal(size=gt.shape) * noise
+  gt[0, 2:] = 0.0        # image 0: only 2 rows valid (and nearly right)
+  gt[2, :, :4] = 0.0
+  mask = np.ones(gt.shape[:3], bool)
+  mask[1, :5] = False
+  return pred, gt, mask
+
+
+def test_normal_reductions_match_dsine_and_marigold(normals_batch):
+  pred, gt, mask = normals_batch
+  assert metrics.NORMAL_KEYS == ("mean", "median", "rmse", "a5", "a7.5", "a11.25", "a22.5",
+                                 "a30")
+  valid = (np.linalg.norm(gt, axis=-1) > 0) & mask
+  errs = [_torch_errors(pred[i], gt[i])[valid[i]] for i in range(3)]
+  pooled = _stats(np.concatenate(errs))                       # DSINE / Lotus / E2E-FT
+  per_image = [_stats(e) for e in errs]                       # Marigold, then MetricTracker mean
+  averaged = {k: np.mean([m[k] for m in per_image]) for k in pooled}
+  got_pixel = metrics.normal_metrics(pred, gt, mask)
+  got_image = metrics.normal_metrics(pred, gt, mask, reduction="image")
+  for k in metrics.NORMAL_KEYS:
+    assert got_pixel[k] == pytest.approx(pooled[k], rel=1e-9, abs=1e-12), k
+    assert got_image[k] == pytest.approx(averaged[k], rel=1e-9, abs=1e-12), k
+  assert abs(got_pixel["median"] - got_image["median"]) > 1.0  # the conventions really differ
+  assert abs(got_pixel["mean"] - got_image["mean"]) > 1.0
+
+  # Streaming, per image: exact medians, empty and non-finite images skipped and counted.
+  acc = metrics.NormalMetrics(reduction="image")
+  acc.update(pred[0], gt[0], mask[0])
+  bad = pred[1:].copy()
+  bad[0, 0, 0, 0] = np.inf
+  acc.update(bad, gt[1:], mask[1:])          # image 1 skipped (non-finite), image 2 counted
+  acc.update(pred[1], gt[1], mask[1])
+  acc.update(pred[2], np.zeros_like(gt[2]))  # no valid pixel
+  res = acc.result()
+  assert (res["num_images"], res["num_nonfinite"], res["num_empty"]) == (3, 1, 1)
+  assert res["num_pixels"] == sum(e.size for e in errs)
+  for k in metrics.NORMAL_KEYS:
+    assert res[k] == pytest.approx(averaged[k], rel=1e-9, abs=1e-12), k
+  # Streaming, pooled (default): as before, the histogram median within a bin.
+  pix = metrics.NormalMetrics()
+  pix.update(pred, gt, mask)
+  assert pix.result()["a5"] == pytest.approx(pooled["a5"], abs=1e-12)
+  assert abs(pix.result()["median"] - pooled["median"]) <= 1e-3
+
+
+def test_normal_reduction_errors(normals_batch):
+  pred, gt, _ = normals_batch
+  with pytest.raises(ValueError, match="reduction must be one of"):
+    metrics.normal_metrics(pred, gt, reduction="images")
+  with pytest.raises(ValueError, match="reduction must be one of"):
+    metrics.NormalMetrics(reduction="dataset")
+  gt0 = gt.copy()
+  gt0[1] = 0.0
+  with pytest.raises(ValueError, match=r"image\(s\) \[1\]"):
+    metrics.normal_metrics(pred, gt0, reduction="image")

@@ -1,10 +1,13 @@
-"""PSNR / SSIM against scikit-image, RGB and BT.601 Y channel; streaming and bad input."""
+"""PSNR / SSIM against scikit-image, RGB and BT.601 Y channel, the deraining script's 8-bit Y;
+streaming and bad input."""
 import logging
 
 import numpy as np
 import pytest
+from skimage.color import rgb2ycbcr
 from skimage.metrics import peak_signal_noise_ratio as sk_psnr
 from skimage.metrics import structural_similarity as sk_ssim
+from skimage.util import img_as_ubyte
 
 from dense_diffusion import metrics
 
@@ -106,3 +109,56 @@ def test_bad_input():
     metrics.psnr(img, img, 0)
   with pytest.raises(ValueError, match="shape mismatch"):
     metrics.RestorationMetrics().update(img, np.zeros((1, 16, 16, 3)))
+
+
+def _matlab_uint8_y(rgb_u8):
+  """MATLAB rgb2ycbcr on a uint8 image, channel 1: the luma computed in double (here by
+  scikit-image's rgb2ycbcr, which gives the same unrounded Y in [16, 235]) then rounded by
+  imlincomb to uint8 (round half away from zero)."""
+  y = rgb2ycbcr(rgb_u8)[..., 0]
+  return np.floor(y + 0.5).astype(np.uint8)
+
+
+def test_rain100_y_channel_as_the_matlab_script():
+  """Restormer / MPRNet Deraining/evaluate_PSNR_SSIM.m on the PNGs the test script writes."""
+  rng = np.random.default_rng(4)
+  pred, gt = _pairs(1.0, rng)
+  pred = pred + rng.normal(0, 0.02, pred.shape)  # a float network output, a little outside [0, 1]
+  gt_u8 = img_as_ubyte(gt)                        # the dataset's 8-bit ground truth
+  pred_u8 = img_as_ubyte(np.clip(pred, 0, 1))     # test.py: img_as_ubyte(clamp(restored, 0, 1))
+  for data_range, p, g in ((1.0, pred, gt_u8 / 255.0), (255.0, pred * 255.0, gt_u8)):
+    got_psnr = metrics.psnr(p, g, data_range, y_channel=True, as_uint8=True, reduce=False)
+    got_ssim = metrics.ssim(p, g, data_range, y_channel=True, as_uint8=True, reduce=False)
+    for i in range(2):
+      y1 = _matlab_uint8_y(pred_u8[i]).astype(np.float64)
+      y2 = _matlab_uint8_y(gt_u8[i]).astype(np.float64)
+      rmse = np.sqrt(np.mean((y1 - y2) ** 2))
+      assert got_psnr[i] == pytest.approx(20 * np.log10(255 / rmse), abs=1e-9)
+      assert got_ssim[i] == pytest.approx(_sk_ssim(y1, y2, 255.0), abs=2e-6)  # SSIM_index, L=255
+  # The rounding is a measurable part of the protocol (more so the higher the PSNR).
+  unrounded = metrics.psnr(pred, gt_u8 / 255.0, 1.0, y_channel=True, reduce=False)
+  assert abs(unrounded[1] - got_psnr[1]) > 0.05
+  # The named protocol and the accumulator do the same.
+  acc = metrics.restoration_protocol("rain100").accumulator(1.0)
+  acc.update(pred, gt_u8 / 255.0)
+  assert acc.result()["psnr"] == pytest.approx(got_psnr.mean(), abs=1e-9)
+
+
+def test_as_uint8_rgb_and_quantize():
+  rng = np.random.default_rng(5)
+  pred, gt = _pairs(1.0, rng)
+  got = metrics.psnr(pred, gt, 1.0, as_uint8=True, reduce=False)
+  for i in range(2):
+    expected = sk_psnr(img_as_ubyte(gt[i]), img_as_ubyte(pred[i]), data_range=255)
+    assert got[i] == pytest.approx(expected, abs=1e-9)
+  q = metrics.quantize_uint8(np.array([-0.1, 0.0, 0.5, 1.0 / 255 * 2.5, 1.2, np.nan, np.inf]), 1.0)
+  np.testing.assert_array_equal(q[:5], [0, 0, 128, 2, 255])  # rint: 127.5 -> 128, 2.5 -> 2
+  assert np.isnan(q[5]) and np.isinf(q[6])
+  nan = pred.copy()
+  nan[0, :3, 0, 0] = np.nan
+  with pytest.raises(ValueError, match="3 non-finite"):
+    metrics.psnr(nan, gt, 1.0, y_channel=True, as_uint8=True)
+  assert metrics.restoration_protocol("sidd").options == {"y_channel": False, "as_uint8": False}
+  assert metrics.restoration_protocol("lol").options == {"y_channel": False, "as_uint8": False}
+  with pytest.raises(KeyError, match="known restoration protocols: lol, rain100, sidd"):
+    metrics.restoration_protocol("rain100h")

@@ -1,10 +1,13 @@
 """Evaluation metrics for dense prediction, streaming over a dataset (numpy + dm-pix/JAX).
 
-- depth: `depth_metrics`, `DepthMetrics`, `nyu_eigen_crop_mask`, `align_depth`
-- normals: `normal_metrics`, `NormalMetrics`, `angular_error`
-- semantic: `SemanticConfusion`, `semantic_metrics`
+- depth: `depth_metrics`, `DepthMetrics`, `align_depth` (scale, scale_shift,
+  scale_shift_disparity), `nyu_eigen_crop_mask`, `kitti_crop_mask`, `kitti_benchmark_crop`
+- normals: `normal_metrics`, `NormalMetrics` (reduction "pixel" or "image"), `angular_error`
+- semantic: `SemanticConfusion`, `semantic_metrics` (`reduce_zero_label` for ADE20K / mmseg)
 - panoptic: `panoptic_quality`, `PanopticQuality`
-- restoration: `psnr`, `ssim`, `RestorationMetrics`, `rgb_to_y`
+- restoration: `psnr`, `ssim`, `RestorationMetrics`, `rgb_to_y`, `quantize_uint8`
+- protocols: `depth_protocol(name)` (nyu_eigen, kitti_eigen, kitti_garg, eth3d, scannet, diode),
+  `restoration_protocol(name)` (rain100, sidd, lol); docs/evaluation.md has their sources
 
 One-shot functions raise ValueError on bad input (shape mismatch, wrong channel count, NaN/inf
 predictions with their count). Streaming accumulators (`update(...)`, `result()`) skip images
@@ -13,7 +16,10 @@ with non-finite predictions, log a warning and report `num_nonfinite` in `result
 from dense_diffusion.metrics.depth import DEPTH_KEYS
 from dense_diffusion.metrics.depth import DepthMetrics
 from dense_diffusion.metrics.depth import align_depth
+from dense_diffusion.metrics.depth import alignment_fit_columns
 from dense_diffusion.metrics.depth import depth_metrics
+from dense_diffusion.metrics.depth import kitti_benchmark_crop
+from dense_diffusion.metrics.depth import kitti_crop_mask
 from dense_diffusion.metrics.depth import nyu_eigen_crop_mask
 from dense_diffusion.metrics.normals import NORMAL_KEYS
 from dense_diffusion.metrics.normals import NormalMetrics
@@ -21,17 +27,27 @@ from dense_diffusion.metrics.normals import angular_error
 from dense_diffusion.metrics.normals import normal_metrics
 from dense_diffusion.metrics.panoptic import PanopticQuality
 from dense_diffusion.metrics.panoptic import panoptic_quality
+from dense_diffusion.metrics.protocols import DEPTH_PROTOCOLS
+from dense_diffusion.metrics.protocols import RESTORATION_PROTOCOLS
+from dense_diffusion.metrics.protocols import DepthProtocol
+from dense_diffusion.metrics.protocols import RestorationProtocol
+from dense_diffusion.metrics.protocols import depth_protocol
+from dense_diffusion.metrics.protocols import restoration_protocol
 from dense_diffusion.metrics.restoration import RestorationMetrics
 from dense_diffusion.metrics.restoration import psnr
+from dense_diffusion.metrics.restoration import quantize_uint8
 from dense_diffusion.metrics.restoration import rgb_to_y
 from dense_diffusion.metrics.restoration import ssim
 from dense_diffusion.metrics.semantic import SemanticConfusion
 from dense_diffusion.metrics.semantic import semantic_metrics
 
 __all__ = [
-    "DEPTH_KEYS", "DepthMetrics", "align_depth", "depth_metrics", "nyu_eigen_crop_mask",
+    "DEPTH_KEYS", "DepthMetrics", "align_depth", "alignment_fit_columns", "depth_metrics",
+    "kitti_benchmark_crop", "kitti_crop_mask", "nyu_eigen_crop_mask",
     "NORMAL_KEYS", "NormalMetrics", "angular_error", "normal_metrics",
     "PanopticQuality", "panoptic_quality",
-    "RestorationMetrics", "psnr", "rgb_to_y", "ssim",
+    "DEPTH_PROTOCOLS", "RESTORATION_PROTOCOLS", "DepthProtocol", "RestorationProtocol",
+    "depth_protocol", "restoration_protocol",
+    "RestorationMetrics", "psnr", "quantize_uint8", "rgb_to_y", "ssim",
     "SemanticConfusion", "semantic_metrics",
 ]

@@ -1,15 +1,24 @@
-"""Surface-normal metrics: angular error in degrees.
+"""Surface-normal metrics: angular error in degrees, pooled over pixels or averaged over images.
 
 Both prediction and ground truth are normalised to unit length before the angle
 `arccos(clip(<p, g>, -1, 1))` (degrees) is taken per pixel. Valid pixels: ground truth with a
 non-zero, finite norm (invalid normals are stored as zero vectors) and `mask`. A zero predicted
-vector has no direction; it is counted as 90 degrees off.
+vector has no direction; it is counted as 90 degrees off (as torch.cosine_similarity gives).
 
 Keys of the result (thresholds as fractions in [0, 1], not percent):
-  mean, median, rmse   angular error statistics in degrees
-  a11.25, a22.5, a30   fraction of valid pixels with error < 11.25, 22.5, 30 degrees
-All statistics are pixel-pooled (over all valid pixels of all images), the standard protocol for
-normals (Eigen & Fergus; Bae et al.).
+  mean, median, rmse                 angular error statistics in degrees
+  a5, a7.5, a11.25, a22.5, a30       fraction of valid pixels with error < 5, ..., 30 degrees
+
+Two conventions, `reduction=`:
+  "pixel" (default)  every statistic over all valid pixels of the dataset pooled together:
+                     DSINE's `compute_normal_metrics` on the concatenated errors, used by DSINE,
+                     Lotus and E2E-FT (and Eigen & Fergus, Bae et al.).
+  "image"            every statistic per image (its own valid pixels), then the mean over images:
+                     Marigold's `script/normals/eval.py` (batch size 1, `MetricTracker` mean).
+                     Images without a valid pixel are skipped (`num_empty`). Marigold rounds
+                     each image's numbers to 4 decimals before averaging; we do not.
+Means, RMSE and threshold fractions of the two differ only in weighting; medians differ in kind
+(median of all errors vs mean of per-image medians).
 """
 from __future__ import annotations
 
@@ -17,8 +26,16 @@ import numpy as np
 
 from dense_diffusion.metrics import _checks
 
-THRESHOLDS = (11.25, 22.5, 30.0)
+THRESHOLDS = (5.0, 7.5, 11.25, 22.5, 30.0)
 NORMAL_KEYS = ("mean", "median", "rmse") + tuple(f"a{t:g}" for t in THRESHOLDS)
+REDUCTIONS = ("pixel", "image")
+
+
+def _check_reduction(reduction) -> None:
+  if reduction not in REDUCTIONS:
+    raise ValueError(f"reduction must be one of {REDUCTIONS} (pixel: pooled over the dataset, "
+                     f"DSINE / Lotus / E2E-FT; image: per-image mean, Marigold), got "
+                     f"{reduction!r}")
 
 
 def _prepare(pred, gt, mask):
@@ -75,6 +92,23 @@ def _valid_errors(pred, gt, mask):
     yield err[valid]
 
 
+def _image_errors(pred, gt, mask):
+  """Yields f64[k] angular errors of the valid pixels of each image, one image at a time."""
+  for c in _checks.image_chunks(pred.shape[0], pred.shape[1] * pred.shape[2]):
+    err, valid = angular_error(pred[c], gt[c])
+    if mask is not None:
+      valid &= mask[c]
+    for e, v in zip(err, valid):
+      yield e[v]
+
+
+def _image_stats(e: np.ndarray) -> dict[str, float]:
+  """Every statistic of one image's valid-pixel errors (e non-empty)."""
+  n = e.size
+  return _summary(e.sum(), (e * e).sum(), [np.count_nonzero(e < t) for t in THRESHOLDS], n,
+                  np.median(e))
+
+
 def _summary(err_sum, err_sq_sum, below, count, median):
   if count == 0:
     return {k: float("nan") for k in NORMAL_KEYS}
@@ -84,23 +118,34 @@ def _summary(err_sum, err_sq_sum, below, count, median):
   return {k: float(v) for k, v in out.items()}
 
 
-def normal_metrics(pred, gt, mask=None) -> dict[str, float]:
-  """Angular-error metrics pooled over all valid pixels of one image or a batch.
+def normal_metrics(pred, gt, mask=None, *, reduction: str = "pixel") -> dict[str, float]:
+  """Angular-error metrics of one image or a batch.
 
   Args:
     pred: f[H, W, 3] or f[N, H, W, 3] predicted normals.
     gt: same shape, ground-truth normals (zero vector = invalid pixel).
     mask: optional bool[H, W] or bool[N, H, W] of pixels to evaluate.
+    reduction: "pixel" (pooled over all valid pixels) or "image" (per-image statistics averaged
+      over the images); see the module docstring.
 
   Returns:
-    dict with `NORMAL_KEYS` (see the module docstring); the median is exact.
+    dict with `NORMAL_KEYS` (see the module docstring); medians are exact.
 
   Raises:
     ValueError: shape mismatch, last axis not 3, non-finite predictions (count in the message),
-      or no valid pixel at all.
+      no valid pixel at all ("pixel") or an image without a valid pixel ("image"), unknown
+      reduction.
   """
+  _check_reduction(reduction)
   pred, gt, mask = _prepare(pred, gt, mask)
   _checks.raise_if_nonfinite(pred, "pred")
+  if reduction == "image":
+    per = [_image_stats(e) if e.size else None for e in _image_errors(pred, gt, mask)]
+    empty = [i for i, m in enumerate(per) if m is None]
+    if empty:
+      raise ValueError(f"image(s) {empty} of the batch have no valid pixel (every ground-truth "
+                       "normal zero/non-finite or masked out); reduction='image' needs one")
+    return {k: float(np.mean([m[k] for m in per])) for k in NORMAL_KEYS}
   e = np.concatenate(list(_valid_errors(pred, gt, mask)))
   if e.size == 0:
     raise ValueError("no valid pixel: every ground-truth normal is zero/non-finite or masked out")
@@ -109,19 +154,25 @@ def normal_metrics(pred, gt, mask=None) -> dict[str, float]:
 
 
 class NormalMetrics:
-  """Streaming normal metrics, pixel-pooled over the dataset.
+  """Streaming normal metrics, pooled over pixels (default) or averaged over images.
 
-  Mean, RMSE and threshold fractions are exact. The median comes from a histogram of the errors
-  with `median_bin_deg`-wide bins (linear interpolation inside the bin holding the middle), so it
-  is within `median_bin_deg` degrees of the exact pooled median without storing every pixel.
-  Images with any non-finite predicted value are skipped and counted (`num_nonfinite`).
+  reduction="pixel": mean, RMSE and threshold fractions are exact. The median comes from a
+  histogram of the errors with `median_bin_deg`-wide bins (the middle order statistics placed
+  evenly inside their bins), so it is within `median_bin_deg` degrees of the exact pooled median
+  without storing every pixel.
+  reduction="image": every statistic, medians included, is exact per image and averaged over the
+  images that have a valid pixel (the others are counted in `num_empty`).
+  Either way, images with any non-finite predicted value are skipped and counted
+  (`num_nonfinite`).
   """
 
-  def __init__(self, median_bin_deg: float = 1e-3):
+  def __init__(self, median_bin_deg: float = 1e-3, *, reduction: str = "pixel"):
     if not median_bin_deg > 0:
       raise ValueError(f"median_bin_deg must be > 0, got {median_bin_deg}")
+    _check_reduction(reduction)
     self.bin = float(median_bin_deg)
     self.num_bins = int(np.ceil(180.0 / self.bin)) + 1
+    self.reduction = reduction
     self.reset()
 
   def reset(self) -> None:
@@ -129,9 +180,11 @@ class NormalMetrics:
     self._sum = 0.0
     self._sq_sum = 0.0
     self._below = np.zeros(len(THRESHOLDS), np.int64)
+    self._image_sums = {k: 0.0 for k in NORMAL_KEYS}
     self.num_pixels = 0
     self.num_images = 0
     self.num_nonfinite = 0
+    self.num_empty = 0
 
   def update(self, pred, gt, mask=None) -> None:
     """Adds one image (H, W, 3) or a batch (N, H, W, 3)."""
@@ -143,6 +196,16 @@ class NormalMetrics:
       pred, gt = pred[~bad], gt[~bad]
       mask = None if mask is None else mask[~bad]
     if pred.shape[0] == 0:
+      return
+    if self.reduction == "image":
+      for e in _image_errors(pred, gt, mask):
+        if e.size == 0:
+          self.num_empty += 1
+          continue
+        for k, v in _image_stats(e).items():
+          self._image_sums[k] += v
+        self.num_pixels += int(e.size)
+        self.num_images += 1
       return
     for e in _valid_errors(pred, gt, mask):
       self._add(e)
@@ -157,17 +220,32 @@ class NormalMetrics:
     self.num_pixels += int(e.size)
 
   def _median(self) -> float:
+    """The median from the histogram: each middle order statistic (one for an odd count, the
+    two averaged for an even one, as np.median) placed evenly inside its bin, so each is within
+    one bin of its exact value and so is the median."""
     n = self.num_pixels
     if n == 0:
       return float("nan")
     cum = np.cumsum(self._hist)
-    half = 0.5 * n
-    b = int(np.searchsorted(cum, half, side="left"))
-    before = cum[b - 1] if b > 0 else 0
-    frac = (half - before) / self._hist[b]
-    return (b + frac) * self.bin
+
+    def at_rank(k: int) -> float:  # the k-th smallest error, k = 1..n
+      b = int(np.searchsorted(cum, k, side="left"))
+      before = cum[b - 1] if b > 0 else 0
+      return (b + (k - before - 0.5) / self._hist[b]) * self.bin
+
+    if n % 2:
+      return at_rank((n + 1) // 2)
+    return 0.5 * (at_rank(n // 2) + at_rank(n // 2 + 1))
 
   def result(self) -> dict[str, float]:
+    """The statistics (NaN when nothing was counted) plus `num_pixels`, `num_images`,
+    `num_nonfinite` and, for reduction="image", `num_empty`."""
+    if self.reduction == "image":
+      n = self.num_images
+      out = {k: (v / n if n else float("nan")) for k, v in self._image_sums.items()}
+      out.update(num_pixels=self.num_pixels, num_images=n, num_nonfinite=self.num_nonfinite,
+                 num_empty=self.num_empty)
+      return out
     out = _summary(self._sum, self._sq_sum, self._below, self.num_pixels, self._median())
     out.update(num_pixels=self.num_pixels, num_images=self.num_images,
                num_nonfinite=self.num_nonfinite)

@@ -17,15 +17,26 @@ slow on CPU (~260 ms CPU time per 512x512 RGB image on the dev machine), so we p
 taken with max_val = 1: SSIM is invariant under this joint rescaling (C1, C2 scale with
 data_range^2) and float32 keeps more precision on [0, 1] than on [0, 255].
 
-Y channel (deraining protocol): RGB in [0, data_range] is mapped to ITU-R BT.601 luma as MATLAB
-`rgb2ycbcr(im2double(img))` does, Y = (16 + 65.481 R + 128.553 G + 24.966 B) / 255 with R, G, B
-in [0, 1], so Y lies in [16/255, 235/255]; PSNR and SSIM are then taken on Y with data range 1.
-This is what the deraining evaluation scripts compute (MATLAB `psnr(x, x_true)` and
-`ssim(x * 255, x_true * 255)` on double Y, e.g. PReNet / MPRNet / Restormer
-`evaluate_PSNR_SSIM.m`; BasicSR `calculate_psnr(..., test_y_channel=True)` is the same), since
-both metrics are invariant when image and data range are scaled together. No rounding of Y to
-uint8 is done (MATLAB `rgb2ycbcr` on uint8 input would round; the scripts convert to double
-first). Predictions are not clipped or quantised here: do that beforehand if the protocol asks.
+Y channel: RGB in [0, data_range] is mapped to ITU-R BT.601 luma as MATLAB `rgb2ycbcr` does,
+Y = 16 + 65.481 R + 128.553 G + 24.966 B with R, G, B in [0, 1], so Y lies in [16, 235]; we
+return Y / 255 and take PSNR and SSIM on it with data range 1 (both metrics are unchanged when the
+images and the data range are scaled together, so this equals PSNR with peak 255 and SSIM with
+L = 255 on Y in [16, 235]). scikit-image `color.rgb2ycbcr` and BasicSR `bgr2ycbcr(...,
+y_only=True)` compute the same unrounded Y.
+
+8-bit files (`as_uint8=True`): the published scripts score the PNG files the test script wrote,
+not the network's float output. Restormer / MPRNet `Deraining/evaluate_PSNR_SSIM.m` (the Rain100L
+/ Rain100H / Test100 / Test1200 / Test2800 numbers of MPRNet, Restormer and the papers that reuse
+the script) read both images with `imread` (uint8, the restored one saved by `img_as_ubyte` of the
+[0, 1]-clamped output) and call `rgb2ycbcr` on uint8, which returns uint8: Y is rounded to an
+integer. PSNR is then 20 log10(255 / RMSE) on those integer Y values and SSIM is Wang's
+`SSIM_index` (Gaussian 11x11, sigma 1.5, K = 0.01, 0.03, L = 255, 'valid' filtering), which is
+our SSIM. With `as_uint8=True` both images are clipped to [0, data_range] and rounded to 256
+levels, `rint(x / data_range * 255)` (as `img_as_ubyte`; ground truth that is already 8-bit is
+unchanged) and, with `y_channel`, Y is rounded half up to an integer (MATLAB's `imlincomb`
+rounding; an exact tie cannot be told apart from float rounding, so a handful of the 2^24 colours
+may land one level off MATLAB's own sum). Without `as_uint8` nothing is clipped, quantised or
+rounded (BasicSR `calculate_psnr(..., test_y_channel=True)` on float images).
 """
 from __future__ import annotations
 
@@ -89,13 +100,32 @@ def _ssim_batch(a: jax.Array, b: jax.Array) -> jax.Array:
                      filter_fn=_separable_valid_filter)
 
 
-def rgb_to_y(rgb: np.ndarray, data_range: float) -> np.ndarray:
-  """BT.601 luma of RGB in [0, data_range]: f[..., 3] -> f64[...] in [16/255, 235/255]."""
+def quantize_uint8(x: np.ndarray, data_range: float) -> np.ndarray:
+  """The 8-bit levels an image in [0, data_range] is saved with: f64 integers in 0..255.
+
+  Clipped to [0, data_range], then `rint(x / data_range * 255)`, as skimage `img_as_ubyte`.
+  NaN and +-inf stay as they are, so that the metrics' non-finite checks still see them.
+  """
+  x = np.asarray(x, np.float64) / data_range
+  levels = np.rint(np.clip(x, 0.0, 1.0) * 255.0)
+  return np.where(np.isfinite(x), levels, x)
+
+
+def rgb_to_y(rgb: np.ndarray, data_range: float, *, as_uint8: bool = False) -> np.ndarray:
+  """BT.601 luma of RGB in [0, data_range]: f[..., 3] -> f64[...] in [16/255, 235/255].
+
+  Y / 255 with Y = 16 + 65.481 R + 128.553 G + 24.966 B, R, G, B in [0, 1] (MATLAB `rgb2ycbcr`).
+  `as_uint8`: the image is first quantised to 8 bits (`quantize_uint8`) and Y rounded half up to
+  an integer, as MATLAB `rgb2ycbcr` on a uint8 image (module docstring).
+  """
+  if as_uint8:
+    x = quantize_uint8(rgb, data_range) / 255.0
+    return np.floor(Y_OFFSET + x @ np.asarray(Y_WEIGHTS) + 0.5) / 255.0
   x = np.asarray(rgb, np.float64) / data_range
   return (Y_OFFSET + x @ np.asarray(Y_WEIGHTS)) / 255.0
 
 
-def _prepare(pred, gt, data_range, y_channel):
+def _prepare(pred, gt, data_range, y_channel, as_uint8=False):
   """Validates and returns (pred, gt) as f64[N, H, W, C] scaled to [0, 1], C = 1 for Y."""
   pred = _checks.as_array(pred, "pred")
   gt = _checks.as_array(gt, "gt")
@@ -110,7 +140,10 @@ def _prepare(pred, gt, data_range, y_channel):
   if pred.ndim == 3:
     pred, gt = pred[None], gt[None]
   if y_channel:
-    return rgb_to_y(pred, data_range)[..., None], rgb_to_y(gt, data_range)[..., None]
+    return (rgb_to_y(pred, data_range, as_uint8=as_uint8)[..., None],
+            rgb_to_y(gt, data_range, as_uint8=as_uint8)[..., None])
+  if as_uint8:
+    return quantize_uint8(pred, data_range) / 255.0, quantize_uint8(gt, data_range) / 255.0
   return pred.astype(np.float64) / data_range, gt.astype(np.float64) / data_range
 
 
@@ -129,30 +162,35 @@ def _ssim01(p: np.ndarray, g: np.ndarray) -> np.ndarray:
                     np.float64)
 
 
-def psnr(pred, gt, data_range: float, *, y_channel: bool = False, reduce: bool = True):
+def psnr(pred, gt, data_range: float, *, y_channel: bool = False, as_uint8: bool = False,
+         reduce: bool = True):
   """PSNR in dB of RGB images f[H, W, 3] or f[N, H, W, 3] with values in [0, data_range].
 
   Args:
     pred, gt: same shape.
     data_range: 1.0 for float images, 255 for uint8-range images.
-    y_channel: evaluate the BT.601 luma instead of RGB (deraining protocol).
+    y_channel: evaluate the BT.601 luma instead of RGB (deraining).
+    as_uint8: score the 8-bit images the published scripts read: clip and round both images to
+      256 levels first, and Y to an integer (module docstring; Rain100 protocol with
+      `y_channel`).
     reduce: True -> mean over the batch (float); False -> f64[N] per image.
 
   Raises:
     ValueError: shape mismatch, last axis not 3, non-finite prediction (count in the message).
   """
-  p, g = _prepare(pred, gt, data_range, y_channel)
+  p, g = _prepare(pred, gt, data_range, y_channel, as_uint8)
   _checks.raise_if_nonfinite(p, "pred")
   v = _psnr01(p, g)
   return float(v.mean()) if reduce else v
 
 
-def ssim(pred, gt, data_range: float, *, y_channel: bool = False, reduce: bool = True):
+def ssim(pred, gt, data_range: float, *, y_channel: bool = False, as_uint8: bool = False,
+         reduce: bool = True):
   """SSIM (Wang et al., Gaussian 11x11, sigma 1.5) of RGB f[H, W, 3] or f[N, H, W, 3].
 
   Arguments as in `psnr`. Images must be at least 11x11.
   """
-  p, g = _prepare(pred, gt, data_range, y_channel)
+  p, g = _prepare(pred, gt, data_range, y_channel, as_uint8)
   _checks.raise_if_nonfinite(p, "pred")
   v = _ssim01(p, g)
   return float(v.mean()) if reduce else v
@@ -164,16 +202,22 @@ class RestorationMetrics:
   Args:
     data_range: value range of the images (1.0 or 255).
     y_channel: measure on BT.601 luma (deraining) instead of RGB.
+    as_uint8: quantise both images to 8 bits first, and Y to integers (as `psnr`).
+
+  `metrics.restoration_protocol(name).accumulator(data_range)` builds one with a named
+  protocol's settings ("rain100": Y and 8-bit; "sidd", "lol": RGB).
 
   Images with a non-finite predicted value are skipped, counted (`num_nonfinite`) and logged.
   An image identical to its ground truth has PSNR +inf, which makes the mean +inf.
   """
 
-  def __init__(self, data_range: float = 1.0, *, y_channel: bool = False):
+  def __init__(self, data_range: float = 1.0, *, y_channel: bool = False,
+               as_uint8: bool = False):
     if not data_range > 0:
       raise ValueError(f"data_range must be > 0, got {data_range}")
     self.data_range = float(data_range)
     self.y_channel = bool(y_channel)
+    self.as_uint8 = bool(as_uint8)
     self.reset()
 
   def reset(self) -> None:
@@ -184,7 +228,7 @@ class RestorationMetrics:
 
   def update(self, pred, gt) -> None:
     """Adds one image (H, W, 3) or a batch (N, H, W, 3)."""
-    p, g = _prepare(pred, gt, self.data_range, self.y_channel)
+    p, g = _prepare(pred, gt, self.data_range, self.y_channel, self.as_uint8)
     bad = _checks.nonfinite_per_image(p)
     if bad.any():
       self.num_nonfinite += int(bad.sum())

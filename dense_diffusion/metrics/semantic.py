@@ -9,6 +9,16 @@ Difference from torchmetrics `MulticlassJaccardIndex` (1.9): with `average=None`
 (its `zero_division` default) for classes absent from both prediction and target, where we give
 NaN; its `average="macro"` leaves those classes out, like our `miou`. IoUs of all other classes
 agree exactly (tests/test_metrics_semantic.py checks both).
+
+ADE20K as mmsegmentation evaluates it (`reduce_zero_label=True`, `SemanticConfusion(150,
+reduce_zero_label=True)`): the raw annotation PNG holds 0 = "other" and 1..150 = classes;
+mmseg's `LoadAnnotations(reduce_zero_label=True)` maps 0 to the ignore index 255 and c to c - 1,
+so predictions are class ids 0..149 and the ground truth is passed raw. mmseg's `IoUMetric` then
+sums per-class intersection, union, predicted and ground-truth areas over the whole split and
+reports mIoU = nanmean(intersection / union) (0 / 0 = NaN for classes absent from both), aAcc =
+sum(intersection) / sum(gt area) and mAcc = nanmean(intersection / gt area): exactly our `miou`,
+`pixel_accuracy` and `mean_accuracy` from the confusion matrix (mmseg prints them in percent,
+rounded to 2 decimals; we return fractions).
 """
 from __future__ import annotations
 
@@ -23,24 +33,34 @@ class SemanticConfusion:
   Args:
     num_classes: K; valid labels are 0..K-1.
     ignore_index: ground-truth label excluded from the metric (255 by default, DESIGN.md).
+    reduce_zero_label: the ground truth is given raw with 0 = unlabelled and 1..K = classes
+      (ADE20K's annotation PNGs): 0 is ignored and c becomes c - 1, as mmsegmentation's
+      `reduce_zero_label=True` (module docstring); `ignore_index` stays ignored. Predictions are
+      always class ids 0..K-1.
 
   `update(pred, gt)` takes int label maps of the same shape, (H, W) or (N, H, W). Predictions
   must be in [0, K); a float prediction containing NaN/inf makes that image skipped and counted
   (`num_nonfinite`). `result()` returns:
-    miou            mean IoU over classes with a defined IoU
-    pixel_accuracy  correct / counted pixels
-    mean_accuracy   mean per-class recall over classes present in the ground truth
+    miou            mean IoU over classes with a defined IoU (mmseg's mIoU)
+    pixel_accuracy  correct / counted pixels (mmseg's aAcc)
+    mean_accuracy   mean per-class recall over classes present in the ground truth (mAcc)
     iou             f64[K], NaN for classes absent from both ground truth and prediction
     accuracy        f64[K] per-class recall, NaN for classes absent from the ground truth
     num_images, num_pixels, num_nonfinite
   """
 
-  def __init__(self, num_classes: int, ignore_index: int | None = 255):
+  def __init__(self, num_classes: int, ignore_index: int | None = 255, *,
+               reduce_zero_label: bool = False):
     if int(num_classes) < 1:
       raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     self.num_classes = int(num_classes)
     self.ignore_index = ignore_index
-    if ignore_index is not None and 0 <= ignore_index < num_classes:
+    self.reduce_zero_label = bool(reduce_zero_label)
+    if self.reduce_zero_label and ignore_index is not None and 0 < ignore_index <= num_classes:
+      raise ValueError(f"with reduce_zero_label the raw ground-truth labels 1..{num_classes} are "
+                       f"classes, so ignore_index {ignore_index} collides with one; use a value "
+                       "outside that range (mmseg: 255)")
+    if not self.reduce_zero_label and ignore_index is not None and 0 <= ignore_index < num_classes:
       raise ValueError(f"ignore_index {ignore_index} collides with a class id in [0, "
                        f"{num_classes}); use a value outside the class range")
     self.reset()
@@ -77,9 +97,18 @@ class SemanticConfusion:
     gt = self._labels(gt, "gt")
     k = self.num_classes
     keep = gt != self.ignore_index if self.ignore_index is not None else np.ones(gt.shape, bool)
+    if self.reduce_zero_label:
+      keep &= gt != 0
     g = gt[keep]
     p = pred[keep]
-    if g.size and (g.min() < 0 or g.max() >= k):
+    if self.reduce_zero_label:
+      if g.size and (g.min() < 1 or g.max() > k):
+        bad_vals = np.unique(g[(g < 1) | (g > k)])[:10].tolist()
+        raise ValueError(f"gt has raw labels {bad_vals} outside 0..{k} that are not ignore_index="
+                         f"{self.ignore_index} (reduce_zero_label: 0 is ignored, 1..{k} are the "
+                         "classes)")
+      g = g - 1
+    elif g.size and (g.min() < 0 or g.max() >= k):
       bad_vals = np.unique(g[(g < 0) | (g >= k)])[:10].tolist()
       raise ValueError(f"gt has labels {bad_vals} outside [0, {k}) that are not ignore_index="
                        f"{self.ignore_index}")
@@ -92,6 +121,8 @@ class SemanticConfusion:
   def merge(self, other: "SemanticConfusion") -> "SemanticConfusion":
     if other.num_classes != self.num_classes:
       raise ValueError(f"cannot merge {other.num_classes} classes into {self.num_classes}")
+    if other.reduce_zero_label != self.reduce_zero_label:
+      raise ValueError("cannot merge accumulators with different reduce_zero_label settings")
     self.confusion += other.confusion
     self.num_images += other.num_images
     self.num_nonfinite += other.num_nonfinite
@@ -120,10 +151,11 @@ class SemanticConfusion:
     }
 
 
-def semantic_metrics(pred, gt, num_classes: int, ignore_index: int | None = 255) -> dict:
+def semantic_metrics(pred, gt, num_classes: int, ignore_index: int | None = 255, *,
+                     reduce_zero_label: bool = False) -> dict:
   """One-shot `SemanticConfusion` over one image or batch; raises ValueError on NaN in pred."""
   pred_arr = _checks.as_array(pred, "pred")
   _checks.raise_if_nonfinite(pred_arr, "pred")
-  acc = SemanticConfusion(num_classes, ignore_index)
+  acc = SemanticConfusion(num_classes, ignore_index, reduce_zero_label=reduce_zero_label)
   acc.update(pred_arr, gt)
   return acc.result()
