@@ -11,6 +11,7 @@ from flax import nnx
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
+attention_processor = pytest.importorskip("diffusers.models.attention_processor")
 
 from dense_diffusion.convert import common  # noqa: E402
 from dense_diffusion.convert import load_diffusers_unet  # noqa: E402
@@ -277,3 +278,51 @@ def test_class_embedding_parity_and_label_errors(tmp_path):
   plain = unet_lib.UNet(SD1, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="no num_class_embeds"):
     plain(x, t, ctx, class_labels=labels)
+
+
+class _RecordingProcessor(attention_processor.AttnProcessor):
+  """diffusers' plain attention processor, recording the probabilities it computes."""
+
+  def __init__(self, name, store):
+    super().__init__()
+    self.name, self.store = name, store
+
+  def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+               temb=None, *args, **kwargs):
+    original = attn.get_attention_scores
+
+    def recording(query, key, mask=None):
+      probs = original(query, key, mask)
+      self.store[self.name] = probs.detach()
+      return probs
+
+    attn.get_attention_scores = recording
+    try:
+      return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+    finally:
+      del attn.get_attention_scores  # the class's method again
+
+
+@pytest.mark.parametrize("name,config", [("sd1", SD1), ("sd2", SD2)])
+def test_cross_attention_maps_match_diffusers(tmp_path, name, config):
+  model = _build(config, 5)
+  model.save_pretrained(tmp_path, safe_serialization=True)
+  ours = load_diffusers_unet(tmp_path)
+  recorded = {}
+  processors = {}
+  for key in model.attn_processors:
+    path = key.removesuffix(".processor")
+    processors[key] = (_RecordingProcessor(path, recorded) if path.endswith("attn2")
+                       else attention_processor.AttnProcessor())
+  model.set_attn_processor(processors)
+  x, t, ctx = _inputs(config)
+  expected = _torch_out(model, x, t, ctx)
+  out, maps = nnx.jit(lambda m, *a: m(*a, return_attention_maps=True))(ours, x, t, ctx)
+  np.testing.assert_allclose(np.asarray(out), expected, atol=1e-4, rtol=0)
+  assert set(maps) == set(recorded) and recorded
+  for path, probs in recorded.items():
+    got = np.asarray(maps[path])  # [B, heads, h*w, tokens]
+    b, heads = got.shape[:2]
+    want = probs.reshape(b, heads, *probs.shape[1:]).numpy()  # diffusers: [B * heads, ...]
+    assert got.shape == want.shape, path
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0, err_msg=path)

@@ -94,3 +94,13 @@ def attention(
     return _matmul_attention(query, key, value, mask, is_causal, scale)
   return jax.nn.dot_product_attention(
       query, key, value, mask=mask, scale=scale, is_causal=is_causal, implementation=impl)
+
+
+def attention_probs(query: jax.Array, key: jax.Array, *, scale: Optional[float] = None
+                    ) -> jax.Array:
+  """The attention probabilities softmax(q k^T * scale), f32[B, H, Lq, Lk], for callers that
+  need the maps themselves (VPD's cross-attention maps); query [B, Lq, H, D], key [B, Lk, H, D]."""
+  d = query.shape[-1]
+  scale = (1.0 / d**0.5) if scale is None else scale
+  logits = jnp.einsum("bqhd,bkhd->bhqk", query, key.astype(query.dtype)).astype(jnp.float32)
+  return jax.nn.softmax(logits * scale, axis=-1)

@@ -221,8 +221,13 @@ class Attention(nnx.Module):
     self.to_v = layers.Dense(kv_dim, inner, use_bias=False, axes=kv_axes, **kw)
     self.to_out = nnx.List([layers.Dense(inner, query_dim, axes=("heads", "embed"), **kw)])
 
-  def __call__(self, x: jax.Array, context: Optional[jax.Array] = None) -> jax.Array:
-    """x [B, L, query_dim], context [B, Lk, kv_dim] (None = x) -> [B, L, query_dim]."""
+  def __call__(self, x: jax.Array, context: Optional[jax.Array] = None, *,
+               return_probs: bool = False):
+    """x [B, L, query_dim], context [B, Lk, kv_dim] (None = x) -> [B, L, query_dim].
+
+    With `return_probs`, also the attention probabilities f32[B, heads, L, Lk] (computed
+    explicitly, as diffusers' `get_attention_scores`, instead of by the fused kernel).
+    """
     context = x if context is None else context
     b, l, _ = x.shape
     q = self.to_q(x).reshape(b, l, self.heads, self.dim_head)
@@ -231,8 +236,13 @@ class Attention(nnx.Module):
     dtype = q.dtype
     if self.upcast:
       q, k, v = (t.astype(jnp.float32) for t in (q, k, v))
-    o = attention_lib.attention(q, k, v).astype(dtype)
-    return self.to_out[0](o.reshape(b, l, self.heads * self.dim_head))
+    if return_probs:
+      probs = attention_lib.attention_probs(q, k)
+      o = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v).astype(dtype)
+    else:
+      o = attention_lib.attention(q, k, v).astype(dtype)
+    out = self.to_out[0](o.reshape(b, l, self.heads * self.dim_head))
+    return (out, probs) if return_probs else out
 
 
 class GEGLU(nnx.Module):
@@ -281,11 +291,15 @@ class BasicTransformerBlock(nnx.Module):
     self.norm3 = layers.LayerNorm(dim, eps=1e-5, **kw)
     self.ff = FeedForward(dim, dropout=dropout, **kw)
 
-  def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
-    """x [B, L, dim], context [B, Lk, cross_attention_dim] -> [B, L, dim]."""
+  def __call__(self, x: jax.Array, context: jax.Array, *, return_probs: bool = False):
+    """x [B, L, dim], context [B, Lk, cross_attention_dim] -> [B, L, dim] (and, with
+    `return_probs`, attn2's probabilities f32[B, heads, L, Lk])."""
     x = x + self.attn1(self.norm1(x), context if self.only_cross_attention else None)
-    x = x + self.attn2(self.norm2(x), context)
-    return x + self.ff(self.norm3(x))
+    cross = self.attn2(self.norm2(x), context, return_probs=return_probs)
+    cross, probs = cross if return_probs else (cross, None)
+    x = x + cross
+    x = x + self.ff(self.norm3(x))
+    return (x, probs) if return_probs else x
 
 
 class Transformer2D(nnx.Module):
@@ -312,15 +326,25 @@ class Transformer2D(nnx.Module):
                               upcast_attention=upcast_attention, dropout=dropout, **kw)
         for _ in range(num_layers)])
 
-  def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
-    """x [B, H, W, C], context [B, L, D] -> [B, H, W, C]."""
+  def __call__(self, x: jax.Array, context: jax.Array, *, return_maps: bool = False):
+    """x [B, H, W, C], context [B, L, D] -> [B, H, W, C] (and, with `return_maps`,
+    {"transformer_blocks.k.attn2": f32[B, heads, H*W, L]})."""
     b, h, w, c = x.shape
     # A 1x1 conv and a dense layer are the same map in NHWC, so both projections act on tokens.
     y = self.proj_in(self.norm(x).reshape(b, h * w, c))
-    for block in self.transformer_blocks:
-      y = block(y, context)
+    maps = {}
+    for k, block in enumerate(self.transformer_blocks):
+      if return_maps:
+        y, maps[f"transformer_blocks.{k}.attn2"] = block(y, context, return_probs=True)
+      else:
+        y = block(y, context)
     y = self.proj_out(y).reshape(b, h, w, c)
-    return y + x.astype(y.dtype)
+    y = y + x.astype(y.dtype)
+    return (y, maps) if return_maps else y
+
+
+def _prefixed(prefix: str, maps: dict) -> dict:
+  return {f"{prefix}.{k}": v for k, v in maps.items()}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -358,18 +382,23 @@ class DownBlock(nnx.Module):
                                                        padding=c["downsample_padding"], **kw)])
                          if add_downsample else None)
 
-  def __call__(self, x, temb, context):
-    """Returns (output, tuple of skip tensors)."""
-    skips = []
+  def __call__(self, x, temb, context, return_maps: bool = False):
+    """Returns (output, tuple of skip tensors) (and, with `return_maps`, the cross-attention
+    maps by their path in the block)."""
+    skips, maps = [], {}
     for i, resnet in enumerate(self.resnets):
       x = resnet(x, temb)
       if self.attentions is not None:
-        x = self.attentions[i](x, context)
+        if return_maps:
+          x, m = self.attentions[i](x, context, return_maps=True)
+          maps.update(_prefixed(f"attentions.{i}", m))
+        else:
+          x = self.attentions[i](x, context)
       skips.append(x)
     if self.downsamplers is not None:
       x = self.downsamplers[0](x)
       skips.append(x)
-    return x, tuple(skips)
+    return (x, tuple(skips), maps) if return_maps else (x, tuple(skips))
 
 
 class MidBlock(nnx.Module):
@@ -382,11 +411,17 @@ class MidBlock(nnx.Module):
     self.attentions = nnx.List([_transformer(ch, heads, transformer_layers[i], cross_dim, False,
                                              c, kw) for i in range(num_layers)])
 
-  def __call__(self, x, temb, context):
+  def __call__(self, x, temb, context, return_maps: bool = False):
     x = self.resnets[0](x, temb)
-    for attn, resnet in zip(self.attentions, self.resnets[1:]):
-      x = resnet(attn(x, context), temb)
-    return x
+    maps = {}
+    for i, (attn, resnet) in enumerate(zip(self.attentions, self.resnets[1:])):
+      if return_maps:
+        x, m = attn(x, context, return_maps=True)
+        maps.update(_prefixed(f"attentions.{i}", m))
+      else:
+        x = attn(x, context)
+      x = resnet(x, temb)
+    return (x, maps) if return_maps else x
 
 
 class UpBlock(nnx.Module):
@@ -408,18 +443,24 @@ class UpBlock(nnx.Module):
     self.upsamplers = (nnx.List([layers.Upsample2D(out_ch, use_conv=True, out_channels=out_ch,
                                                    **kw)]) if add_upsample else None)
 
-  def __call__(self, x, skips, temb, context, upsample_size=None):
-    """Returns (output, features before the upsampler)."""
+  def __call__(self, x, skips, temb, context, upsample_size=None, return_maps: bool = False):
+    """Returns (output, features before the upsampler) (and, with `return_maps`, the
+    cross-attention maps by their path in the block)."""
     skips = list(skips)
+    maps = {}
     for i, resnet in enumerate(self.resnets):
       x = jnp.concatenate([x, skips.pop().astype(x.dtype)], axis=-1)
       x = resnet(x, temb)
       if self.attentions is not None:
-        x = self.attentions[i](x, context)
+        if return_maps:
+          x, m = self.attentions[i](x, context, return_maps=True)
+          maps.update(_prefixed(f"attentions.{i}", m))
+        else:
+          x = self.attentions[i](x, context)
     features = x
     if self.upsamplers is not None:
       x = self.upsamplers[0](x, upsample_size)
-    return x, features
+    return (x, features, maps) if return_maps else (x, features)
 
 
 class TimestepEmbedding(nnx.Module):
@@ -548,13 +589,14 @@ class UNet(nnx.Module):
     self.conv_out = layers.Conv2d(channels[0], c["out_channels"], k_out,
                                   padding=(k_out - 1) // 2, **kw)
 
-  def _call_block(self, block, *args):
+  def _call_block(self, block, *args, **kwargs):
     if not self.remat:
-      return block(*args)
-    return nnx.remat(lambda blk, *a: blk(*a))(block, *args)
+      return block(*args, **kwargs)
+    return nnx.remat(lambda blk, *a: blk(*a, **kwargs))(block, *args)
 
   def __call__(self, sample: jax.Array, timesteps, encoder_hidden_states: jax.Array, *,
-               class_labels: Optional[jax.Array] = None, return_features: bool = False):
+               class_labels: Optional[jax.Array] = None, return_features: bool = False,
+               return_attention_maps: bool = False):
     """Predicts the noise (or v / x0) for `sample`.
 
     Args:
@@ -564,10 +606,15 @@ class UNet(nnx.Module):
       class_labels: i32[B] indices into the class embedding; required exactly when the config
         has `num_class_embeds`.
       return_features: also return the decoder features.
+      return_attention_maps: also return every cross-attention (`attn2`) module's attention
+        probabilities, {diffusers module path, e.g.
+        "down_blocks.1.attentions.0.transformer_blocks.0.attn2": f32[B, heads, h*w, L]}
+        (VPD's cross-attention maps; equal to diffusers' `get_attention_scores`).
 
     Returns:
       [B, H, W, out_channels] float32; with `return_features`, also a list with the output of
-      every up block before its upsampler, coarsest first (e.g. for SD: H/8, H/4, H/2, H).
+      every up block before its upsampler, coarsest first (e.g. for SD: H/8, H/4, H/2, H); with
+      `return_attention_maps`, also the maps: (sample[, features][, maps]).
     """
     c = self.config
     if sample.ndim != 4 or sample.shape[-1] != c["in_channels"]:
@@ -594,26 +641,35 @@ class UNet(nnx.Module):
       x = 2 * x - 1.0
     x = self.conv_in(x)
     skips = [x]
-    for block in self.down_blocks:
-      x, block_skips = self._call_block(block, x, temb, context)
+    maps = {}
+    want = dict(return_maps=True) if return_attention_maps else {}
+    for i, block in enumerate(self.down_blocks):
+      out = self._call_block(block, x, temb, context, **want)
+      x, block_skips = out[:2]
+      if return_attention_maps:
+        maps.update(_prefixed(f"down_blocks.{i}", out[2]))
       skips.extend(block_skips)
     if self.mid_block is not None:
-      x = self._call_block(self.mid_block, x, temb, context)
+      out = self._call_block(self.mid_block, x, temb, context, **want)
+      if return_attention_maps:
+        x, m = out
+        maps.update(_prefixed("mid_block", m))
+      else:
+        x = out
     features = []
     for i, block in enumerate(self.up_blocks):
       n_res = len(block.resnets)
       block_skips, skips = tuple(skips[-n_res:]), skips[:-n_res]
       size = tuple(skips[-1].shape[1:3]) if skips else None
-      if self.remat:
-        x, feat = nnx.remat(lambda blk, *a: blk(*a, upsample_size=size))(
-            block, x, block_skips, temb, context)
-      else:
-        x, feat = block(x, block_skips, temb, context, upsample_size=size)
+      out = self._call_block(block, x, block_skips, temb, context, upsample_size=size, **want)
+      x, feat = out[:2]
+      if return_attention_maps:
+        maps.update(_prefixed(f"up_blocks.{i}", out[2]))
       features.append(feat)
     x = self.conv_out(self.act(self.conv_norm_out(x))).astype(jnp.float32)
-    if return_features:
-      return x, features
-    return x
+    outputs = (x,) + ((features,) if return_features else ()) + (
+        (maps,) if return_attention_maps else ())
+    return outputs if len(outputs) > 1 else x
 
 
 # ------------------------------------------------------------------------------------------------
