@@ -13,17 +13,22 @@ noise and v = -x0, i.e. a direct prediction as well). Evaluation is the same sin
 in latent space, with gradients) and scored by each task's image-level loss (scale-and-shift-
 invariant L1 for affine-invariant depth, angular for normals, RGB MSE otherwise).
 
+`head=1` is GenPercept's custom decoder head: the UNet sees the image alone at t = T - 1 and
+its decoder features feed a dense head per task (the `vpd` paradigm's heads and losses,
+paradigms/backbone.py, without cross-attention maps or class prompts; `pred` and `loss` do not
+apply).
+
 `arg`: `real` (0: the small synthetic_scenes set-up of configs/demo.py; 1: the real-data,
 SD2-size set-up of configs/generalist_pixel128.py), `res` (image size), `pred` (sample |
 v_prediction), `latent` (0: pixels, 1: the VAE's latents; the only key in which the two runs
-differ), `loss` (prediction | image).
+differ), `loss` (prediction | image), `head` (0 | 1).
 """
 from configs import demo
 from configs import generalist_pixel128
 
 
 def get_config(arg=None):
-  arg = demo.parse_arg(arg, real=0, res=0, pred="sample", latent=0, loss="prediction")
+  arg = demo.parse_arg(arg, real=0, res=0, pred="sample", latent=0, loss="prediction", head=0)
   if arg.real:
     c = generalist_pixel128.get_config(f"res={arg.res or 128}")
     c.model.vae.dtype = "bfloat16"  # frozen VAE at half precision on accelerators.
@@ -43,4 +48,21 @@ def get_config(arg=None):
   c.diffusion.num_inference_steps = 1  # one pass.
   c.diffusion.weighting = "none"  # one timestep: nothing to weight.
   c.schedule.rescale_betas_zero_snr = True  # t = T - 1 is pure noise, so v = -x0 there.
+  if arg.head:
+    _custom_head(c)
   return c
+
+
+def _custom_head(c) -> None:
+  """GenPercept's dense-head variant: the vpd paradigm's backbone pass at t = T - 1."""
+  c.diffusion.mode = "vpd"
+  c.diffusion.timestep = c.schedule.num_train_timesteps - 1  # GenPercept's fixed timestep.
+  c.diffusion.loss_space = "prediction"  # each head's own loss.
+  c.diffusion.vpd_attention_maps = False  # GenPercept feeds the decoder features alone ...
+  c.diffusion.vpd_class_prompts = False  # ... and conditions every task on its task tokens.
+  c.model.head = dict(width=64)  # channels inside each dense head.
+  c.model.input_residual = False  # the heads answer directly.
+  c.model.zero_init_output = False
+  c.model.image_encoder = None  # the image enters through the UNet's input alone.
+  # The backbone pass has no task class label: the heads are per task.
+  c.model.unet = {k: v for k, v in dict(c.model.unet).items() if k != "num_class_embeds"}

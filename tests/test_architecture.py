@@ -33,8 +33,8 @@ def _files(folder: str) -> list[pathlib.Path]:
     ("convert", ("dense_diffusion.experiment",)),
     ("tasks", ("dense_diffusion.experiment", "dense_diffusion.paradigms",
                "dense_diffusion.input_pipeline")),
-    ("paradigms", ("dense_diffusion.experiment", "dense_diffusion.models",
-                   "dense_diffusion.convert")),
+    # Paradigms may build the modules they add (models/), never read checkpoints (convert/).
+    ("paradigms", ("dense_diffusion.experiment", "dense_diffusion.convert")),
     ("diffusion", ("dense_diffusion.paradigms", "dense_diffusion.experiment")),
     ("experiment", ("dense_diffusion.train", "dense_diffusion.evaluate",
                     "dense_diffusion.predict", "dense_diffusion.demo")),

@@ -32,7 +32,7 @@ KNOWN_KEYS: dict[str, frozenset[str]] = {
                         "text_skip_layers", "num_task_tokens", "input_residual",
                         "zero_init_output", "image_encoder", "image_encoder_options",
                         "pretrained_image_encoder", "dtype", "remat", "lora", "latent",
-                        "vae"}),
+                        "vae", "head", "frozen_modules"}),
     "optimizer": frozenset({"lr", "warmup_steps", "end_lr_fraction", "b1", "b2",
                             "weight_decay", "grad_clip_norm", "ema_decay"}),
     "schedule": frozenset({"kind", "num_train_timesteps", "beta_start", "beta_end",

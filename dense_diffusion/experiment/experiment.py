@@ -112,6 +112,11 @@ class Experiment:
     model = nnx.eval_shape(build) if abstract else build()
     lora_only = bool(config.model.get("lora"))
     trainable = model.trainable_filter(lora_only)
+    for name in config.model.get("frozen_modules") or ():
+      if not isinstance(getattr(model, name, None), nnx.Module):
+        modules = sorted(k for k, v in vars(model).items() if isinstance(v, nnx.Module))
+        raise errors.ConfigError(f"model.frozen_modules names {name!r}, which is not a module "
+                                 f"of this model: use some of {', '.join(modules)}")
     for path in model_lib.frozen_paths(config.model):
       trainable = nnx.All(trainable, nnx.Not(nnx.PathContains(path)))
     self.graphdef, params, self.frozen = nnx.split(model, trainable, ...)

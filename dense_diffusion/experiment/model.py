@@ -81,16 +81,20 @@ def build_vae(model_config: Any, *, seed: int = 0) -> vae_lib.AutoencoderKL:
   return vae_lib.AutoencoderKL(config, dtype=dtype, rngs=nnx.Rngs(seed))
 
 
-def unet_config_for_space(model_config: Any, vae: vae_lib.AutoencoderKL | None) -> dict:
-  """`model.unet` with the keys the space sets: in_channels = answer + condition channels and
-  out_channels = answer channels (3 + 3 and 3 for pixels; 2 x 4 and 4 for SD latents, as
-  Marigold), and, in latent space, the diffusers `sample_size` of the latents
-  (`model.unet.sample_size` is the image size in both spaces). So a pixel and a latent run of
-  one config differ in `model.latent` alone."""
+def unet_config_for_space(model_config: Any, vae: vae_lib.AutoencoderKL | None,
+                          paradigm: Any = None) -> dict:
+  """`model.unet` with the keys the space and the paradigm set: in_channels and out_channels
+  (`Paradigm.unet_channels`: by default answer + condition in, the answer out: 3 + 3 and 3 for
+  pixels, 2 x 4 and 4 for SD latents, as Marigold; VPD's backbone sees the image alone), and,
+  in latent space, the diffusers `sample_size` of the latents (`model.unet.sample_size` is the
+  image size in both spaces). So a pixel and a latent run of one config differ in
+  `model.latent` alone."""
   unet_config = dict(model_config.unet)
   channels = vae.config.latent_channels if vae is not None else 3
   space = "latent" if vae is not None else "pixel"
-  for key, want in (("in_channels", 2 * channels), ("out_channels", channels)):
+  in_ch, out_ch = (paradigm.unet_channels(channels) if paradigm is not None
+                   else (2 * channels, channels))
+  for key, want in (("in_channels", in_ch), ("out_channels", out_ch)):
     if unet_config.get(key, want) != want:
       raise errors.ConfigError(f"model.unet.{key}={unet_config[key]} does not fit the {space} "
                                f"space ({want}); remove it: the space sets it")
@@ -106,10 +110,12 @@ def unet_config_for_space(model_config: Any, vae: vae_lib.AutoencoderKL | None) 
 
 def frozen_paths(model_config: Any) -> tuple[str, ...]:
   """Parameter paths the optimizer never updates: the latent space's VAE unless
-  `model.vae.trainable`."""
+  `model.vae.trainable`, and the modules named in `model.frozen_modules` (e.g. ["unet"] to
+  train only a backbone's heads)."""
   latent = bool(model_config.get("latent"))
   trainable = bool(dict(model_config.get("vae") or {}).get("trainable", False))
-  return (VAE_PATH,) if latent and not trainable else ()
+  frozen = tuple(model_config.get("frozen_modules") or ())
+  return ((VAE_PATH,) if latent and not trainable else ()) + frozen
 
 
 def build_model(model_config: Any, task_objects: Sequence[tasks_lib.Task], *,
@@ -119,7 +125,6 @@ def build_model(model_config: Any, task_objects: Sequence[tasks_lib.Task], *,
   prompts = [t.prompt for t in task_objects]
   dtype = compute_dtype(model_config.get("dtype", "float32"))
   vae = build_vae(model_config, seed=seed) if model_config.get("latent") else None
-  condition_channels = vae.config.latent_channels if vae is not None else 3
   if model_config.get("zero_init_output") and model_config.get("pretrained_unet"):
     raise errors.ConfigError("model.zero_init_output would discard the pretrained UNet's "
                              "conv_out: set it only for randomly initialised UNets")
@@ -127,7 +132,9 @@ def build_model(model_config: Any, task_objects: Sequence[tasks_lib.Task], *,
     raise errors.ConfigError("model.zero_init_output with model.lora: LoRA-only training never "
                              "updates the zeroed conv_out, so the output would stay zero; turn "
                              "one off")
-  unet_config = unet_config_for_space(model_config, vae)
+  unet_config = unet_config_for_space(model_config, vae, paradigm)
+  # What the generalist concatenates to x_t (none for a backbone that sees the image alone).
+  condition_channels = unet_config["in_channels"] - unet_config["out_channels"]
   unet = None
   if model_config.get("pretrained_unet"):
     unet = unet_convert.load_diffusers_unet(
@@ -167,5 +174,22 @@ def build_model(model_config: Any, task_objects: Sequence[tasks_lib.Task], *,
                             **opts)
     logging.info("LoRA on %d layers", len(names))
   if paradigm is not None:
-    paradigm.add_modules(model, model_config, rngs)
+    embed = None
+    if model_config.get("text_encoder"):
+      embed = lambda prompts, pooled: embed_texts(model_config, prompts, pooled=pooled)
+    paradigm.add_modules(model, model_config, rngs, embed_text=embed)
   return model
+
+
+def embed_texts(model_config: Any, prompts: Sequence[str], *, pooled: bool) -> np.ndarray:
+  """Frozen text-encoder embeddings of prompts: [P, L, D], or [P, D] pooled (the hidden state
+  at each prompt's end-of-text token, as CLIP's pooled output)."""
+  encoder = clip.load_transformers_clip_text(model_config.text_encoder)
+  tokenizer = tokenizer_lib.CLIPTokenizer.from_folder(model_config.text_encoder)
+  emb = np.asarray(text_encoder_lib.embed_prompts(
+      encoder, tokenizer, prompts, skip_last_layers=int(model_config.get("text_skip_layers", 0))))
+  if not pooled:
+    return emb
+  ids = np.asarray(tokenizer(list(prompts)))
+  ends = np.argmax(ids == tokenizer.eos_id, axis=1)
+  return emb[np.arange(len(prompts)), ends]

@@ -69,6 +69,10 @@ class DiffusionConfig:
       multi-resolution noise: Gaussian noise plus upsampled coarser noise) ["gaussian"].
     multires_strength: weight decay per pyramid level of multires noise [0.9].
     multires_annealed: multires strength scaled by t / T (Marigold's annealing) [True].
+    backbone_noise: vpd: noise the image to `timestep` before the backbone pass [False].
+    vpd_attention_maps: vpd: concatenate the cross-attention maps to the features [True].
+    vpd_class_prompts: vpd: one text token per class for tasks with named classes (VPD's
+      segmentation); False gives them the task's tokens like every other task [True].
   """
   mode: str = "generalist"
   prediction_type: str = "epsilon"
@@ -92,6 +96,9 @@ class DiffusionConfig:
   noise: str = "gaussian"
   multires_strength: float = 0.9
   multires_annealed: bool = True
+  backbone_noise: bool = False
+  vpd_attention_maps: bool = True
+  vpd_class_prompts: bool = True
 
 
 LOSS_SPACES = ("prediction", "image")
@@ -171,9 +178,19 @@ class Paradigm:
   def validate(cls, cfg: DiffusionConfig) -> None:
     """Raises ConfigError for settings this paradigm cannot use."""
 
-  def add_modules(self, model: Any, model_config: Any, rngs: Any) -> None:
-    """Adds the paradigm's own modules (heads, an adapter) to the model. Default: none."""
-    del model, model_config, rngs
+  def add_modules(self, model: Any, model_config: Any, rngs: Any, *,
+                  embed_text: Callable[[Sequence[str], bool], Any] | None = None) -> None:
+    """Adds the paradigm's own modules (heads, an adapter) to the model. Default: none.
+
+    `embed_text(prompts, pooled)` gives frozen text-encoder embeddings of prompts ([P, L, D], or
+    [P, D] pooled), or is None when the run has no text encoder.
+    """
+    del model, model_config, rngs, embed_text
+
+  def unet_channels(self, condition_channels: int) -> tuple[int, int]:
+    """The UNet's (in_channels, out_channels) for a condition of `condition_channels`: the
+    noisy answer beside the condition in, the answer out."""
+    return 2 * condition_channels, condition_channels
 
   @property
   def prediction_type(self) -> str:

@@ -18,6 +18,7 @@ the predictor and the demo need of it:
   headline, higher_is_better  the metric of the summary table, and which way is better
   write(out, stem, image, answer)  the prediction files of one image
   synthetic_source            which `synthetic_scenes` features hold its input and answer
+  head                        the kind of dense head that answers it from backbone features
 
 A composite task (`parts`, e.g. panoptic = semantic + instance) is not trained itself: its answer
 is combined from the answers of its trained parts (`from_parts`, `combine`).
@@ -85,6 +86,11 @@ class Task:
   synthetic_source: ClassVar[tuple[tuple[str, str], ...]] = ()
   # Composite tasks: the names of the trained tasks whose answers `combine` merges.
   parts: ClassVar[tuple[str, ...]] = ()
+  # The kind of dense head that answers this task directly from backbone features (the VPD
+  # paradigm, paradigms/backbone.py): "rgb" (the RGB encoding itself), "depth" (a sigmoid code
+  # in [0, 1], scale-invariant log loss), "normals" (unit vectors, angular loss) or "classes"
+  # (logits over the task's classes, cross-entropy).
+  head: ClassVar[str] = "rgb"
 
   # --- Encoding. ---
   def encode(self, answer: Any) -> np.ndarray:

@@ -58,6 +58,7 @@ class DepthTask(base.Task):
 
   label_key = "depth"
   headline = "abs_rel"
+  head = "depth"
   higher_is_better = False
 
   def __post_init__(self):
@@ -158,6 +159,7 @@ class NormalsTask(base.Task):
 
   label_key = "normals"
   flip_negates_x = True
+  head = "normals"
   headline = "mean"
   higher_is_better = False
 

@@ -73,6 +73,7 @@ class SemanticTask(base.Task):
 
   label_key = "semantic"
   interpolation = "nearest"
+  head = "classes"
   headline = "miou"
   higher_is_better = True
 

@@ -1,0 +1,39 @@
+"""VPD depth (Zhao et al. 2023): the diffusion UNet once at t = 1 as a backbone, a dense depth head.
+
+    python -m dense_diffusion.main train --config configs/vpd_depth.py --workdir runs/vpd_depth
+    python -m dense_diffusion.main train --config configs/vpd_depth.py:real=1 \
+        --config.model.pretrained_unet=weights/sd15 --config.model.vae.pretrained=weights/sd15 \
+        --config.model.text_encoder=weights/sd15 --config.input.data_dir=/data/tfds ...
+
+The image (its VAE latent with `latent=1`, as VPD, or its pixels) goes through the UNet at
+t = 1 with the text adapter's refined task tokens as context; the decoder features (and the
+cross-attention maps) feed a dense head whose sigmoid output is the depth code, trained with
+VPD's scale-invariant log loss (paradigms/backbone.py). docs/vpd.md has the data flow.
+
+`arg`: `real` (0: synthetic_scenes on the CPU, a small UNet from scratch; 1: NYUv2 with a
+Stable Diffusion 1.5 UNet, VAE and text encoder by path), `res` (image size), `latent` (0:
+pixels; 1: VAE latents; default: 1 for real, 0 for synthetic), `steps` (training steps).
+"""
+from configs import demo
+from configs import vpd_common
+from dense_diffusion.datasets import readers
+
+
+def get_config(arg=None):
+  arg = demo.parse_arg(arg, real=0, res=0, latent=-1, steps=0)
+  res = arg.res or (512 if arg.real else 32)
+  if arg.real:
+    c = vpd_common.real_config(res)
+    c.tasks = ("depth",)
+    # NYUv2 at 512 x 512 (VPD trains on 480 x 480 crops padded to 512), metres up to 10.
+    c.input.entries = [readers.nyu_depth_v2(res)]
+    c.optimizer.lr = 5e-4  # VPD's depth learning rate (AdamW).
+    c.total_steps = arg.steps or 25_000  # ~25 epochs of NYUv2 at batch 24 (VPD).
+    c.batch_size = 24
+  else:
+    c = vpd_common.synthetic_config(res, ("depth",))
+    c.total_steps = arg.steps or 300
+  c.model.latent = bool(arg.real) if arg.latent < 0 else bool(arg.latent)
+  # VPD's depth decoder upsamples the latent-scale features by transposed convolutions.
+  c.model.head = dict(width=64, upsampling="deconv")
+  return c
