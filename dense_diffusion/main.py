@@ -2,7 +2,10 @@
 
 Commands (a registry, not an if-chain; each command module is imported only when it runs):
   train     --config configs/X.py[:arg] --workdir DIR [--config.key=value ...]
-  eval      --workdir DIR [--config ...]: evaluate the latest checkpoint
+  eval      --workdir DIR [--config ...]: evaluate the latest checkpoint on its config's entries
+            --protocol NAME (--workdir DIR | --pretrained FOLDER) [--dataset FOLDER_OR_READER]
+            [--output DIR]: one benchmark as the papers score it, at full resolution (per-image
+            and summary JSON, a markdown table, the worst cases)
   predict   --workdir DIR --task T --input IMG_OR_DIR --output DIR: answers for your images
             (or --pretrained MARIGOLD_FOLDER instead of --workdir and --task)
   demo      the README's main job (see dense_diffusion/demo.py)
@@ -58,14 +61,35 @@ flags.DEFINE_string("lora", None, "convert: a diffusers / peft LoRA .safetensors
 flags.DEFINE_string("task", None, "predict: the task to predict (one the run was trained on, or "
                     "panoptic when it had semantic and instance).")
 flags.DEFINE_string("input", None, "predict: an image file or a folder of images.")
-flags.DEFINE_string("output", None, "predict: folder for the predictions.")
-flags.DEFINE_integer("batch_size", None, "predict: images per batch (default: eval.batch_size).")
+flags.DEFINE_string("output", None, "predict: folder for the predictions; eval --protocol: "
+                    "folder for the report (default: WORKDIR/eval/PROTOCOL).")
+flags.DEFINE_integer("batch_size", None, "predict / eval --protocol: images per batch (default: "
+                     "eval.batch_size).")
 flags.DEFINE_integer("steps", None, "predict: sampler steps (default: the run's config, or the "
                      "pretrained folder's default_denoising_steps).")
 flags.DEFINE_string("pretrained", None, "predict: a diffusers Marigold-format pipeline folder "
                     "(depth / normals / intrinsics, E2E-FT fine-tunes) to predict with instead of "
                     "a trained run's --workdir.")
-flags.DEFINE_integer("ensemble_size", 1, "predict --pretrained: predictions combined per image.")
+flags.DEFINE_integer("ensemble_size", 1, "predict / eval --pretrained: predictions combined per "
+                     "image.")
+flags.DEFINE_string("protocol", None, "eval: the benchmark's protocol (nyu_eigen, kitti_eigen, "
+                    "kitti_garg, eth3d, scannet, diode, ade20k, coco_panoptic, rain100, sidd, lol, "
+                    "normals_pixel, normals_image); docs/evaluation.md.")
+flags.DEFINE_string("dataset", None, "eval --protocol: a folder in the layout of Marigold's "
+                    "evaluation sets (RGB files, answer files, a filename list), or a dataset "
+                    "reader's name (nyu_depth_v2, ade20k, coco_panoptic, sidd, rain, lol, "
+                    "synthetic_scenes/CONFIG); default for --workdir: the run's own entry.")
+flags.DEFINE_string("alignment", None, "eval --protocol, depth: override the protocol's "
+                    "alignment (scale_shift, scale_shift_disparity, scale, none).")
+flags.DEFINE_string("split", None, "eval --protocol with a dataset reader: the split (default: "
+                    "the reader's evaluation split).")
+flags.DEFINE_string("filename_list", None, "eval --dataset FOLDER: the filename list (default: "
+                    "FOLDER/filename_list.txt or the folder's only .txt file).")
+flags.DEFINE_float("depth_scale", 1000.0, "eval --dataset FOLDER: integer depth PNGs hold "
+                   "metres * depth_scale (1000: millimetres; KITTI: 256).")
+flags.DEFINE_integer("processing_resolution", None, "eval / predict --pretrained: the longer "
+                     "side the pipeline works at (default: the folder's).")
+flags.DEFINE_integer("max_examples", None, "eval --protocol: stop after this many images.")
 flags.DEFINE_bool("traceback", False, "Show the traceback of a user error (a wrong flag, config "
                   "key or value, a missing run) as well as its one-line message.")
 
@@ -107,10 +131,21 @@ def _train(_) -> int | None:
 
 @COMMANDS.register("eval")
 def _eval(_) -> int | None:
-  _require("eval", "workdir")
-  _maybe_distributed()
   from dense_diffusion import evaluate
-  evaluate.evaluate_latest(FLAGS.config, FLAGS.workdir)
+  if FLAGS.protocol is None:
+    for name in ("pretrained", "dataset", "alignment", "output"):
+      if FLAGS[name].value is not None:
+        raise errors.UserError(f"eval --{name} needs --protocol (the benchmark to score)")
+    _require("eval", "workdir")
+    _maybe_distributed()
+    evaluate.evaluate_latest(FLAGS.config, FLAGS.workdir)
+    return 0
+  evaluate.run_protocol(
+      FLAGS.protocol, workdir=FLAGS.workdir, pretrained=FLAGS.pretrained, dataset=FLAGS.dataset,
+      output=FLAGS.output, alignment=FLAGS.alignment, split=FLAGS.split,
+      filename_list=FLAGS.filename_list, depth_scale=FLAGS.depth_scale,
+      batch_size=FLAGS.batch_size, steps=FLAGS.steps, ensemble_size=FLAGS.ensemble_size,
+      processing_resolution=FLAGS.processing_resolution, max_examples=FLAGS.max_examples)
   return 0
 
 
@@ -150,7 +185,8 @@ def _predict(_) -> int | None:
   from dense_diffusion import predict
   return predict.run(FLAGS.workdir, FLAGS.task, FLAGS.input, FLAGS.output,
                      batch_size=FLAGS.batch_size, steps=FLAGS.steps,
-                     pretrained=FLAGS.pretrained, ensemble_size=FLAGS.ensemble_size)
+                     pretrained=FLAGS.pretrained, ensemble_size=FLAGS.ensemble_size,
+                     processing_resolution=FLAGS.processing_resolution)
 
 
 def _usage() -> str:

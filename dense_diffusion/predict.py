@@ -7,9 +7,10 @@ The run's config (`<workdir>/config.json`) rebuilds the run (`experiment.Experim
 checkpoint is restored (EMA parameters by default) and the paradigm's inference predicts the
 RGB-encoded answer of every image, which the run's task object (with the options of its input
 entry) decodes. Images of any size and of any PIL mode (grey, palette, RGBA, 16-bit) are
-converted to RGB, resized to the model resolution, predicted in padded batches, and the answer is
-brought back to the original size by the task (`Task.resize`) and written by the task
-(`Task.write`; docs/predict.md lists the files). A composite task (panoptic) is predicted as its
+converted to RGB and fitted into the model's square keeping their aspect ratio (longer side to the
+model resolution, the rest padded: `fit_square`), predicted in padded batches; the answer is
+cropped to the image's part of the square, brought back to the original size by the task
+(`Task.resize`) and written by the task (`Task.write`; docs/predict.md lists the files). A composite task (panoptic) is predicted as its
 trained parts, each brought to the original size, then combined.
 """
 from __future__ import annotations
@@ -69,10 +70,37 @@ def load_rgb(path: str | pathlib.Path) -> np.ndarray:
     return np.asarray(img.convert("RGB"), np.uint8)
 
 
+def fit_square(image: np.ndarray, size: int) -> tuple[np.ndarray, tuple[int, int]]:
+  """u8[H, W, 3] -> (f32[size, size, 3] in [-1, 1], (h, w) of the image inside it).
+
+  The aspect ratio is kept, as Marigold processes images: the longer side is resized to `size`
+  (the shorter one to `S * size // L`, diffusers' rounding; antialiased bilinear with torch's
+  weights, `pipelines.marigold_processing`), then the bottom and right are padded to a square by
+  repeating the last row and column. `crop_answer` takes the padding off an answer.
+  """
+  from dense_diffusion.pipelines import marigold_processing as processing  # pylint: disable=g-import-not-at-top
+  x = np.asarray(image, np.float32)[None] / 127.5 - 1.0
+  h, w = processing.max_edge_size(x.shape[1], x.shape[2], size)
+  if (h, w) != x.shape[1:3]:
+    x = processing.resize(x, (h, w), "bilinear", antialias=True)
+  x = np.pad(x, ((0, 0), (0, size - h), (0, size - w), (0, 0)), mode="edge")
+  return np.clip(x[0], -1.0, 1.0), (h, w)
+
+
+def crop_answer(answer: Any, content: tuple[int, int]) -> Any:
+  """The part of an answer (an array [S, S, ...], or a dict / tuple of them) that covers the
+  image inside `fit_square`'s padded square."""
+  h, w = content
+  if isinstance(answer, dict):
+    return {k: crop_answer(v, content) for k, v in answer.items()}
+  if isinstance(answer, tuple):
+    return tuple(crop_answer(v, content) for v in answer)
+  return np.asarray(answer)[:h, :w]
+
+
 def to_model_input(image: np.ndarray, size: int) -> np.ndarray:
-  """u8[H, W, 3] -> f32[size, size, 3] in [-1, 1] (bilinear, antialiased when shrinking)."""
-  resized = Image.fromarray(image).resize((size, size), Image.BILINEAR)
-  return np.asarray(resized, np.float32) / 127.5 - 1.0
+  """u8[H, W, 3] -> f32[size, size, 3] in [-1, 1]: `fit_square`'s padded square."""
+  return fit_square(image, size)[0]
 
 
 # --- the predictor ------------------------------------------------------------------------------
@@ -134,11 +162,12 @@ class Predictor:
     self.seed = seed
     self._requested_batch = batch_size
     self._setup = None
+    self._batches = 0  # batches answered: each draws its own sampler noise
 
   def check_task(self, task: str) -> tasks_lib.Task:
     return check_task(self.config, task, self.workdir)
 
-  def _load(self) -> None:
+  def load(self) -> None:
     """Builds the run and restores the latest checkpoint (once)."""
     if self._setup is not None:
       return
@@ -159,7 +188,7 @@ class Predictor:
   def predict_rgb(self, images: np.ndarray, task: str, batch_index: int = 0) -> np.ndarray:
     """f32[N, R, R, 3] model inputs in [-1, 1] (N <= batch size) -> f32[N, R, R, 3] answers."""
     import jax
-    self._load()
+    self.load()
     setup = self._setup
     n = len(images)
     if n > self.batch_size:
@@ -174,30 +203,43 @@ class Predictor:
       pred = sharding.to_host(self._predict(self.params, setup.frozen, image, task_index, key))
     return np.clip(pred[:n], -1.0, 1.0)
 
+  def answer(self, images: Sequence[np.ndarray], task: str) -> list[Any]:
+    """`task`'s answers for images u8[H, W, 3] of any sizes (at most the batch size), each at
+    its own image's size.
+
+    Every image is fitted into the model's square keeping its aspect ratio (`fit_square`), the
+    model answers (a composite task: its trained parts), each answer is decoded by its task,
+    cropped to the image's part of the square (`crop_answer`) and resized back to the image's
+    size by the task (`Task.resize`), then a composite combines its parts.
+    """
+    task_obj = self.check_task(task)
+    trained = config_lib.available_tasks(self.config)
+    decoders = [(n, trained[n]) for n in (task_obj.parts or (task,))]
+    self.load()
+    fitted = [fit_square(img, self.resolution) for img in images]
+    model_in = np.stack([x for x, _ in fitted])
+    answers = {name: dec.decode(self.predict_rgb(model_in, name, self._batches))
+               for name, dec in decoders}
+    self._batches += 1
+    out = []
+    for i, (img, (_, content)) in enumerate(zip(images, fitted)):
+      h, w = img.shape[:2]
+      full = {name: dec.resize(crop_answer(answers[name][i], content), h, w)
+              for name, dec in decoders}
+      out.append(task_obj.combine(full) if task_obj.parts else full[task])
+    return out
+
   def run(self, task: str, inputs: Sequence[str | pathlib.Path], output: str | os.PathLike,
           *, log: Callable[[str], None] = lambda s: print(s, flush=True),
           err: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)
           ) -> Summary:
     """Predicts `task` for every input file; writes the outputs into `output`."""
     task_obj = self.check_task(task)
-    # What the model predicts: the task itself, or a composite's trained parts.
-    trained = config_lib.available_tasks(self.config)
-    decoders = [(n, trained[n]) for n in (task_obj.parts or (task,))]
-    self._load()
-    batch_index = 0
+    self.load()
+    self._batches = 0  # the same noise for the same files, whatever ran before
 
     def answer_batch(images: list[np.ndarray]) -> list[list[tuple[Any, Any]]]:
-      nonlocal batch_index
-      model_in = np.stack([to_model_input(img, self.resolution) for img in images])
-      answers = {name: dec.decode(self.predict_rgb(model_in, name, batch_index))
-                 for name, dec in decoders}
-      batch_index += 1
-      out = []
-      for i, img in enumerate(images):
-        h, w = img.shape[:2]
-        full = {name: dec.resize(answers[name][i], h, w) for name, dec in decoders}
-        out.append([(task_obj, task_obj.combine(full) if task_obj.parts else full[task])])
-      return out
+      return [[(task_obj, a)] for a in self.answer(images, task)]
 
     return predict_files(task, inputs, output, self.batch_size, answer_batch, log=log, err=err)
 
@@ -265,16 +307,21 @@ class PretrainedPredictor:
     ensemble_size: predictions per image, combined as the pipeline does.
     batch_size: latents per device call.
     seed: the initial noise.
+    processing_resolution: the longer side the pipeline works at (default: the folder's
+      default_processing_resolution).
   """
 
   def __init__(self, folder: str, *, steps: Optional[int] = None, ensemble_size: int = 1,
-               batch_size: Optional[int] = None, seed: int = 0):
+               batch_size: Optional[int] = None, seed: int = 0,
+               processing_resolution: Optional[int] = None):
     from dense_diffusion.pipelines import answers  # pylint: disable=g-import-not-at-top
     self._answers = answers
     self.pipeline = answers.load(folder)
     self.steps, self.ensemble_size = steps, ensemble_size
     self.batch_size = batch_size or ensemble_size
     self.seed = seed
+    self.processing_resolution = processing_resolution
+    self._calls = 0
 
   def tasks(self) -> list[str]:
     return [t.name for t in self._answers.tasks(self.pipeline)]
@@ -291,24 +338,37 @@ class PretrainedPredictor:
           err: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)
           ) -> Summary:
     """Predicts every input (its task(s): all the pipeline answers, or `task`)."""
-    import jax  # pylint: disable=g-import-not-at-top
     self.check_task(task)
-    calls = 0
+    self._calls = 0
 
     def answer_batch(images: list[np.ndarray]) -> list:
-      nonlocal calls
-      out = []
-      for image in images:  # one call per image: the pipeline takes images of one size
-        output = self.pipeline(image, num_inference_steps=self.steps,
-                               ensemble_size=self.ensemble_size, batch_size=self.batch_size,
-                               key=jax.random.fold_in(jax.random.key(self.seed), calls))
-        calls += 1
-        pairs = [(t, a[0]) for t, a in self._answers.task_answers(self.pipeline, output)]
-        out.append([(t, a) for t, a in pairs if task is None or t.name == task])
-      return out
+      return [[(t, a) for t, a in self.task_answers(image) if task is None or t.name == task]
+              for image in images]
 
     label = task or "+".join(self.tasks())
     return predict_files(label, inputs, output, 1, answer_batch, log=log, err=err)
+
+  def task_answers(self, image: np.ndarray) -> list[tuple[tasks_lib.Task, Any]]:
+    """[(task, its answer at the image's size)] for one image u8[H, W, 3]: one pipeline call
+    (the pipeline keeps the aspect ratio: longer side to its processing resolution, answer
+    resized back to the input's size)."""
+    import jax  # pylint: disable=g-import-not-at-top
+    output = self.pipeline(image, num_inference_steps=self.steps,
+                           ensemble_size=self.ensemble_size, batch_size=self.batch_size,
+                           processing_resolution=self.processing_resolution,
+                           key=jax.random.fold_in(jax.random.key(self.seed), self._calls))
+    self._calls += 1
+    return [(t, a[0]) for t, a in self._answers.task_answers(self.pipeline, output)]
+
+  def answer(self, images: Sequence[np.ndarray], task: str) -> list[Any]:
+    """`task`'s answers for images u8[H, W, 3] of any sizes, each at its image's size."""
+    self.check_task(task)
+    return [next(a for t, a in self.task_answers(image) if t.name == task) for image in images]
+
+  def task_object(self, task: str) -> tasks_lib.Task:
+    """The task object of the pipeline's answers called `task`."""
+    self.check_task(task)
+    return next(t for t in self._answers.tasks(self.pipeline) if t.name == task)
 
 
 def _unique_stems(paths: list) -> dict:
@@ -323,7 +383,8 @@ def _unique_stems(paths: list) -> dict:
 
 def run(workdir: Optional[str], task: Optional[str], input_path: str, output: str, *,
         batch_size: Optional[int] = None, steps: Optional[int] = None,
-        pretrained: Optional[str] = None, ensemble_size: int = 1) -> int:
+        pretrained: Optional[str] = None, ensemble_size: int = 1,
+        processing_resolution: Optional[int] = None) -> int:
   """The `predict` command: a trained run (`workdir`) or a pretrained pipeline folder
   (`pretrained`); returns the exit code (non-zero only if no image was processed)."""
   if (workdir is None) == (pretrained is None):
@@ -331,13 +392,14 @@ def run(workdir: Optional[str], task: Optional[str], input_path: str, output: st
                              "(a diffusers Marigold-format folder), not both")
   if pretrained is not None:
     predictor = PretrainedPredictor(pretrained, steps=steps, ensemble_size=ensemble_size,
-                                    batch_size=batch_size)
+                                    batch_size=batch_size,
+                                    processing_resolution=processing_resolution)
   else:
     if task is None:
       raise errors.ConfigError("predict --workdir needs --task (a task the run was trained on)")
-    if ensemble_size != 1:
-      raise errors.ConfigError("--ensemble_size is for --pretrained pipelines; a trained run "
-                               "ensembles as its config.diffusion says")
+    if ensemble_size != 1 or processing_resolution is not None:
+      raise errors.ConfigError("--ensemble_size and --processing_resolution are for --pretrained "
+                               "pipelines; a trained run answers at its model resolution")
     predictor = Predictor(workdir, batch_size=batch_size, steps=steps)
   predictor.check_task(task)  # before the (slow) model build
   summary = predictor.run(task, list_inputs(input_path), output)

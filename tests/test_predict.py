@@ -75,7 +75,7 @@ def _cli(*args: str) -> int:
 
 
 def test_restores_the_latest_checkpoint_with_ema(run_dir, predictor):
-  predictor._load()
+  predictor.load()
   assert predictor.step == 3
   fresh = experiment.Experiment(experiment.load_config(str(run_dir))).state
   # The checkpoint's raw params are the initial ones; its EMA is shifted: predict uses the EMA.
@@ -238,3 +238,115 @@ def test_resize_map_nearest_keeps_labels_and_bilinear_is_smooth():
   assert smooth.shape == (4, 10) and np.all(np.diff(smooth[0]) >= 0)
   assert 0.0 <= smooth.min() and smooth.max() <= 1.0
   assert len(np.unique(smooth[0])) > 4  # interpolated, not repeated
+
+
+# --- the aspect ratio is kept: longer side to the model resolution, padded, cropped, resized back
+
+
+def _structured(h: int, w: int) -> np.ndarray:
+  """A 3:2 picture whose squashed and letterboxed versions differ: ramps and a checker."""
+  yy, xx = np.mgrid[0:h, 0:w]
+  r = 255.0 * xx / (w - 1)
+  g = 255.0 * yy / (h - 1)
+  b = 255.0 * (((yy // 5) + (xx // 5)) % 2)
+  return np.stack([r, g, b], -1).astype(np.uint8)
+
+
+def _torch_fit(image: np.ndarray, size: int):
+  """Reference: torch's antialiased bilinear resize of the longer side to `size` (diffusers'
+  rounding h * size // max), then replicate padding of the bottom and right to a square."""
+  torch = pytest.importorskip("torch")
+  h, w = image.shape[:2]
+  fh, fw = h * size // max(h, w), w * size // max(h, w)
+  x = torch.from_numpy(image.astype(np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None]
+  x = torch.nn.functional.interpolate(x, size=(fh, fw), mode="bilinear", antialias=True,
+                                      align_corners=False)
+  x = torch.nn.functional.pad(x, (0, size - fw, 0, size - fh), mode="replicate")
+  return x[0].permute(1, 2, 0).numpy(), (fh, fw)
+
+
+def _pil_resize(x: np.ndarray, h: int, w: int) -> np.ndarray:
+  return np.asarray(Image.fromarray(x.astype(np.float32), "F").resize((w, h), Image.BILINEAR))
+
+
+def _identity_depth_reference(image: np.ndarray, size: int, letterbox: bool = True):
+  """The depth (metres) a model that paints its input answers, processed by hand: the tiny
+  run's depth code is v = (channel mean + 1) / 2 over 0..8 m."""
+  if letterbox:
+    x, (fh, fw) = _torch_fit(image, size)
+  else:
+    torch = pytest.importorskip("torch")
+    t = torch.from_numpy(image.astype(np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None]
+    x = torch.nn.functional.interpolate(t, size=(size, size), mode="bilinear", antialias=True,
+                                        align_corners=False)[0].permute(1, 2, 0).numpy()
+    fh = fw = size
+  depth = (np.clip(x, -1, 1).mean(-1) + 1.0) * 0.5 * 8.0
+  return _pil_resize(depth[:fh, :fw], *image.shape[:2])
+
+
+def test_fit_square_is_torchs_resize_of_the_longer_side_and_replicate_padding():
+  for h, w in ((40, 60), (60, 40), (7, 50), (32, 32), (20, 24)):
+    image = np.random.default_rng(h * w).integers(0, 256, (h, w, 3), np.uint8)
+    got, content = predict.fit_square(image, 32)
+    want, want_content = _torch_fit(image, 32)
+    assert got.shape == (32, 32, 3) and content == want_content
+    np.testing.assert_allclose(got, want, atol=2e-5)
+  answer = {"ids": np.arange(32 * 32).reshape(32, 32), "x": (np.ones((32, 32, 3)),)}
+  cropped = predict.crop_answer(answer, (21, 32))
+  assert cropped["ids"].shape == (21, 32) and cropped["x"][0].shape == (21, 32, 3)
+
+
+@pytest.fixture
+def identity_model(predictor, monkeypatch):
+  """The module's predictor with a model that answers with its input."""
+  predictor.load()
+  monkeypatch.setattr(predictor, "predict_rgb",
+                      lambda images, task, batch_index=0: np.clip(images, -1.0, 1.0))
+  return predictor
+
+
+def test_predict_keeps_the_aspect_ratio(predictor, tmp_path):
+  image = _structured(40, 60)  # 3:2
+  Image.fromarray(image).save(tmp_path / "wide.png")
+  Image.fromarray(image.transpose(1, 0, 2)).save(tmp_path / "tall.png")  # 2:3
+  summary = predictor.run("depth", [tmp_path / "wide.png", tmp_path / "tall.png"],
+                          tmp_path / "model")
+  assert summary.written == 2
+  assert Image.open(tmp_path / "model" / "wide_depth.png").size == (60, 40)
+  assert Image.open(tmp_path / "model" / "tall_depth.png").size == (40, 60)
+
+
+def test_predict_answers_the_letterboxed_image(identity_model, tmp_path):
+  image = _structured(40, 60)
+  Image.fromarray(image).save(tmp_path / "wide.png")
+  assert identity_model.run("depth", [tmp_path / "wide.png"], tmp_path / "out").written == 1
+  got_mm = np.asarray(Image.open(tmp_path / "out" / "wide_depth.png"), np.float64)
+  want_m = _identity_depth_reference(image, 32)
+  assert got_mm.shape == (40, 60)
+  np.testing.assert_allclose(got_mm, np.round(want_m * 1000.0), atol=1.0)
+  squashed_m = _identity_depth_reference(image, 32, letterbox=False)
+  assert np.abs(squashed_m - want_m).max() > 0.2  # a squashed input would answer otherwise
+
+
+def test_eval_protocol_on_a_workdir_keeps_the_aspect_ratio(run_dir, identity_model, tmp_path,
+                                                           monkeypatch):
+  """`main eval --workdir --protocol --dataset FOLDER`: the answer is scored at the ground
+  truth's full resolution, from the letterboxed image: a ground truth equal to the hand-made
+  letterboxed answer scores ~0 AbsRel."""
+  image = _structured(40, 60)
+  folder = tmp_path / "set"
+  folder.mkdir()
+  Image.fromarray(image).save(folder / "wide.png")
+  np.save(folder / "wide_depth.npy", _identity_depth_reference(image, 32))
+  (folder / "filename_list.txt").write_text("wide.png wide_depth.npy\n")
+  monkeypatch.setattr(predict, "Predictor", lambda workdir, **kw: identity_model)
+  out = tmp_path / "report"
+  argv = cli.parse_flags(["main", "eval", f"--workdir={run_dir}", "--protocol=scannet",
+                          f"--dataset={folder}", "--alignment=none", f"--output={out}"])
+  try:
+    assert cli.main(argv) == 0
+  finally:
+    cli.FLAGS.unparse_flags()
+  summary = json.loads((out / "summary.json").read_text())
+  assert summary["num_images"] == 1 and summary["options"] == {"alignment": None}
+  assert summary["metrics"]["abs_rel"] < 1e-4 and summary["metrics"]["delta1"] == 1.0

@@ -8,6 +8,9 @@
 - restoration: `psnr`, `ssim`, `RestorationMetrics`, `rgb_to_y`, `quantize_uint8`
 - protocols: `depth_protocol(name)` (nyu_eigen, kitti_eigen, kitti_garg, eth3d, scannet, diode),
   `restoration_protocol(name)` (rain100, sidd, lol); docs/evaluation.md has their sources
+- scoring: `protocol(name)`, the benchmarks of `main eval --protocol` (the depth protocols,
+  ade20k, coco_panoptic, rain100, sidd, lol, normals_pixel, normals_image): which task, which
+  headline, per-image and split-wide numbers (`Scorer`)
 
 One-shot functions raise ValueError on bad input (shape mismatch, wrong channel count, NaN/inf
 predictions with their count). Streaming accumulators (`update(...)`, `result()`) skip images
@@ -33,6 +36,10 @@ from dense_diffusion.metrics.protocols import DepthProtocol
 from dense_diffusion.metrics.protocols import RestorationProtocol
 from dense_diffusion.metrics.protocols import depth_protocol
 from dense_diffusion.metrics.protocols import restoration_protocol
+from dense_diffusion.metrics.scoring import PROTOCOLS
+from dense_diffusion.metrics.scoring import Protocol
+from dense_diffusion.metrics.scoring import Scorer
+from dense_diffusion.metrics.scoring import protocol
 from dense_diffusion.metrics.restoration import RestorationMetrics
 from dense_diffusion.metrics.restoration import psnr
 from dense_diffusion.metrics.restoration import quantize_uint8
@@ -47,7 +54,7 @@ __all__ = [
     "NORMAL_KEYS", "NormalMetrics", "angular_error", "normal_metrics",
     "PanopticQuality", "panoptic_quality",
     "DEPTH_PROTOCOLS", "RESTORATION_PROTOCOLS", "DepthProtocol", "RestorationProtocol",
-    "depth_protocol", "restoration_protocol",
+    "depth_protocol", "restoration_protocol", "PROTOCOLS", "Protocol", "Scorer", "protocol",
     "RestorationMetrics", "psnr", "quantize_uint8", "rgb_to_y", "ssim",
     "SemanticConfusion", "semantic_metrics",
 ]
