@@ -1,14 +1,22 @@
 """Evaluation: predict every (dataset, task) entry of the config, decode, measure, write, show.
 
-For each evaluation entry the paradigm's inference (EMA parameters) predicts the RGB answers, the
-entry's task object (built from the entry's `task` and `task_options`, the same object that
-encoded its training targets) decodes them, brings them to the size of the ground truth
-(`Task.resize`) and feeds its own evaluator, which also scores a trivial baseline (what a model
-that learned nothing would score). Composite tasks (panoptic = semantic + instance) are scored
+For each evaluation entry the split is read at full resolution (the entry's `pp_eval` without its
+resizing, `datasets.eval_tfds`); each image is fitted into the model's square keeping its aspect
+ratio (longer side to the model resolution, the rest padded: `predict.fit_square`), the
+paradigm's inference (EMA parameters) predicts the RGB answers, the entry's task object (built
+from the entry's `task` and `task_options`, the same object that encoded its training targets)
+decodes them, the padding is cropped off and the task brings the answer to the size of the
+ground truth (`Task.resize`), which feeds its own evaluator, which also scores a trivial baseline
+(what a model that learned nothing would score). Composite tasks (panoptic = semantic + instance) are scored
 from their parts' answers on the same images wherever a dataset has entries for all parts and
 the parts know what the composite needs. Results go to `<workdir>/eval_metrics.json` (per step,
 per task, with the task's headline metric and its direction), TensorBoard scalars, a printed
 table and a picture of inputs / ground truth / predictions per task.
+
+`evaluate_protocol` / `run_protocol` (`main eval --protocol NAME`) score one benchmark the way the
+papers do (`metrics.protocol`), for a trained run or a pretrained pipeline, on a Marigold-layout
+folder or a TFDS split, and write per-image and summary metrics, a markdown table and the worst
+cases.
 
 With several processes (multi-host), every process reads the whole evaluation split in the same
 order, `eval.batch_size` is the global batch, the inference runs sharded over all devices, and
@@ -38,22 +46,6 @@ from dense_diffusion import workdir as workdir_lib
 from dense_diffusion.experiment import config as config_lib
 
 METRICS_FILE = workdir_lib.METRICS_FILE
-
-
-def label_examples(batch: dict) -> list[dict]:
-  """The label features of every real example of an evaluation batch, unpadded."""
-  out = []
-  keys = [k for k in batch if k.startswith(tasks_lib.LABEL_PREFIX) and not k.endswith("_shape")]
-  for i in np.flatnonzero(batch["mask"]):
-    example = {}
-    for key in keys:
-      x = batch[key][i]
-      shape = batch.get(f"{key}_shape")
-      if shape is not None:
-        x = x[tuple(slice(0, int(s)) for s in shape[i])]
-      example[key] = x
-    out.append(example)
-  return out
 
 
 @dataclasses.dataclass
@@ -98,6 +90,7 @@ class Evaluator:
           f"eval.batch_size {self.batch_size} does not divide over the {shards} data-parallel "
           "shards of the mesh; set it to a multiple of that")
     self.max_examples = eval_config.get("max_examples")
+    self.resolution = int(config.model.unet["sample_size"])
     self._predict = experiment.make_predictor()
 
   def _composites(self) -> list[_Composite]:
@@ -122,8 +115,8 @@ class Evaluator:
 
   def run(self, state: Any, step: int, writer: Optional[Any] = None) -> dict:
     """Evaluates every entry; returns {task: {metric: value, "baseline": {...}, ...}}."""
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-    from dense_diffusion import input_pipeline  # pylint: disable=g-import-not-at-top
+    from dense_diffusion import predict  # pylint: disable=g-import-not-at-top
+    from dense_diffusion.datasets import eval_tfds  # pylint: disable=g-import-not-at-top
 
     params = state.ema if self.config.eval.get("use_ema", True) else state.params
     key = jax.random.key(int(self.config.seed) + 1)
@@ -132,39 +125,40 @@ class Evaluator:
     results, grid = {}, []
     start = time.time()
     shardings = self.experiment.batch_shardings
+    task_index = {n: i for i, n in enumerate(self.experiment.task_names)}
     for item in self.entries:
-      # The whole split on every process (see the module doc), batches of the global size.
-      ds, _ = input_pipeline.get_eval_dataset(
-          item.entry, self.experiment.task_names, self.batch_size,
-          data_dir=self.config.input.get("data_dir"), process_index=0, process_count=1)
+      # The whole split on every process (see the module doc), at full resolution; batches of
+      # the global size, each image fitted into the model's square keeping its aspect ratio.
+      examples = eval_tfds.examples(item.entry, item.task,
+                                    data_dir=self.config.input.get("data_dir"))
       evaluator = item.task.evaluator()
       store = {"answers": [], "labels": [], "inputs": []} if item.name in kept_names else None
       seen = 0
-      for batch in tfds.as_numpy(ds):
-        real = batch["mask"]
-        if not real.any():
-          continue
-        image = sharding.global_array(batch["image"], shardings["image"])
-        task = sharding.global_array(batch["task"], shardings["task"])
+      for chunk in _chunks(examples, self.batch_size, self.max_examples):
+        fitted = [predict.fit_square(ex.image, self.resolution) for ex in chunk]
+        padded = np.zeros((self.batch_size, self.resolution, self.resolution, 3), np.float32)
+        padded[:len(chunk)] = [x for x, _ in fitted]
+        tasks = np.full((self.batch_size,), task_index[item.entry["task"]], np.int32)
+        image = sharding.global_array(padded, shardings["image"])
+        task = sharding.global_array(tasks, shardings["task"])
         key, sub = jax.random.split(key)
-        pred = sharding.to_host(self._predict(params, self.experiment.frozen, image, task, sub))
-        decoded = item.task.decode(np.clip(pred[real], -1.0, 1.0))
-        labels = label_examples(batch)
-        inputs = batch["image"][real]
-        truths = [item.task.answer(ex) for ex in labels]
-        evaluator.update([item.task.resize(d, *item.task.answer_size(gt))
-                          for d, gt in zip(decoded, truths)], truths, inputs)
+        pred = sharding.to_host(self._predict(params, self.experiment.frozen, image, task,
+                                              sub))[:len(chunk)]
+        decoded = item.task.decode(np.clip(pred, -1.0, 1.0))
+        answers = [predict.crop_answer(d, content) for d, (_, content) in zip(decoded, fitted)]
+        truths = [ex.truth for ex in chunk]
+        inputs = [ex.image.astype(np.float32) / 127.5 - 1.0 for ex in chunk]
+        evaluator.update([item.task.resize(a, *item.task.answer_size(gt))
+                          for a, gt in zip(answers, truths)], truths, inputs)
         if store is not None:
-          store["answers"].extend(decoded)
-          store["labels"].extend(labels)
+          store["answers"].extend(answers)
+          store["labels"].extend(ex.labels for ex in chunk)
           store["inputs"].extend(inputs)
         if seen == 0:
           n = int(self.config.eval.get("num_grid_examples", 4))
-          grid.append((item.name, batch["image"][real][:n], batch["target"][real][:n],
-                       pred[real][:n]))
-        seen += int(real.sum())
-        if self.max_examples and seen >= int(self.max_examples):
-          break
+          grid.append((item.name, padded[:min(n, len(chunk))],
+                       [item.task.encode(gt) for gt in truths[:n]], pred[:n]))
+        seen += len(chunk)
       results[item.name] = {**evaluator.result(), "num_examples": seen, **headline(item.task)}
       if store is not None:
         kept[item.name] = store
@@ -217,6 +211,21 @@ class Evaluator:
       if picture is not None:
         writer.write_images(step, {"eval/predictions": picture[None]})
       writer.flush()
+
+
+def _chunks(items, size: int, limit: Optional[int] = None):
+  """Lists of `size` consecutive items (the last may be shorter), `limit` items at most."""
+  chunk, count = [], 0
+  for item in items:
+    if limit and count >= int(limit):
+      break
+    chunk.append(item)
+    count += 1
+    if len(chunk) == size:
+      yield chunk
+      chunk = []
+  if chunk:
+    yield chunk
 
 
 def is_better(values: dict) -> bool:
@@ -329,31 +338,17 @@ def evaluate_protocol(answerer: Any, task: tasks_lib.Task, protocol: Any,
   scorer = protocol.scorer(task, **options)
   per_image, worst = [], []
   start, seen = time.time(), 0
-  pending: list = []
-
-  def flush():
-    nonlocal seen
-    if not pending:
-      return
-    answers = answerer.answer([ex.image for ex in pending], protocol.task)
-    for ex, answer in zip(pending, answers):
+  for chunk in _chunks(examples, batch_size, max_examples):
+    answers = answerer.answer([ex.image for ex in chunk], protocol.task)
+    for ex, answer in zip(chunk, answers):
       answer = task.resize(answer, *task.answer_size(ex.truth))
       scores = scorer.add(answer, ex.truth, ex.mask)
       per_image.append({"name": ex.name, **(scores if scores else {"counted": False})})
       if scores and math.isfinite(scores.get(protocol.headline, math.nan)):
         _keep_worst(worst, _Case(scores[protocol.headline], ex.name, ex.image, ex.truth, answer),
                     num_worst, protocol.higher_is_better)
-    seen += len(pending)
+    seen += len(chunk)
     log(f"{protocol.name}: {seen} images ({time.time() - start:.0f}s)")
-    pending.clear()
-
-  for example in examples:
-    pending.append(example)
-    if len(pending) == batch_size:
-      flush()
-    if max_examples and seen + len(pending) >= int(max_examples):
-      break
-  flush()
   if not per_image:
     raise errors.MissingError(f"no images to evaluate for protocol {protocol.name}")
   summary = {

@@ -350,3 +350,46 @@ def test_eval_protocol_on_a_workdir_keeps_the_aspect_ratio(run_dir, identity_mod
   summary = json.loads((out / "summary.json").read_text())
   assert summary["num_images"] == 1 and summary["options"] == {"alignment": None}
   assert summary["metrics"]["abs_rel"] < 1e-4 and summary["metrics"]["delta1"] == 1.0
+
+
+def test_the_evaluator_answers_full_resolution_splits_and_scores_the_composite(
+    predictor, tmp_path, monkeypatch):
+  """The config's evaluation (train's and `main eval --workdir`) reads each split at full
+  resolution, fits every image into the model's square and scores answers at the ground
+  truth's size; panoptic is scored from the semantic and instance answers."""
+  from dense_diffusion import evaluate  # pylint: disable=import-outside-toplevel
+  from dense_diffusion.datasets import eval_tfds  # pylint: disable=import-outside-toplevel
+  predictor.load()
+  config = experiment.load_config(str(predictor.workdir))
+  config.eval.max_examples = 3  # over two batches of 2: the last one padded
+  shown = []
+  real_examples = eval_tfds.examples
+
+  def spy(entry, task, **kw):
+    for ex in real_examples(entry, task, **kw):
+      shown.append((entry["task"], ex.image.shape, ex.image.dtype))
+      yield ex
+  monkeypatch.setattr(eval_tfds, "examples", spy)
+  evaluator = evaluate.Evaluator(config, predictor._setup, tmp_path)  # pylint: disable=protected-access
+  state = predictor._setup.state.replace(ema=predictor.params)  # pylint: disable=protected-access
+  with jax.set_mesh(predictor._setup.mesh):  # pylint: disable=protected-access
+    results = evaluator.run(state, 3)
+  assert set(results) == {"depth", "semantic", "instance", "panoptic"}
+  assert all(results[t]["num_examples"] == 3 for t in ("depth", "semantic", "instance"))
+  assert results["panoptic"]["num_examples"] == 3
+  assert {s for _, s, _ in shown} == {(32, 32, 3)} and {d for *_, d in shown} == {np.dtype(np.uint8)}
+  assert (tmp_path / "eval_metrics.json").exists()
+
+
+def test_eval_protocol_defaults_to_the_runs_own_entry(run_dir, identity_model, tmp_path,
+                                                      monkeypatch):
+  monkeypatch.setattr(predict, "Predictor", lambda workdir, **kw: identity_model)
+  argv = cli.parse_flags(["main", "eval", f"--workdir={run_dir}", "--protocol=scannet",
+                          "--alignment=none", "--max_examples=3", f"--output={tmp_path}"])
+  try:
+    assert cli.main(argv) == 0
+  finally:
+    cli.FLAGS.unparse_flags()
+  per_image = json.loads((tmp_path / "per_image.json").read_text())
+  assert [r["name"] for r in per_image] == [f"synthetic_scenes/tiny32/{i}" for i in range(3)]
+  assert (tmp_path / "worst.png").exists() and (tmp_path / "summary.md").exists()

@@ -38,11 +38,13 @@ LIST_NAME = "filename_list.txt"
 @dataclasses.dataclass
 class Example:
   """One evaluation image: `name` (its RGB path in the list), `image` u8[H, W, 3], the
-  ground-truth answer at full resolution and an optional validity mask bool[H, W]."""
+  ground-truth answer at full resolution, an optional validity mask bool[H, W] and, from a TFDS
+  split, the raw label features it was read from (composites read theirs from them)."""
   name: str
   image: np.ndarray
   truth: Any
   mask: Optional[np.ndarray] = None
+  labels: Optional[dict] = None
 
 
 # task name -> (path, depth_scale) -> the answer array.

@@ -85,5 +85,6 @@ def examples(entry: Mapping[str, Any], task: tasks_lib.Task, *, split: Optional[
         x = value[0]
         labels[key] = x[tuple(slice(0, int(s)) for s in shape[0])] if shape is not None else x
     image = np.clip(np.round(batch["image"][0]), 0, 255).astype(np.uint8)
-    yield eval_folder.Example(f"{entry['dataset']}/{index}", image, task.answer(labels))
+    yield eval_folder.Example(f"{entry['dataset']}/{index}", image, task.answer(labels),
+                              labels=labels)
     index += 1
