@@ -222,3 +222,50 @@ def test_pretrained_with_an_unknown_setting_is_one_line(depth_pipeline, motorcyc
   assert _cli(f"--pretrained={depth_pipeline}", f"--dataset={motorcycle}", "--protocol=eth3d",
               "--alignment=bogus", f"--output={tmp_path}") == errors.EXIT_USER_ERROR
   assert "protocol 'eth3d'" in capsys.readouterr().err
+
+
+def test_normals_and_ade20k_scorers_reduce_as_their_papers():
+  rng = np.random.default_rng(1)
+  truths = [rng.normal(size=(6, 7, 3)), rng.normal(size=(5, 9, 3))]
+  truths = [t / np.linalg.norm(t, axis=-1, keepdims=True) for t in truths]
+  truths[1][0] = 0.0  # unknown normals
+  preds = [t + rng.normal(0, 0.3, t.shape) for t in truths]
+
+  def angles(p, g):  # degrees over the known pixels, written out
+    known = np.linalg.norm(g, axis=-1) > 0
+    p, g = p[known], g[known]
+    cos = np.sum(p * g, -1) / np.linalg.norm(p, axis=-1) / np.linalg.norm(g, axis=-1)
+    return np.degrees(np.arccos(np.clip(cos, -1, 1)))
+  errs = [angles(p, g) for p, g in zip(preds, truths)]
+  image, pixel = (metrics.protocol(n).scorer() for n in ("normals_image", "normals_pixel"))
+  for p, g, e in zip(preds, truths, errs):
+    assert image.add(p, g)["mean"] == pytest.approx(e.mean(), abs=1e-4)
+    pixel.add(p, g)
+  assert image.summary()["mean"] == pytest.approx(np.mean([e.mean() for e in errs]), abs=1e-4)
+  assert image.summary()["median"] == pytest.approx(np.mean([np.median(e) for e in errs]),
+                                                    abs=1e-4)
+  pooled = np.concatenate(errs)
+  assert pixel.summary()["mean"] == pytest.approx(pooled.mean(), abs=1e-4)
+  assert pixel.summary()["a11.25"] == pytest.approx(np.mean(pooled < 11.25), abs=1e-9)
+
+  # ADE20K: mmseg's intersections and unions summed over the split, mIoU over present classes.
+  gts = [rng.integers(0, 150, (8, 8)), rng.integers(0, 150, (8, 8))]
+  gts[0][:2] = 255
+  preds = [np.where(rng.random(g.shape) < 0.6, g, rng.integers(0, 150, g.shape)) for g in gts]
+  preds = [np.where(p == 255, 0, p) for p in preds]
+  inter, union, area = np.zeros(150), np.zeros(150), np.zeros(150)
+  for p, g in zip(preds, gts):
+    keep = g != 255
+    p, g = p[keep], g[keep]
+    i = np.bincount(g[p == g], minlength=150)
+    a_p, a_g = np.bincount(p, minlength=150), np.bincount(g, minlength=150)
+    inter, union, area = inter + i, union + a_p + a_g - i, area + a_g
+  with np.errstate(invalid="ignore"):
+    miou = np.nanmean(inter / union)
+  seg = metrics.protocol("ade20k").scorer(tasks_lib.get("semantic", num_classes=150))
+  for p, g in zip(preds, gts):
+    seg.add(p, g)
+  assert seg.summary()["miou"] == pytest.approx(miou, abs=1e-12)
+  assert seg.summary()["pixel_accuracy"] == pytest.approx(inter.sum() / area.sum(), abs=1e-12)
+  with pytest.raises(errors.ConfigError, match="ADE20K has 150 classes"):
+    metrics.protocol("ade20k").scorer(tasks_lib.get("semantic", num_classes=7))
