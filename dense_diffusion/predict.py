@@ -74,13 +74,14 @@ def fit_square(image: np.ndarray, size: int) -> tuple[np.ndarray, tuple[int, int
   """u8[H, W, 3] -> (f32[size, size, 3] in [-1, 1], (h, w) of the image inside it).
 
   The aspect ratio is kept, as Marigold processes images: the longer side is resized to `size`
-  (the shorter one to `S * size // L`, diffusers' rounding; antialiased bilinear with torch's
-  weights, `pipelines.marigold_processing`), then the bottom and right are padded to a square by
-  repeating the last row and column. `crop_answer` takes the padding off an answer.
+  (the shorter one to `max(1, S * size // L)`, diffusers' rounding; antialiased bilinear with
+  torch's weights, `pipelines.marigold_processing`), then the bottom and right are padded to a
+  square by repeating the last row and column. `crop_answer` takes the padding off an answer.
   """
   from dense_diffusion.pipelines import marigold_processing as processing  # pylint: disable=g-import-not-at-top
   x = np.asarray(image, np.float32)[None] / 127.5 - 1.0
-  h, w = processing.max_edge_size(x.shape[1], x.shape[2], size)
+  longest = max(x.shape[1], x.shape[2])
+  h, w = (max(1, n * size // longest) for n in x.shape[1:3])  # a 1-pixel sliver at least
   if (h, w) != x.shape[1:3]:
     x = processing.resize(x, (h, w), "bilinear", antialias=True)
   x = np.pad(x, ((0, 0), (0, size - h), (0, size - w), (0, 0)), mode="edge")

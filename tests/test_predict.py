@@ -254,10 +254,10 @@ def _structured(h: int, w: int) -> np.ndarray:
 
 def _torch_fit(image: np.ndarray, size: int):
   """Reference: torch's antialiased bilinear resize of the longer side to `size` (diffusers'
-  rounding h * size // max), then replicate padding of the bottom and right to a square."""
+  rounding h * size // max, at least 1), then replicate padding of the bottom and right to a square."""
   torch = pytest.importorskip("torch")
   h, w = image.shape[:2]
-  fh, fw = h * size // max(h, w), w * size // max(h, w)
+  fh, fw = max(1, h * size // max(h, w)), max(1, w * size // max(h, w))
   x = torch.from_numpy(image.astype(np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None]
   x = torch.nn.functional.interpolate(x, size=(fh, fw), mode="bilinear", antialias=True,
                                       align_corners=False)
@@ -285,7 +285,7 @@ def _identity_depth_reference(image: np.ndarray, size: int, letterbox: bool = Tr
 
 
 def test_fit_square_is_torchs_resize_of_the_longer_side_and_replicate_padding():
-  for h, w in ((40, 60), (60, 40), (7, 50), (32, 32), (20, 24)):
+  for h, w in ((40, 60), (60, 40), (7, 50), (32, 32), (20, 24), (1, 70)):
     image = np.random.default_rng(h * w).integers(0, 256, (h, w, 3), np.uint8)
     got, content = predict.fit_square(image, 32)
     want, want_content = _torch_fit(image, 32)
