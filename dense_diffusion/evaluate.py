@@ -493,6 +493,7 @@ def run_protocol(protocol: str, *, workdir: Optional[str] = None,
   proto.scorer(task, **options)  # wrong settings stop here, before the model is built
   where = f"the run's evaluation entries ({workdir})"
   if dataset is not None and eval_folder.is_folder(dataset):
+    eval_folder.count(dataset, filename_list)  # a missing or empty list stops here
     examples = eval_folder.examples(dataset, proto.task, filename_list=filename_list,
                                     depth_scale=depth_scale)
   else:

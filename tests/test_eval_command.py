@@ -7,6 +7,7 @@ import json
 import pathlib
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
@@ -269,3 +270,24 @@ def test_normals_and_ade20k_scorers_reduce_as_their_papers():
   assert seg.summary()["pixel_accuracy"] == pytest.approx(inter.sum() / area.sum(), abs=1e-12)
   with pytest.raises(errors.ConfigError, match="ADE20K has 150 classes"):
     metrics.protocol("ade20k").scorer(tasks_lib.get("semantic", num_classes=7))
+
+
+def test_a_folder_without_a_list_stops_before_the_model_is_built(tmp_path, capsys, monkeypatch):
+  from dense_diffusion import predict  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(predict, "Predictor", lambda workdir, **kw: _FakeRun())
+  (tmp_path / "data").mkdir()
+  assert _cli("--workdir=run", "--protocol=nyu_eigen", f"--dataset={tmp_path / 'data'}",
+              f"--output={tmp_path / 'out'}") == errors.EXIT_USER_ERROR
+  assert "no .txt filename list" in capsys.readouterr().err
+
+
+class _FakeRun:
+  """A trained run's stand-in that answers depth and must not be built."""
+  config = ml_collections.ConfigDict({"input": {"data_dir": None, "entries": []},
+                                      "eval": {"entries": []}})
+
+  def check_task(self, task):
+    return tasks_lib.get(task)
+
+  def load(self):
+    raise AssertionError("the model was built")
