@@ -180,6 +180,9 @@ def test_full_resolution_pp_drops_only_the_resize_and_value_range():
       'depth_range(0.001, 10.0)|copy("depth", "label/depth")|eigen_mask("label/depth")')
   entries = eval_tfds.reader_entries("coco_panoptic", "panoptic")
   assert eval_tfds.pick_entry(entries, "panoptic", "coco")["task"] == "semantic"
+  assert eval_tfds.reader_entries("coco/2017_panoptic", "panoptic") == entries
+  with pytest.raises(errors.UnknownNameError, match="neither a folder nor a dataset reader"):
+    eval_tfds.reader_entries("no_such_data", "depth")
   assert eval_tfds.reader_entries("synthetic_scenes/tiny32", "depth")[0]["dataset"] == (
       "synthetic_scenes/tiny32")
 

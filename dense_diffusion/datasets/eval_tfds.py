@@ -30,14 +30,23 @@ def full_resolution_pp(pp: str) -> str:
 
 
 def reader_entries(name: str, task: str) -> list[dict]:
-  """The entries of reader `name` ("reader" or "reader/config", e.g. synthetic_scenes/tiny32)
-  for `task`: the reader's `task` and `config` arguments are filled when it takes them."""
+  """The entries of reader `name` ("reader" or "reader/config", e.g. synthetic_scenes/tiny32;
+  or the TFDS name a reader reads, e.g. coco/2017_panoptic) for `task`: the reader's `task` and
+  `config` arguments are filled when it takes them."""
   from dense_diffusion.datasets import readers  # pylint: disable=g-import-not-at-top
   reader, _, config = name.partition("/")
   if reader not in readers.names():
+    # A TFDS name that a reader reads with its defaults (coco/2017_panoptic).
+    for other in readers.names():
+      try:
+        entries = reader_entries(other, task)
+      except (errors.UserError, TypeError, ValueError):
+        continue
+      if any(e["dataset"] == name for e in entries):
+        return entries
     raise errors.UnknownNameError(
-        f"--dataset {name!r} is neither a folder nor a dataset reader; readers: "
-        f"{', '.join(readers.names())}")
+        f"--dataset {name!r} is neither a folder nor a dataset reader (or a TFDS dataset one "
+        f"reads); readers: {', '.join(readers.names())}")
   params = inspect.signature(readers.READERS.get(reader)).parameters
   kwargs = {}
   if config:
