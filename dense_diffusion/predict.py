@@ -99,11 +99,6 @@ def crop_answer(answer: Any, content: tuple[int, int]) -> Any:
   return np.asarray(answer)[:h, :w]
 
 
-def to_model_input(image: np.ndarray, size: int) -> np.ndarray:
-  """u8[H, W, 3] -> f32[size, size, 3] in [-1, 1]: `fit_square`'s padded square."""
-  return fit_square(image, size)[0]
-
-
 # --- the predictor ------------------------------------------------------------------------------
 
 

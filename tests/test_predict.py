@@ -163,7 +163,7 @@ def test_batches_pad_the_last_one(predictor, tmp_path):
   for i in range(5):
     assert Image.open(tmp_path / "out" / f"{i}_depth.png").size == (33, 24 + i)
   # A padded batch gives the real images the same answers as a full batch of copies.
-  x = predict.to_model_input(np.asarray(Image.open(folder / "0.png")), 32)[None]
+  x = predict.fit_square(np.asarray(Image.open(folder / "0.png")), 32)[0][None]
   alone = predictor.predict_rgb(x, "depth")
   pair = predictor.predict_rgb(np.concatenate([x, x]), "depth")
   assert alone.shape == (1, 32, 32, 3) and pair.shape == (2, 32, 32, 3)
