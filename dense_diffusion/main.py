@@ -12,6 +12,8 @@ Commands (a registry, not an if-chain; each command module is imported only when
   convert   --from diffusers --src DIR --dst DIR: converted weights -> orbax checkpoint
             (--lora FILE: a diffusers / peft LoRA file folded into the converted UNet)
   export-lora --workdir DIR --dst FILE: a LoRA run's EMA adapters -> diffusers / peft LoRA file
+  compile   --config configs/X.py --topology v5e-16: the train step and sampler compiled for a TPU
+            slice on this machine; memory per device, FLOPs, step time; exit 1 if it does not fit
 
 A user's mistake (a flag, a config key or value, a missing run: an `errors.UserError`) prints one
 line, `error: <what to change>`, on stderr and exits with status 2; `--traceback` shows its
@@ -90,6 +92,10 @@ flags.DEFINE_float("depth_scale", 1000.0, "eval --dataset FOLDER: integer depth 
 flags.DEFINE_integer("processing_resolution", None, "eval / predict --pretrained: the longer "
                      "side the pipeline works at (default: the folder's).")
 flags.DEFINE_integer("max_examples", None, "eval --protocol: stop after this many images.")
+flags.DEFINE_string("topology", None, "compile: the TPU slice to compile for (v5e-16, v5p-8, "
+                    "v4-8, v6e-8, ...); needs the [tpu-aot] extra (libtpu).")
+flags.DEFINE_string("mfu", "0.4,0.6", "compile: model FLOPs utilisations at which to state the "
+                    "step time and examples/s.")
 flags.DEFINE_bool("traceback", False, "Show the traceback of a user error (a wrong flag, config "
                   "key or value, a missing run) as well as its one-line message.")
 
@@ -187,6 +193,14 @@ def _predict(_) -> int | None:
                      batch_size=FLAGS.batch_size, steps=FLAGS.steps,
                      pretrained=FLAGS.pretrained, ensemble_size=FLAGS.ensemble_size,
                      processing_resolution=FLAGS.processing_resolution)
+
+
+@COMMANDS.register("compile")
+def _compile(_) -> int | None:
+  _require("compile", "config", "topology")
+  from dense_diffusion import aot
+  aot.use_cpu_host()
+  return aot.run(FLAGS.config, FLAGS.topology, FLAGS.mfu)
 
 
 def _usage() -> str:

@@ -121,6 +121,21 @@ def current_options() -> Options:
   return _OPTIONS[0]
 
 
+_KERNEL_FLOPS: list = []  # the open tallies of `count_kernel_flops`.
+
+
+@contextlib.contextmanager
+def count_kernel_flops() -> Iterator[list]:
+  """Collects the forward matmul FLOPs (4 B H Lq Lk D) of every attention traced into a Pallas
+  kernel meanwhile: XLA's cost analysis does not see inside kernels (`main compile` adds them)."""
+  tally: list = []
+  _KERNEL_FLOPS.append(tally)
+  try:
+    yield tally
+  finally:
+    _KERNEL_FLOPS.remove(tally)
+
+
 def target_platform() -> str:
   """"tpu", "gpu" or "cpu": the platform the traced program will run on.
 
@@ -312,6 +327,8 @@ def _splash_attention(query, key, value, mask, is_causal, scale, opts):
   from jax.experimental.pallas.ops.tpu import splash_attention as splash  # pylint: disable=g-import-not-at-top
   b, lq, h, d = query.shape
   lk = key.shape[1]
+  for tally in _KERNEL_FLOPS:
+    tally.append(4 * b * h * lq * lk * d)
   lq_pad, (bq, bq_dkv, bq_dq) = _blocks(lq, (opts.block_q, opts.block_q_dkv, opts.block_q_dq))
   lk_pad, (bkv, bkv_compute, bkv_dkv, bkv_dq) = _blocks(
       lk, (opts.block_kv, opts.block_kv_compute, opts.block_kv_dkv, opts.block_kv_dq))

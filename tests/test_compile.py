@@ -1,0 +1,92 @@
+"""`main compile`: a run compiled for a TPU slice on this CPU machine (libtpu describes the TPU
+devices; nothing runs on them). Needs libtpu: the `[tpu-aot]` extra, or TPU_LIBRARY_PATH
+pointing to a libtpu.so."""
+import os
+import pathlib
+import re
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from dense_diffusion import aot
+from dense_diffusion import errors
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+needs_libtpu = pytest.mark.skipif(
+    not aot.libtpu_available(),
+    reason="libtpu is not installed (pip install -e '.[tpu-aot]', or set TPU_LIBRARY_PATH to a "
+           "libtpu.so): TPU devices cannot be described")
+
+
+def _compile(*args, cwd=REPO):
+  env = dict(os.environ, PYTHONPATH=str(REPO))
+  env.pop("JAX_PLATFORMS", None)
+  env.pop("XLA_FLAGS", None)  # the test suite's XLA:CPU flags mean nothing to the TPU compiler
+  return subprocess.run([sys.executable, "-m", "dense_diffusion.main", "compile", *args],
+                        cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+
+
+def test_topology_names():
+  t = aot.parse_topology("v5e-16")
+  assert (t.chips, t.shape, t.chip.hbm_bytes) == (16, "v5e:4x4", 16 * 2**30)
+  assert aot.parse_topology("v5p-8").shape == "v5p:2x2x1"  # 8 TensorCores = 4 chips
+  assert aot.parse_topology("v4-8").chips == 4
+  assert aot.parse_topology("v6e-8").shape == "v6e:2x4"
+  with pytest.raises(errors.ConfigError, match="known: v5e-4"):
+    aot.parse_topology("v5e-3")
+  with pytest.raises(errors.UnknownNameError):
+    aot.parse_topology("v9-8")
+  with pytest.raises(errors.ConfigError, match="slice name"):
+    aot.parse_topology("tpu")
+  assert aot.parse_mfus("0.4,0.6") == [0.4, 0.6]
+  with pytest.raises(errors.ConfigError):
+    aot.parse_mfus("40")
+
+
+@pytest.mark.slow  # the TPU compiler takes ~50 CPU-s for the tiny train step and sampler.
+@needs_libtpu
+def test_tiny_config_compiles_for_v5e_and_reports_memory_and_flops():
+  proc = _compile("--config", "configs/tiny.py", "--topology", "v5e-4",
+                  "--config.diffusion.num_inference_steps=1")
+  out = proc.stdout
+  assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+  assert "v5e-4: 4 x v5e chips (v5e:2x2), 16 GiB HBM" in out
+  rows = {line.split("|")[1].strip(): line for line in out.splitlines()
+          if line.startswith("| train_step") or line.startswith("| sampler")}
+  assert set(rows) == {"train_step", "sampler"}
+  for row in rows.values():
+    cells = [c.strip() for c in row.split("|")[1:-1]]
+    assert cells[5].endswith("/ 16 GiB (0%)") and cells[6] == "yes", row
+    assert float(cells[7].split()[0]) > 0, row  # TFLOPs per device
+  assert re.search(r"train step at 40% MFU: [0-9.e-]+ s/step, [0-9.]+ examples/s", out)
+  assert "| params/unet/" in out  # the largest arrays with their shardings
+
+
+@needs_libtpu
+def test_config_that_cannot_fit_exits_1_and_names_what_to_change(tmp_path):
+  """A UNet whose replicated parameters, Adam moments and EMA exceed a v5e chip's 16 GiB."""
+  (tmp_path / "huge.py").write_text(textwrap.dedent("""
+      from configs import tiny
+
+      def get_config(arg=None):
+        c = tiny.get_config(arg)
+        c.model.unet["block_out_channels"] = [2048, 4096]  # ~2 G parameters, replicated
+        c.model.unet["norm_num_groups"] = 32
+        return c
+      """))
+  proc = _compile("--config", str(tmp_path / "huge.py"), "--topology", "v5e-4")
+  assert proc.returncode == 1, proc.stdout + proc.stderr[-3000:]
+  assert "| train_step |" in proc.stdout and "| NO |" in proc.stdout
+  assert "more than the 16 GiB of HBM" in proc.stdout
+  assert "config keys that would help" in proc.stdout
+  assert "--config.mesh.fsdp=-1" in proc.stdout and "--config.model.lora" in proc.stdout
+
+
+def test_compile_without_topology_is_a_user_error():
+  proc = _compile("--config", "configs/tiny.py")
+  assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines()[-1] == "error: compile needs --topology"
