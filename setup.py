@@ -55,5 +55,8 @@ setup(
         ],
         "gpu": ["jax[cuda12]>=0.8"],
         "tpu": ["jax[tpu]>=0.8"],
+        # `main compile` on a machine without TPUs: libtpu describes a TPU slice's devices and
+        # compiles for them (docs/compile.md). The libtpu jax 0.10.2 was built with.
+        "tpu-aot": ["libtpu==0.0.42.*"],
     },
 )

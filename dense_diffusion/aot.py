@@ -16,6 +16,7 @@ Every number of a chip is in `CHIPS`; a slice name `v5e-16` is parsed by `parse_
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib.util
 import math
@@ -139,7 +140,7 @@ class ProgramReport:
     return None if self.xla_flops is None else self.xla_flops + self.kernel_flops
 
 
-def _compile(name: str, lower_fn, hbm_bytes: int, kernel_multiplier: float,
+def _compile(name: str, lower_fn, kernel_multiplier: float, hbm_bytes: int,
              num_devices: int) -> ProgramReport:
   """Lowers (counting kernel FLOPs while tracing) and compiles; an out-of-memory compile is a
   report with `fits=False` and the compiler's message."""
@@ -254,8 +255,14 @@ def suggestions(config: Any, report_programs: Sequence[ProgramReport], mesh_shap
   return out
 
 
-def compile_run(config: Any, topology_name: str) -> Report:
-  """Builds the run abstractly on the topology's devices, compiles train step and sampler."""
+def compile_run(config: Any, topology_name: str, attention_overrides: Optional[dict] = None,
+                programs: Optional[Sequence[str]] = None) -> Report:
+  """Builds the run abstractly on the topology's devices, compiles train step and sampler.
+
+  `attention_overrides`: `attention.Options` fields over `config.model.attention` (e.g.
+  `{"tpu": "xla"}` for the program without the splash kernel; bench/compile_table.py).
+  `programs`: the names to compile (default both, "train_step" and "sampler").
+  """
   import jax  # pylint: disable=g-import-not-at-top
   from dense_diffusion import experiment  # pylint: disable=g-import-not-at-top
   from dense_diffusion import sharding  # pylint: disable=g-import-not-at-top
@@ -264,7 +271,7 @@ def compile_run(config: Any, topology_name: str) -> Report:
   topology = parse_topology(topology_name)
   devices = topology_devices(topology)
   mesh = sharding.make_mesh(dict(config.mesh), devices=devices)
-  attention.configure(config.model.get("attention"))
+  attention.configure(config.model.get("attention"), **(attention_overrides or {}))
   exp = experiment.Experiment(config, mesh=mesh, abstract=True)
   res = int(config.model.unet["sample_size"])
   batch = _batch_specs(exp, int(config.batch_size), res, res)
@@ -273,7 +280,6 @@ def compile_run(config: Any, topology_name: str) -> Report:
   eval_batch = max(shards, eval_batch // shards * shards)  # the sampler's batch is sharded too.
   eval_specs = _batch_specs(exp, eval_batch, res, res)
   key = jax.eval_shape(lambda: jax.random.key(0))
-  predictor = exp.make_predictor()
   hbm = topology.chip.hbm_bytes
   n = len(devices)
   state_bytes = _per_device_bytes((exp.state, exp.frozen))
@@ -287,15 +293,25 @@ def compile_run(config: Any, topology_name: str) -> Report:
     return Report(topology=topology, mesh_shape=mesh_shape, global_batch=int(config.batch_size),
                   eval_batch=eval_batch, programs=programs, largest=_largest_arrays(exp),
                   suggestions=suggestions(config, programs, mesh_shape, topology.chip))
+  sampler_exp = exp
+  if config.model.get("remat") and "sampler" in (programs or ("sampler",)):
+    # Inference has no backward pass to recompute for, and a remat'd UNet inside the sampler's
+    # scan does not trace (flax TraceContextError): the sampler is built without remat.
+    sampler_config = copy.deepcopy(config)
+    with sampler_config.unlocked():
+      sampler_config.model.remat = False
+    sampler_exp = experiment.Experiment(sampler_config, mesh=mesh, abstract=True)
+  predictor = sampler_exp.make_predictor()
+  lowerings = {
+      # Kernel FLOPs of the train step: forward + backward = 3x the forward's.
+      "train_step": (lambda: exp.train_step.lower(exp.state, exp.frozen, batch), 3.0),
+      "sampler": (lambda: predictor.lower(sampler_exp.state.params, sampler_exp.frozen,
+                                          eval_specs["image"],
+                                          eval_specs["task"], key), 1.0),
+  }
   with jax.set_mesh(mesh):
-    programs = [
-        # Kernel FLOPs of the train step: forward + backward = 3x the forward's.
-        _compile("train_step", lambda: exp.train_step.lower(exp.state, exp.frozen, batch),
-                 hbm, 3.0, n),
-        _compile("sampler", lambda: predictor.lower(exp.state.params, exp.frozen,
-                                                    eval_specs["image"], eval_specs["task"],
-                                                    key), hbm, 1.0, n),
-    ]
+    programs = [_compile(name, *lowerings[name], hbm, n)
+                for name in (programs or lowerings)]
   mesh_shape = dict(mesh.shape)
   return Report(topology=topology, mesh_shape=mesh_shape, global_batch=int(config.batch_size),
                 eval_batch=eval_batch, programs=programs, largest=_largest_arrays(exp),
