@@ -31,6 +31,7 @@ from dense_diffusion import experiment
 from dense_diffusion import paradigms
 from dense_diffusion.experiment import config as config_lib
 from dense_diffusion.experiment import model as model_lib
+from dense_diffusion.experiment import trainable as trainable_lib
 
 # Dense bf16 peak FLOP/s per device kind (vendor data sheets, no sparsity).
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12,
@@ -94,10 +95,12 @@ def abstract_cost(config) -> dict:
   task_names = [t.name for t in task_objects]
   paradigm = paradigms.make(paradigms.make_config(dict(config.diffusion)),
                             experiment.make_schedule(config))
+  provenance = trainable_lib.Provenance()
   model = nnx.eval_shape(lambda: model_lib.build_model(config.model, task_objects,
-                                                       paradigm=paradigm, seed=0))
-  lora_only = bool(config.model.get("lora"))
-  graphdef, params, frozen = nnx.split(model, model.trainable_filter(lora_only), ...)
+                                                       paradigm=paradigm, seed=0,
+                                                       provenance=provenance))
+  trainable = trainable_lib.select(model, config.model, provenance)  # the run's own set.
+  graphdef, params, frozen = nnx.split(model, trainable.filter(), ...)
   n_trainable = sum(x.size for x in jax.tree.leaves(params))
   n_frozen = sum(x.size for x in jax.tree.leaves(frozen))
   shim = types.SimpleNamespace(

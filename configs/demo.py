@@ -90,7 +90,12 @@ def get_config(arg=None):
   c.model.pretrained_image_encoder = config_dict.placeholder(str)  # CLIPVisionModel folder.
   c.model.dtype = "float32"  # compute dtype; "bfloat16" on accelerators.
   c.model.remat = False  # recompute UNet blocks in the backward pass (saves memory).
-  c.model.lora = None  # e.g. dict(rank=4, alpha=4.0, pattern=...) to train adapters only.
+  c.model.lora = None  # e.g. dict(rank=4, alpha=4.0, pattern=...) adapters (see trainable).
+  # What trains (docs/training.md, "What trains"): selectors "all", "lora", "fresh" (no
+  # pretrained value), "pretrained", a module path ("unet", "unet/conv_in") or "re:<regex>".
+  c.model.trainable = config_dict.placeholder(list)  # None: ["lora", "fresh"] with LoRA, else ["all"].
+  c.model.frozen = []  # selectors held fixed, besides the latent VAE and an image tower not trainable.
+  c.model.allow_frozen_fresh = []  # selectors of random parameters that may stay frozen (["all"]).
   # The space the UNet works in, the one switch between pixel and latent runs: False = RGB
   # pixels; True = the latents of model.vae (Marigold, GenPercept, E2E-FT), frozen unless
   # model.vae.trainable.

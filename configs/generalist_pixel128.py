@@ -66,7 +66,7 @@ def get_config(arg=None):
   c.model.pretrained_unet = config_dict.placeholder(str)  # converted SD2 UNet folder (None: random init).
   c.model.input_widening = "copy_scale"  # 4 -> 6 input channels: copy, scale by 4/6 (docs/models.md).
   c.model.text_encoder = config_dict.placeholder(str)  # SD2 pipeline / CLIPTextModel folder.
-  c.model.text_skip_layers = 1  # SD2 uses the penultimate text-encoder layer.
+  c.model.text_skip_layers = 0  # diffusers SD-2 folders already end at the penultimate layer (23 of 24).
   c.model.num_task_tokens = 4  # learned tokens per task, used only without a text encoder.
   c.model.input_residual = False  # input + correction for restoration; needs prediction_type="sample".
   c.model.zero_init_output = False  # zero the UNet's output conv (random init only, not with LoRA).
@@ -78,6 +78,11 @@ def get_config(arg=None):
   c.model.dtype = "bfloat16"  # compute dtype; parameters stay float32.
   c.model.remat = True  # recompute UNet blocks in the backward pass.
   c.model.lora = None  # full fine-tuning.
+  # What trains (docs/training.md, "What trains"): selectors "all", "lora", "fresh" (no
+  # pretrained value), "pretrained", a module path ("unet", "unet/conv_in") or "re:<regex>".
+  c.model.trainable = config_dict.placeholder(list)  # None: ["lora", "fresh"] with LoRA, else ["all"].
+  c.model.frozen = []  # selectors held fixed, besides the latent VAE and an image tower not trainable.
+  c.model.allow_frozen_fresh = []  # selectors of random parameters that may stay frozen (["all"]).
   # The space the UNet works in, the one switch between pixel and latent runs: False = RGB
   # pixels; True = the latents of model.vae (Marigold, GenPercept, E2E-FT), frozen unless
   # model.vae.trainable.

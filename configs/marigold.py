@@ -44,6 +44,7 @@ def get_config(arg=None):
     c.task_loss_weights = {}
     c.model.unet["num_class_embeds"] = len(c.tasks)
     c.model.vae.config = demo.SYNTHETIC_VAE
+    c.model.allow_frozen_fresh = ["vae"]  # a random frozen VAE: the latent path as plumbing.
     c.model.zero_init_output = False  # v-prediction: a zero output is not "no answer".
   c.model.latent = bool(arg.latent)  # the VAE's latents (Marigold) or pixels: the one switch.
   c.model.input_residual = False  # v-prediction: the output is no estimate of the answer.

@@ -90,6 +90,8 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
   print(f"devices: {jax.device_count()} ({jax.devices()[0].platform}), mesh "
         f"{dict(exp.mesh.shape)}, processes {jax.process_count()}; params: "
         f"{sharding.describe(exp.state.params)}", flush=True)
+  if jax.process_index() == 0:
+    print(exp.trainable.summary(), flush=True)  # what trains, what stays, what is pretrained.
 
   checkpointer = checkpointing.Checkpointer(
       os.fspath(paths.checkpoints), max_to_keep=int(config.keep_checkpoints),

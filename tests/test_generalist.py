@@ -7,9 +7,11 @@ import pytest
 from flax import nnx
 
 from configs import demo
+from dense_diffusion import errors
 from dense_diffusion import experiment
 from dense_diffusion import tasks
 from dense_diffusion.experiment import model as model_lib
+from dense_diffusion.experiment import trainable as trainable_lib
 from dense_diffusion.models import generalist
 
 UNET = dict(sample_size=8, in_channels=6, out_channels=3, block_out_channels=[8, 16],
@@ -105,10 +107,20 @@ def test_zero_init_output_refuses_a_pretrained_unet(tmp_path):
     model_lib.build_model(config, TASK_OBJECTS, seed=0)
 
 
-def test_zero_init_output_refuses_lora_only_training():
-  config = ml_collections.ConfigDict(dict(unet=UNET, zero_init_output=True, lora=dict(rank=2)))
-  with pytest.raises(ValueError, match="LoRA-only training never updates"):
-    model_lib.build_model(config, TASK_OBJECTS, seed=0)
+def test_a_zeroed_output_trains_with_lora_and_adapters_alone_are_refused():
+  """LoRA-only training would never move a zeroed (random) conv_out: the trainable set's default
+  for LoRA runs trains it, and an adapters-only set is refused unless said explicitly."""
+  config = ml_collections.ConfigDict(dict(unet=UNET, zero_init_output=True, lora=dict(rank=2),
+                                          trainable=None))
+  provenance = trainable_lib.Provenance()
+  model = model_lib.build_model(config, TASK_OBJECTS, seed=0, provenance=provenance)
+  assert "unet/conv_out/kernel" in trainable_lib.select(model, config, provenance).names
+  config.trainable = ["lora"]
+  chosen = trainable_lib.select(model, config, provenance)
+  assert "unet/conv_out/kernel" not in chosen.names
+  with pytest.raises(errors.ConfigError, match=r"allow_frozen_fresh=\['task_embedding', 'unet'\]"):
+    chosen.check_fresh_frozen([])
+  chosen.check_fresh_frozen(["unet", "task_embedding"])
 
 
 def test_task_is_the_class_label_of_a_unet_with_class_embeddings():

@@ -46,6 +46,7 @@ def _tiny(latent, **diffusion):
   c.input.entries[0]["task_options"] = {"max_depth": 8.0, "affine_invariant": True}
   c.model.latent = latent
   c.model.vae.config = demo.SYNTHETIC_VAE
+  c.model.allow_frozen_fresh = ["vae"]  # a random VAE, kept frozen: said explicitly.
   c.model.zero_init_output = False
   c.model.input_residual = False
   c.optimizer.warmup_steps = 1
@@ -164,6 +165,7 @@ def test_a_latent_run_trains_evaluates_and_predicts(tmp_path):
   config.input.data_dir = str(tmp_path / "tfds")
   config.model.latent = True
   config.model.vae.config = demo.SYNTHETIC_VAE
+  config.model.allow_frozen_fresh = ["vae"]  # a random VAE, kept frozen: said explicitly.
   config.total_steps = 2
   config.diffusion.ensemble_size = 2  # members sampled, decoded, then combined
   results = train.train_and_evaluate(config, str(tmp_path / "run"))

@@ -144,12 +144,12 @@ def test_head_settings_are_checked():
 
 def test_frozen_unet_trains_the_heads_and_adapter_alone():
   config = vpd_depth.get_config()
-  config.model.frozen_modules = ["unet"]
+  config.model.frozen = ["unet"]
   exp = experiment.Experiment(config, abstract=True)
   top = lambda tree: {jax.tree_util.keystr(path[:1])
                        for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
   assert "['unet']" not in top(exp.state.params) and "['unet']" in top(exp.frozen)
   assert "['vpd']" in top(exp.state.params)
-  config.model.frozen_modules = ["unets"]
-  with pytest.raises(errors.ConfigError, match="'unets', which is not a module .*unet"):
+  config.model.frozen = ["unets"]
+  with pytest.raises(errors.ConfigError, match="'unets' matches no parameter; modules .*unet"):
     experiment.Experiment(config, abstract=True)

@@ -63,7 +63,8 @@ def load_transformers_clip_text(path, *, subfolder: str = "text_encoder", varian
 
   Args:
     path: folder from `CLIPTextModel.save_pretrained` (config.json + model.safetensors, or the
-      sharded index), or a pipeline folder whose `subfolder` holds it.
+      sharded index), or a pipeline folder whose `subfolder` holds it, or a folder written by
+      `main convert`.
     subfolder: pipeline sub-folder tried when `path` holds no weights.
     variant: weight variant ("fp16" -> model.fp16.safetensors); read as float32 either way.
     dtype: compute dtype (None = float32); parameters are `param_dtype`.
@@ -76,7 +77,7 @@ def load_transformers_clip_text(path, *, subfolder: str = "text_encoder", varian
   Raises:
     CheckpointMismatchError: unused checkpoint tensors / unfilled parameters / shape mismatches.
   """
-  config, tensors = common.load_model_files(path, WEIGHTS_NAME, subfolder, variant=variant)
+  config, tensors = common.read_checkpoint(path, WEIGHTS_NAME, subfolder, variant=variant)
   return clip_text_from_tensors(config, tensors, dtype=dtype, param_dtype=param_dtype, seed=seed,
                                 what=f"CLIP text checkpoint {path}")
 
@@ -92,13 +93,16 @@ def clip_vision_from_tensors(config: Mapping, tensors: Mapping[str, np.ndarray],
 
   `dry_run=True` only checks keys and shapes (the tower's parameters stay abstract).
   """
-  with_projection = "visual_projection.weight" in tensors
+  ours = isinstance(tensors, common.OurParams)  # a `main convert` folder: our layout.
+  with_projection = ("vision_model/visual_projection/kernel" if ours
+                     else "visual_projection.weight") in tensors
   vcfg = image_encoder_lib.CLIPVisionConfig.from_dict(config, with_projection=with_projection)
   model = common.build_abstract(lambda: image_encoder_lib.ImageEncoder(
       vcfg, context_dim=context_dim, layer=layer, tokens=tokens, post_layernorm=post_layernorm,
       trainable=trainable, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(seed)),
                                 seed=seed)
-  common.load_into(model.vision_model, tensors, rename=_strip("vision_model."),
+  tower = tensors.under("vision_model") if ours else tensors
+  common.load_into(model.vision_model, tower, rename=_strip("vision_model."),
                    ignore=_buffers(tensors), what=what, dry_run=dry_run)
   if not dry_run:
     # The projection to the context width is not in the checkpoint: initialise it for real.
@@ -117,7 +121,8 @@ def load_transformers_clip_vision(path, *, subfolder: str = "image_encoder", var
   Args:
     path: folder from `CLIPVisionModel.save_pretrained` or
       `CLIPVisionModelWithProjection.save_pretrained` (then `visual_projection` is loaded into
-      `vision_model.visual_projection`), or a pipeline folder whose `subfolder` holds it.
+      `vision_model.visual_projection`), or a pipeline folder whose `subfolder` holds it, or a
+      folder written by `main convert`.
     subfolder: pipeline sub-folder tried when `path` holds no weights.
     variant: weight variant ("fp16" -> model.fp16.safetensors); read as float32 either way.
     context_dim, layer, tokens, post_layernorm, trainable: see `ImageEncoder`. The projection to
@@ -131,7 +136,7 @@ def load_transformers_clip_vision(path, *, subfolder: str = "image_encoder", var
   Raises:
     CheckpointMismatchError: unused checkpoint tensors / unfilled tower parameters / shapes.
   """
-  config, tensors = common.load_model_files(path, WEIGHTS_NAME, subfolder, variant=variant)
+  config, tensors = common.read_checkpoint(path, WEIGHTS_NAME, subfolder, variant=variant)
   return clip_vision_from_tensors(
       config, tensors, context_dim=context_dim, layer=layer, tokens=tokens,
       post_layernorm=post_layernorm, trainable=trainable, dtype=dtype, param_dtype=param_dtype,

@@ -10,7 +10,10 @@ Converts a diffusers checkpoint into orbax checkpoints of our modules' parameter
 index; written to DST/unet) or a full pipeline folder (model_index.json and/or sub-folders), in
 which case every component in `COMPONENTS` whose sub-folder exists is converted with its loader.
 Loaders are imported lazily; a component whose loader is not available is skipped with a note.
-`restore_unet(DST / "unet")` rebuilds the module from the two files.
+`restore_unet(DST / "unet")` rebuilds the module from the two files, and every loader
+(`load_diffusers_unet`, `load_diffusers_vae`, `load_transformers_clip_text` / `_vision`), hence
+every `model.pretrained_*` key of a config, reads DST (or DST/<component>) like the source
+folder. A pipeline's `tokenizer/` is copied, so DST also serves as `model.text_encoder`.
 
 `--lora FILE` (`run(..., lora=FILE)`): a diffusers / peft LoRA file (`convert/lora.py`) is put on
 the converted UNet and folded into its kernels, so DST/unet is a plain UNet with the LoRA's
@@ -22,6 +25,7 @@ import importlib
 import json
 import os
 import pathlib
+import shutil
 from typing import Any, Optional, Union
 
 import jax
@@ -45,7 +49,8 @@ COMPONENTS: dict[str, tuple[str, str, str]] = {
                       "load_transformers_clip_vision"),
 }
 
-PARAMS_DIR = "params"
+PARAMS_DIR = common.CONVERTED_PARAMS_DIR
+TOKENIZER_DIR = "tokenizer"
 CONFIG_NAME = "config.json"
 
 
@@ -154,6 +159,10 @@ def run(source: str, src: PathLike, dst: PathLike, *, lora: Optional[PathLike] =
     n = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(model, nnx.Param)))
     print(f"wrote {name}: {n:,} parameters -> {out / PARAMS_DIR} (+ {CONFIG_NAME})")
     written.append(name)
+  if written and _is_pipeline(src) and (src / TOKENIZER_DIR).is_dir():
+    # The text encoder's tokenizer, so DST serves `model.text_encoder` as the pipeline did.
+    shutil.copytree(src / TOKENIZER_DIR, dst / TOKENIZER_DIR, dirs_exist_ok=True)
+    print(f"copied {TOKENIZER_DIR}/")
   if not written:
     raise errors.MissingError(f"nothing converted from {src}: it holds no diffusers UNet, VAE "
                               "or text encoder folder with a config.json")

@@ -34,6 +34,11 @@ Three layers, each usable on its own:
 
 4. `build_abstract(ctor)` builds a module for loading without computing random initial
    parameters (`nnx.eval_shape`); `assign` then fills the placeholders.
+
+5. Folders written by `main convert` (`convert/command.py`: `<component>/params/`, an orbax
+   checkpoint of the module's parameters in our layout, beside the source's `config.json`) are
+   read by the same loaders: `read_checkpoint` returns their parameters as `OurParams`, whose
+   `key_map()` maps each parameter path to itself, so `assign` checks them just as strictly.
 """
 from __future__ import annotations
 
@@ -276,6 +281,68 @@ def load_model_files(path: PathLike, weights_name: str, subfolder: Optional[str]
     return read_config(pathlib.Path(path).parent), load_weights(path, weights_name, dtype=dtype)
   folder = resolve_model_dir(path, weights_name, subfolder, variant=variant)
   return read_config(folder), load_weights(folder, weights_name, variant=variant, dtype=dtype)
+
+
+CONVERTED_PARAMS_DIR = "params"  # `main convert`'s orbax checkpoint, beside config.json.
+
+
+class OurParams(dict):
+  """{"a/b/0/kernel": array} in our modules' layout, from a `main convert` folder.
+
+  Passed where torch-layout tensors go: `key_map()` maps every key to the parameter it names
+  (identity transform), so `assign` fills and checks a module from it.
+  """
+
+  def key_map(self) -> dict[str, "Target"]:
+    return {key: Target(parse_path(tuple(_path_part(p) for p in key.split("/"))))
+            for key in self}
+
+  def under(self, prefix: str) -> "OurParams":
+    """The parameters below `prefix` ("vision_model"), with the prefix removed."""
+    head = prefix.rstrip("/") + "/"
+    return OurParams({k[len(head):]: v for k, v in self.items() if k.startswith(head)})
+
+
+def _path_part(part: str):
+  return int(part) if part.isdigit() else part
+
+
+def converted_dir(path: PathLike, subfolder: Optional[str] = None) -> Optional[pathlib.Path]:
+  """The `main convert` component folder at `path` (or `path/subfolder`), or None."""
+  path = pathlib.Path(path)
+  for c in [path] + ([path / subfolder] if subfolder else []):
+    if (c / CONVERTED_PARAMS_DIR).is_dir() and (c / CONFIG_NAME).is_file():
+      return c
+  return None
+
+
+def read_converted(folder: PathLike) -> tuple[dict, OurParams]:
+  """(config, OurParams) of a component folder written by `main convert`."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top (heavy, only here)
+  folder = pathlib.Path(folder).absolute()
+  tree = ocp.StandardCheckpointer().restore(folder / CONVERTED_PARAMS_DIR)
+  flat = {}
+  for keys, value in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    name = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in keys)
+    flat[name] = np.asarray(value)
+  return read_config(folder), OurParams(flat)
+
+
+def read_checkpoint(path: PathLike, weights_name: str, subfolder: Optional[str] = None, *,
+                    variant: Optional[str] = None) -> tuple[dict, Mapping[str, np.ndarray]]:
+  """`(config, tensors)` of a diffusers / transformers folder (torch layout, as
+  `load_model_files`), or `(config, OurParams)` of a folder written by `main convert`."""
+  converted = converted_dir(path, subfolder)
+  if converted is not None:
+    return read_converted(converted)
+  return load_model_files(path, weights_name, subfolder, variant=variant)
+
+
+def key_map_for(tensors: Mapping[str, np.ndarray], rule: Rule) -> dict[str, "Target"]:
+  """`map_keys(tensors, rule)` for torch-layout tensors; each path to itself for OurParams."""
+  if isinstance(tensors, OurParams):
+    return tensors.key_map()
+  return map_keys(tensors, rule)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -569,7 +636,7 @@ def load_into(module: nnx.Module, tensors: Mapping[str, np.ndarray], *,
               ignore: Iterable[str] = (), what: str = "checkpoint",
               dry_run: bool = False) -> nnx.Module:
   """`assign` with `torch_layer_rule(module, rename)`, plus explicit `extra` entries that win."""
-  key_map = map_keys(tensors, torch_layer_rule(module, rename))
-  if extra:
+  key_map = key_map_for(tensors, torch_layer_rule(module, rename))
+  if extra and not isinstance(tensors, OurParams):
     key_map.update(extra)
   return assign(module, tensors, key_map, ignore=ignore, what=what, dry_run=dry_run)

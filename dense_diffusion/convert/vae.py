@@ -44,9 +44,9 @@ def vae_from_tensors(config: Mapping, tensors: Mapping[str, np.ndarray], *, dtyp
   vcfg = vae_lib.VAEConfig.from_dict(config)
   model = common.build_abstract(lambda: vae_lib.AutoencoderKL(
       vcfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(seed)), seed=seed)
-  key_map = common.map_keys(tensors, common.torch_layer_rule(model, _LEGACY_ATTENTION))
+  key_map = common.key_map_for(tensors, common.torch_layer_rule(model, _LEGACY_ATTENTION))
   for key, target in list(key_map.items()):
-    if _ATTN_WEIGHT.search(_LEGACY_ATTENTION(key)):
+    if not isinstance(tensors, common.OurParams) and _ATTN_WEIGHT.search(_LEGACY_ATTENTION(key)):
       key_map[key] = common.Target(target.path, _squeeze_1x1)
   return common.assign(model, tensors, key_map, what=what, dry_run=dry_run)
 
@@ -58,7 +58,7 @@ def load_diffusers_vae(path, *, subfolder: str = "vae", variant=None, dtype=None
   Args:
     path: folder from `AutoencoderKL.save_pretrained` (config.json +
       diffusion_pytorch_model.safetensors, or the sharded index) or a pipeline folder whose
-      `subfolder` ("vae") holds it.
+      `subfolder` ("vae") holds it, or a folder written by `main convert`.
     variant: diffusers weight variant ("fp16" -> diffusion_pytorch_model.fp16.safetensors);
       weights are read as float32 either way.
     dtype, param_dtype: compute / parameter dtypes.
@@ -68,6 +68,6 @@ def load_diffusers_vae(path, *, subfolder: str = "vae", variant=None, dtype=None
     ValueError: an unsupported config value (naming the key).
     CheckpointMismatchError: unused checkpoint tensors / unfilled parameters / shape mismatches.
   """
-  config, tensors = common.load_model_files(path, WEIGHTS_NAME, subfolder, variant=variant)
+  config, tensors = common.read_checkpoint(path, WEIGHTS_NAME, subfolder, variant=variant)
   return vae_from_tensors(config, tensors, dtype=dtype, param_dtype=param_dtype, seed=seed,
                           what=f"diffusers VAE checkpoint {path}")

@@ -29,6 +29,7 @@ from dense_diffusion import workdir as workdir_lib
 from dense_diffusion.diffusion import schedules
 from dense_diffusion.experiment import config as config_lib
 from dense_diffusion.experiment import model as model_lib
+from dense_diffusion.experiment import trainable as trainable_lib
 from dense_diffusion.paradigms import spaces
 
 # Keys of a training batch and their ranks (all sharded over the batch axes).
@@ -107,18 +108,14 @@ class Experiment:
     self.space = spaces.make(latent, remat_decoder=bool(vae.get("remat_decoder", False)))
     self.paradigm = paradigms.make(self.diffusion, self.schedule, space=self.space,
                                    tasks=self.tasks)
+    provenance = trainable_lib.Provenance()
     build = lambda: model_lib.build_model(config.model, self.tasks, paradigm=self.paradigm,
-                                          seed=int(config.seed))
+                                          seed=int(config.seed), provenance=provenance)
     model = nnx.eval_shape(build) if abstract else build()
-    lora_only = bool(config.model.get("lora"))
-    trainable = model.trainable_filter(lora_only)
-    for name in config.model.get("frozen_modules") or ():
-      if not isinstance(getattr(model, name, None), nnx.Module):
-        modules = sorted(k for k, v in vars(model).items() if isinstance(v, nnx.Module))
-        raise errors.ConfigError(f"model.frozen_modules names {name!r}, which is not a module "
-                                 f"of this model: use some of {', '.join(modules)}")
-    for path in model_lib.frozen_paths(config.model):
-      trainable = nnx.All(trainable, nnx.Not(nnx.PathContains(path)))
+    self.trainable = trainable_lib.select(model, config.model, provenance)
+    if not abstract:  # an abstract build reads no weights: every part looks fresh.
+      self.trainable.check_fresh_frozen(config.model.get("allow_frozen_fresh"))
+    trainable = self.trainable.filter()
     self.graphdef, params, self.frozen = nnx.split(model, trainable, ...)
     self.tx, self.lr_fn = make_optimizer(config.optimizer, int(config.total_steps))
     self.ema_decay = float(config.optimizer.ema_decay)

@@ -15,8 +15,10 @@ from flax import nnx
 from dense_diffusion import errors
 from dense_diffusion import tasks as tasks_lib
 from dense_diffusion.convert import clip
+from dense_diffusion.convert import common
 from dense_diffusion.convert import unet as unet_convert
 from dense_diffusion.convert import vae as vae_convert
+from dense_diffusion.experiment import trainable as trainable_lib
 from dense_diffusion.models import generalist
 from dense_diffusion.models import image_encoder as image_encoder_lib
 from dense_diffusion.models import lora
@@ -108,40 +110,45 @@ def unet_config_for_space(model_config: Any, vae: vae_lib.AutoencoderKL | None,
   return unet_config
 
 
-def frozen_paths(model_config: Any) -> tuple[str, ...]:
-  """Parameter paths the optimizer never updates: the latent space's VAE unless
-  `model.vae.trainable`, and the modules named in `model.frozen_modules` (e.g. ["unet"] to
-  train only a backbone's heads)."""
-  latent = bool(model_config.get("latent"))
-  trainable = bool(dict(model_config.get("vae") or {}).get("trainable", False))
-  frozen = tuple(model_config.get("frozen_modules") or ())
-  return ((VAE_PATH,) if latent and not trainable else ()) + frozen
-
-
 def build_model(model_config: Any, task_objects: Sequence[tasks_lib.Task], *,
-                paradigm: Any = None, seed: int = 0) -> generalist.GeneralistModel:
+                paradigm: Any = None, seed: int = 0,
+                provenance: trainable_lib.Provenance | None = None
+                ) -> generalist.GeneralistModel:
   """The network for these tasks (their order is the `task` index of batches), with the VAE of
-  the latent space (`model.latent`) and the modules the paradigm adds (`add_modules`)."""
+  the latent space (`model.latent`) and the modules the paradigm adds (`add_modules`).
+
+  Every `model.pretrained_*` key (and `model.vae.pretrained`) takes a diffusers / transformers
+  folder or a folder written by `main convert`. `provenance`, when given, records which
+  parameters came from those checkpoints (the trainable set's "fresh" / "pretrained").
+  """
+  provenance = provenance if provenance is not None else trainable_lib.Provenance()
   prompts = [t.prompt for t in task_objects]
   dtype = compute_dtype(model_config.get("dtype", "float32"))
   vae = build_vae(model_config, seed=seed) if model_config.get("latent") else None
   if model_config.get("zero_init_output") and model_config.get("pretrained_unet"):
     raise errors.ConfigError("model.zero_init_output would discard the pretrained UNet's "
                              "conv_out: set it only for randomly initialised UNets")
-  if model_config.get("zero_init_output") and model_config.get("lora"):
-    raise errors.ConfigError("model.zero_init_output with model.lora: LoRA-only training never "
-                             "updates the zeroed conv_out, so the output would stay zero; turn "
-                             "one off")
   unet_config = unet_config_for_space(model_config, vae, paradigm)
   # What the generalist concatenates to x_t (none for a backbone that sees the image alone).
   condition_channels = unet_config["in_channels"] - unet_config["out_channels"]
   unet = None
   if model_config.get("pretrained_unet"):
+    try:
+      ckpt_config = common.read_config(model_config.pretrained_unet, unet_convert.SUBFOLDER)
+    except FileNotFoundError as e:
+      raise errors.MissingError(f"model.pretrained_unet={model_config.pretrained_unet!r}: {e}"
+                                ) from None
+    # The run's own channels (its space and paradigm) and classes (the generalist's tasks, when
+    # model.unet asks for them); the rest of the architecture is the checkpoint's.
+    overrides = dict(in_channels=unet_config["in_channels"],
+                     out_channels=unet_config["out_channels"])
+    if unet_config.get("num_class_embeds"):
+      overrides["num_class_embeds"] = unet_config["num_class_embeds"]
+    provenance.add("unet", unet_convert.fresh_params(ckpt_config, **overrides))
     unet = unet_convert.load_diffusers_unet(
         model_config.pretrained_unet, input_widening=model_config.get("input_widening",
                                                                       "copy_scale"),
-        in_channels=unet_config["in_channels"], out_channels=unet_config["out_channels"],
-        dtype=dtype, remat=bool(model_config.get("remat", False)), seed=seed)
+        dtype=dtype, remat=bool(model_config.get("remat", False)), seed=seed, **overrides)
   image_options = dict(model_config.get("image_encoder_options") or {})
   vision_config = None
   if model_config.get("image_encoder"):
@@ -157,6 +164,8 @@ def build_model(model_config: Any, task_objects: Sequence[tasks_lib.Task], *,
       condition_channels=condition_channels)
   if vae is not None:
     setattr(model, VAE_PATH, vae)
+    if dict(model_config.get("vae") or {}).get("pretrained"):
+      provenance.add(VAE_PATH)
   if model_config.get("zero_init_output"):
     # ADM (guided-diffusion) starts its output conv at zero: the first answers are the input
     # residual alone (restoration: the input; other tasks: grey) instead of random images.
@@ -168,6 +177,7 @@ def build_model(model_config: Any, task_objects: Sequence[tasks_lib.Task], *,
         context_dim=model.unet.config["cross_attention_dim"], dtype=dtype, seed=seed,
         **image_options)
     model.image_encoder = loaded
+    provenance.add("image_encoder", fresh=("proj",))  # the projection to the context width.
   if model_config.get("lora"):
     opts = dict(model_config.lora)
     names = lora.apply_lora(model.unet, opts.pop("pattern", lora.DEFAULT_PATTERN), rngs=rngs,

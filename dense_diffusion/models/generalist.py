@@ -148,12 +148,3 @@ class GeneralistModel(nnx.Module):
       gate = jnp.take(self.input_residual_gate[...], task, axis=0)[:, None, None, :]
       out = out + gate.astype(out.dtype) * cond.astype(out.dtype)
     return out
-
-  def trainable_filter(self, lora_only: bool = False):
-    """NNX filter of the parameters the optimizer updates."""
-    if lora_only:
-      return nnx.LoRAParam
-    if self.image_encoder is not None and not self.image_encoder.trainable:
-      return nnx.All(nnx.Param, nnx.Not(nnx.PathContains(
-          image_encoder_lib.FROZEN_TOWER_PATH)))
-    return nnx.Param

@@ -15,7 +15,7 @@ What flows where, for a batch of images (each with its task):
    the cross-attention maps of every `attn2` (averaged over heads and modules, resized to each
    feature scale and concatenated to it, one channel per token) feed each task's dense head
    (`Task.head`: depth, normals, classes or rgb; `models/heads.py`), trained end to end with the
-   UNet (or with the UNet frozen: `model.frozen_modules`).
+   UNet (or with the UNet frozen: `model.frozen`).
 4. Losses on the heads' direct outputs, on the known pixels: depth, VPD's scale-invariant log
    loss (lambda 0.5) of the sigmoid depth code; normals, the mean angle; classes,
    cross-entropy; rgb, the task's `image_loss` on a tanh RGB code.
