@@ -93,9 +93,9 @@ def get_config(arg=None):
   c.model.lora = None  # e.g. dict(rank=4, alpha=4.0, pattern=...) adapters (see trainable).
   # What trains (docs/training.md, "What trains"): selectors "all", "lora", "fresh" (no
   # pretrained value), "pretrained", a module path ("unet", "unet/conv_in") or "re:<regex>".
-  c.model.trainable = config_dict.placeholder(list)  # None: ["lora", "fresh"] with LoRA, else ["all"].
-  c.model.frozen = []  # selectors held fixed, besides the latent VAE and an image tower not trainable.
-  c.model.allow_frozen_fresh = []  # selectors of random parameters that may stay frozen (["all"]).
+  c.model.trainable = config_dict.placeholder(tuple)  # None: ("lora", "fresh") with LoRA, else ("all",).
+  c.model.frozen = ()  # selectors held fixed, besides the latent VAE and an image tower not trainable.
+  c.model.allow_frozen_fresh = ()  # selectors of random parameters that may stay frozen (("all",)).
   # The space the UNet works in, the one switch between pixel and latent runs: False = RGB
   # pixels; True = the latents of model.vae (Marigold, GenPercept, E2E-FT), frozen unless
   # model.vae.trainable.

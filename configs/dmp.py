@@ -36,7 +36,7 @@ def get_config(arg=None):
     c.task_loss_weights = {}  # demo's weights are for restoration and instance centres.
     c.model.unet["num_class_embeds"] = len(DMP_TASKS)  # the task as a class label.
     c.model.vae.config = demo.SYNTHETIC_VAE
-    c.model.allow_frozen_fresh = ["vae"]  # a random frozen VAE: the latent path as plumbing.
+    c.model.allow_frozen_fresh = ("vae",)  # a random frozen VAE: the latent path as plumbing.
   c.model.latent = bool(arg.latent)  # pixels or the VAE's latents: the one switch.
   c.diffusion.mode = "dmp"
   c.diffusion.prediction_type = "v_prediction"  # DMP's parameterisation.
@@ -48,8 +48,9 @@ def get_config(arg=None):
   c.schedule.beta_start = 0.00085
   c.schedule.beta_end = 0.012
   c.schedule.rescale_betas_zero_snr = False
-  c.model.lora = dict(rank=arg.rank, alpha=4.0)  # adapters on attention (lora.DEFAULT_PATTERN).
-  c.model.trainable = ["lora", "fresh"]  # the LoRA default, spelt out: adapters + new parts.
+  # Adapters on the attention projections (lora.DEFAULT_PATTERN; a regex over layer paths).
+  c.model.lora = dict(rank=arg.rank, alpha=4.0, pattern=r"attn[12]\.(to_q|to_k|to_v|to_out\.0)$")
+  c.model.trainable = ("lora", "fresh")  # the LoRA default, spelt out: adapters + new parts.
   c.model.input_residual = False  # the image is already DMP's starting point (and v-prediction).
   c.model.zero_init_output = False  # SD's conv_out is kept where it fits (real=1, latent=1).
   if not arg.real:

@@ -37,7 +37,7 @@ def get_config(arg=None):
   else:
     c = demo.get_config(f"res={arg.res or 32}")
     c.model.vae.config = demo.SYNTHETIC_VAE
-    c.model.allow_frozen_fresh = ["vae"]  # a random frozen VAE: the latent path as plumbing.
+    c.model.allow_frozen_fresh = ("vae",)  # a random frozen VAE: the latent path as plumbing.
   c.model.latent = bool(arg.latent)  # pixels or the VAE's latents: the one switch.
   c.diffusion.mode = "onestep"
   c.diffusion.prediction_type = arg.pred  # sample | v_prediction.

@@ -31,7 +31,7 @@ def _vpd(c: ml_collections.ConfigDict) -> None:
   c.model.image_encoder = None  # VPD conditions on text alone.
   c.model.input_residual = False  # the heads answer directly.
   c.model.zero_init_output = False
-  c.model.frozen = []  # e.g. ["unet"] to train the heads (and adapter) alone (docs/training.md).
+  c.model.frozen = ()  # e.g. ("unet",) to train the heads (and adapter) alone (docs/training.md).
   c.task_loss_weights = {}
 
 

@@ -118,7 +118,7 @@ def test_a_zeroed_output_trains_with_lora_and_adapters_alone_are_refused():
   config.trainable = ["lora"]
   chosen = trainable_lib.select(model, config, provenance)
   assert "unet/conv_out/kernel" not in chosen.names
-  with pytest.raises(errors.ConfigError, match=r"allow_frozen_fresh=\['task_embedding', 'unet'\]"):
+  with pytest.raises(errors.ConfigError, match=r"allow_frozen_fresh=\('task_embedding', 'unet'\)"):
     chosen.check_fresh_frozen([])
   chosen.check_fresh_frozen(["unet", "task_embedding"])
 

@@ -1,9 +1,9 @@
 """Which parameters train: the trainable set of a run, declared in its config.
 
-    model.trainable = ["lora", "fresh"]     # selectors of the parameters the optimizer updates
-    model.frozen = ["image_encoder"]        # selectors held fixed even when selected above
-    model.allow_frozen_fresh = []           # selectors of fresh parameters that may stay
-                                            # frozen (["vae"]: a random VAE kept as plumbing)
+    model.trainable = ("lora", "fresh")     # selectors of the parameters the optimizer updates
+    model.frozen = ("image_encoder",)       # selectors held fixed even when selected above
+    model.allow_frozen_fresh = ()           # selectors of fresh parameters that may stay
+                                            # frozen (("vae",): a random VAE kept as plumbing)
 
 Selectors (each matches a set of parameters; paths are '/'-joined, e.g.
 `unet/down_blocks/0/attentions/0/proj_in/kernel`):
@@ -17,9 +17,9 @@ Selectors (each matches a set of parameters; paths are '/'-joined, e.g.
     "unet", "unet/conv_in", ...   a module or a path prefix (whole '/'-separated parts)
     "re:<regex>"   parameters whose path matches the regex (`re.search`)
 
-Defaults: `trainable` is ["lora", "fresh"] when the config has `model.lora` (the adapters and
+Defaults: `trainable` is ("lora", "fresh") when the config has `model.lora` (the adapters and
 everything the model adds on top of the pretrained weights: task tokens, projections, widened
-channels), else ["all"]. `frozen` always holds the latent space's VAE (unless
+channels), else ("all",). Tuples, so `--config.model.frozen='("unet",)'` overrides them. `frozen` always holds the latent space's VAE (unless
 `model.vae.trainable`) and a frozen image-encoder tower (`image_encoder_options.trainable=False`),
 then the config's own selectors.
 
@@ -187,7 +187,8 @@ class TrainableSet:
         f"leave {len(stuck)} freshly initialised parameters ({size:,} values, in "
         f"{', '.join(modules)}; e.g. {example}) frozen at their random values: train them "
         f"(\"fresh\" in model.trainable, not in model.frozen; a VAE: model.vae.trainable), "
-        f"load their weights, or say model.allow_frozen_fresh={modules!r} if that is meant")
+        f"load their weights, or say model.allow_frozen_fresh={tuple(modules)!r} if that is "
+        f"meant")
 
 
 def select(model: nnx.Module, model_config: Any, provenance: Provenance) -> TrainableSet:

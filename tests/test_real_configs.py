@@ -1,0 +1,165 @@
+"""The real-data configs run from pretrained weights: generalist_pixel128, onestep real=1 and dmp
+real=1 pointed at a tiny Stable-Diffusion-2-style pipeline folder written by diffusers and
+transformers (UNet, text encoder and tokenizer, CLIP vision tower, VAE, scheduler), on an ADE20K
+folder tree prepared by the project's own TFDS builder, each trained, evaluated and predicted
+for a few steps. Also: the text-encoder layer the SD-2 config conditions on is the one
+diffusers' SD-2 pipeline uses (transformers' hidden states)."""
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+import tensorflow_datasets as tfds  # noqa: E402
+
+from configs import dmp  # noqa: E402
+from configs import generalist_pixel128  # noqa: E402
+from configs import onestep  # noqa: E402
+from dense_diffusion import predict  # noqa: E402
+from dense_diffusion import train  # noqa: E402
+from dense_diffusion.datasets import readers  # noqa: E402
+from dense_diffusion.experiment import model as model_lib  # noqa: E402
+
+from test_text_encoder import _write_tiny_vocab  # noqa: E402  pylint: disable=wrong-import-position
+
+RES = 32
+CROSS = 16  # the text encoder's width = the UNet's cross_attention_dim, as in SD.
+TASKS = ("semantic",)  # ADE20K: a class task, the hardest for the encodings.
+CONFIGS = {"generalist_pixel128": (generalist_pixel128, f"res={RES},batch=4"),
+           "onestep_real": (onestep, f"real=1,res={RES}"),
+           "dmp_real": (dmp, f"real=1,res={RES}")}
+
+
+@pytest.fixture(scope="module")
+def sd2_folder(tmp_path_factory):
+  """A tiny SD-2-style pipeline folder (v-prediction, linear projections, OpenCLIP-style text
+  encoder whose last layer is already dropped, as diffusers' SD-2 folders), plus a CLIP vision
+  tower in image_encoder/."""
+  root = tmp_path_factory.mktemp("sd2")
+  _write_tiny_vocab(root / "vocab", "!")  # SD-2 pads with "!".
+  tokenizer = transformers.CLIPTokenizer.from_pretrained(root / "vocab")
+  torch.manual_seed(0)
+  unet = diffusers.UNet2DConditionModel(
+      sample_size=RES // 4, in_channels=4, out_channels=4, block_out_channels=(16, 32),
+      layers_per_block=1, norm_num_groups=8, down_block_types=("CrossAttnDownBlock2D",
+                                                               "DownBlock2D"),
+      up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=CROSS,
+      attention_head_dim=(2, 4), use_linear_projection=True)
+  vae = diffusers.AutoencoderKL(block_out_channels=(8, 16), layers_per_block=1,
+                                norm_num_groups=4, latent_channels=4,
+                                down_block_types=("DownEncoderBlock2D",) * 2,
+                                up_block_types=("UpDecoderBlock2D",) * 2)
+  text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+      vocab_size=len(tokenizer), hidden_size=CROSS, intermediate_size=24, num_hidden_layers=2,
+      num_attention_heads=2, max_position_embeddings=12, hidden_act="gelu",
+      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+      pad_token_id=tokenizer.pad_token_id)).eval()
+  scheduler = diffusers.DDIMScheduler(
+      beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+      prediction_type="v_prediction", set_alpha_to_one=False, steps_offset=1)
+  pipe = diffusers.StableDiffusionPipeline(
+      vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+      safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+  pipe.save_pretrained(root / "pipe")
+  vision = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
+      hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+      image_size=16, patch_size=8))
+  vision.save_pretrained(root / "pipe" / "image_encoder")
+  return root / "pipe", pipe
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  """ADE20K, prepared by our builder from a tiny folder tree in its real layout."""
+  root = tmp_path_factory.mktemp("real_data")
+  rng = np.random.default_rng(0)
+
+  def save(path, array):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+  for folder, n in (("training", 4), ("validation", 2)):
+    for i in range(n):
+      stem = f"ADE_{folder[:3]}_{i:08d}"
+      save(root / "manual_ade" / "ADEChallengeData2016" / "images" / folder / f"{stem}.jpg",
+           rng.integers(0, 256, (36, 48, 3), np.uint8))
+      save(root / "manual_ade" / "ADEChallengeData2016" / "annotations" / folder /
+           f"{stem}.png", rng.integers(0, 151, (36, 48), np.uint8))
+  tfds.builder("ade20k", data_dir=str(root / "tfds")).download_and_prepare(
+      download_config=tfds.download.DownloadConfig(manual_dir=str(root / "manual_ade")))
+  return root / "tfds"
+
+
+def _shrunk(name, folder, data_dir):
+  """The config at toy size: the pipeline's weights, two tasks, a few steps."""
+  module, arg = CONFIGS[name]
+  c = module.get_config(arg)
+  c.tasks = TASKS
+  c.input.entries = [readers.ade20k(RES)]
+  c.input.data_dir = str(data_dir)
+  c.input.shuffle_buffer = 4
+  c.model.pretrained_unet = str(folder)
+  c.model.text_encoder = str(folder)
+  c.model.dtype = "float32"  # bf16 is for accelerators; the CPU runs it slowly.
+  c.model.remat = False
+  if c.model.get("image_encoder"):
+    c.model.image_encoder = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                 num_attention_heads=2, image_size=16, patch_size=8)
+    c.model.pretrained_image_encoder = str(folder)
+  c.batch_size = 4
+  c.total_steps = 2
+  c.optimizer.warmup_steps = 1
+  c.log_every = 1
+  c.checkpoint_every = 2
+  c.eval_every = 2
+  c.eval.batch_size = 2
+  c.eval.max_examples = 2
+  c.diffusion.num_inference_steps = min(2, int(c.diffusion.num_inference_steps))
+  return c
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_real_config_trains_evaluates_and_predicts(name, sd2_folder, data_dir, tmp_path, capsys):
+  folder, _ = sd2_folder
+  config = _shrunk(name, folder, data_dir)
+  results = train.train_and_evaluate(config, str(tmp_path / "run"))
+  printed = capsys.readouterr().out
+  assert set(results) == set(TASKS)
+  for task, values in results.items():
+    assert np.isfinite(values[values["headline"]]), (task, values)
+  # The trainable-set summary: the pretrained UNet kernels are in, and for LoRA frozen.
+  unet_row = next(line.split() for line in printed.splitlines() if line.strip().startswith("unet"))
+  trained, frozen, fresh, pretrained = (int(x.replace(",", "")) for x in unet_row[1:])
+  assert pretrained > fresh > 0  # widened conv_in and the RGB conv_out are fresh.
+  assert (frozen > 0) == (name == "dmp_real")
+  image = tmp_path / "photo.png"
+  Image.fromarray(np.random.default_rng(1).integers(0, 256, (24, 36, 3), np.uint8)).save(image)
+  summary = predict.Predictor(str(tmp_path / "run"), batch_size=1).run(
+      "semantic", [image], tmp_path / "out", log=lambda s: None)
+  assert summary.written == 1
+  answer = Image.open(tmp_path / "out" / "photo_semantic.png")
+  assert answer.size == (36, 24)
+  saved = json.loads((tmp_path / "run" / "config.json").read_text())
+  assert saved["model"]["pretrained_unet"] == str(folder)
+
+
+def test_sd2_text_layer_is_the_pipelines(sd2_folder):
+  """diffusers' SD-2 pipeline conditions on the text encoder's last hidden state (after the
+  final layer norm) of a folder that already dropped OpenCLIP's last layer: text_skip_layers=0."""
+  folder, pipe = sd2_folder
+  config = generalist_pixel128.get_config(f"res={RES}")
+  config.model.text_encoder = str(folder)
+  prompts = ["depth", "perform a form"]
+  ours = model_lib.prompt_embeddings(config.model, prompts)
+  with torch.no_grad():
+    want, _ = pipe.encode_prompt(prompts, "cpu", 1, False)
+    ids = pipe.tokenizer(prompts, padding="max_length", max_length=12, truncation=True,
+                         return_tensors="pt").input_ids
+    hidden = pipe.text_encoder(ids, output_hidden_states=True)
+    penultimate = pipe.text_encoder.final_layer_norm(hidden.hidden_states[-2]).numpy()
+  np.testing.assert_allclose(ours, want.numpy(), atol=1e-5)
+  np.testing.assert_allclose(ours, hidden.last_hidden_state.numpy(), atol=1e-5)
+  # The penultimate layer (what text_skip_layers=1 gave) is another tensor.
+  assert np.abs(ours - penultimate).max() > 1e-2
