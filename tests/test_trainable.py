@@ -127,7 +127,7 @@ def test_fresh_parts_left_frozen_are_refused_unless_said(sd_unet):
   config = _dmp_config(root)
   config.model.trainable = ["lora"]  # the adapters alone: conv_in, conv_out, tokens stay random
   with pytest.raises(errors.ConfigError, match=re.escape(
-      "allow_frozen_fresh=['image_encoder', 'task_embedding', 'unet']")):
+      "allow_frozen_fresh=('image_encoder', 'task_embedding', 'unet')")):
     experiment.Experiment(config)
   config.model.allow_frozen_fresh = ["image_encoder", "task_embedding", "unet"]
   exp = experiment.Experiment(config)
