@@ -14,6 +14,9 @@ Commands (a registry, not an if-chain; each command module is imported only when
   export-lora --workdir DIR --dst FILE: a LoRA run's EMA adapters -> diffusers / peft LoRA file
   compile   --config configs/X.py --topology v5e-16: the train step and sampler compiled for a TPU
             slice on this machine; memory per device, FLOPs, step time; exit 1 if it does not fit
+  study     --study NAME_OR_FILE --workdir ROOT [--steps N] [--scale NAME]: every arm of a study
+            trained and evaluated, one table (docs/studies.md)
+  train-vae --config configs/synthetic_vae.py --workdir DIR: a small VAE for synthetic_scenes
 
 A user's mistake (a flag, a config key or value, a missing run: an `errors.UserError`) prints one
 line, `error: <what to change>`, on stderr and exits with status 2; `--traceback` shows its
@@ -68,7 +71,8 @@ flags.DEFINE_string("output", None, "predict: folder for the predictions; eval -
 flags.DEFINE_integer("batch_size", None, "predict / eval --protocol: images per batch (default: "
                      "eval.batch_size).")
 flags.DEFINE_integer("steps", None, "predict: sampler steps (default: the run's config, or the "
-                     "pretrained folder's default_denoising_steps).")
+                     "pretrained folder's default_denoising_steps); study: training steps per "
+                     "arm (default: the study's scale).")
 flags.DEFINE_string("pretrained", None, "predict: a diffusers Marigold-format pipeline folder "
                     "(depth / normals / intrinsics, E2E-FT fine-tunes) to predict with instead of "
                     "a trained run's --workdir.")
@@ -96,6 +100,8 @@ flags.DEFINE_string("topology", None, "compile: the TPU slice to compile for (v5
                     "v4-8, v6e-8, ...); needs the [tpu-aot] extra (libtpu).")
 flags.DEFINE_string("mfu", "0.4,0.6", "compile: model FLOPs utilisations at which to state the "
                     "step time and examples/s.")
+flags.DEFINE_string("study", None, "study: a study name (configs/studies/NAME.py) or file.")
+flags.DEFINE_string("scale", None, "study: the study file's budget by name (cpu, accelerator).")
 flags.DEFINE_bool("traceback", False, "Show the traceback of a user error (a wrong flag, config "
                   "key or value, a missing run) as well as its one-line message.")
 
@@ -201,6 +207,22 @@ def _compile(_) -> int | None:
   from dense_diffusion import aot
   aot.use_cpu_host()
   return aot.run(FLAGS.config, FLAGS.topology, FLAGS.mfu)
+
+
+@COMMANDS.register("study")
+def _study(_) -> int | None:
+  _require("study", "study", "workdir")
+  from dense_diffusion import studies
+  studies.run(FLAGS.study, FLAGS.workdir, scale=FLAGS.scale, steps=FLAGS.steps)
+  return 0
+
+
+@COMMANDS.register("train-vae")
+def _train_vae(_) -> int | None:
+  _require("train-vae", "config", "workdir")
+  from dense_diffusion.studies import vae_training
+  vae_training.train(FLAGS.config, FLAGS.workdir)
+  return 0
 
 
 def _usage() -> str:

@@ -1,0 +1,74 @@
+"""The round-trip ceiling of a space: each task's ground truth, encoded to RGB by the task, passed
+through an autoencoder and back, decoded by the task and scored with the task's own evaluator.
+
+For pixel space the autoencoder is the identity, and the score is what the task's encoding
+itself keeps; for latent space it is the VAE (encode to the posterior mean, decode): no model
+working in those latents can do better than the VAE lets it (the generalist paper's
+"quantisation" argument). Nothing here is task-specific: the tasks encode, decode and score.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Optional
+
+import numpy as np
+
+from dense_diffusion.evaluate import headline
+
+Autoencoder = Callable[[np.ndarray], np.ndarray]  # f32[B, H, W, 3] in [-1, 1] -> the same.
+
+
+def identity(rgb: np.ndarray) -> np.ndarray:
+  return rgb
+
+
+def vae_round_trip(vae: Any) -> Autoencoder:
+  """encode (posterior mean) then decode with an `AutoencoderKL`, jitted."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  graphdef, state = nnx.split(vae)
+
+  import jax  # pylint: disable=g-import-not-at-top
+
+  @jax.jit
+  def trip(state, x):
+    return nnx.merge(graphdef, state)(x)
+
+  return lambda rgb: np.asarray(trip(state, np.asarray(rgb, np.float32)))
+
+
+def _batches(items: Iterable, size: int, limit: Optional[int]):
+  batch, count = [], 0
+  for item in items:
+    if limit is not None and count >= limit:
+      break
+    batch.append(item)
+    count += 1
+    if len(batch) == size:
+      yield batch
+      batch = []
+  if batch:
+    yield batch
+
+
+def measure(entries: Iterable[dict], autoencoder: Autoencoder, *, data_dir: Optional[str] = None,
+            max_examples: Optional[int] = None, batch_size: int = 8) -> dict:
+  """{task: the task's evaluator result (headline, baseline) on the round-tripped truths} for
+  every entry's evaluation split (its first `max_examples` examples)."""
+  from dense_diffusion.datasets import eval_tfds  # pylint: disable=g-import-not-at-top
+  from dense_diffusion.experiment import config as config_lib  # pylint: disable=g-import-not-at-top
+  entries = [dict(e) for e in entries]
+  results = {}
+  for entry, task in zip(entries, config_lib.entry_tasks(entries)):
+    evaluator = task.evaluator()
+    seen = 0
+    examples = eval_tfds.examples(entry, task, data_dir=data_dir)
+    for chunk in _batches(examples, batch_size, max_examples):
+      encoded = np.stack([task.encode(ex.truth) for ex in chunk])
+      back = np.clip(np.asarray(autoencoder(encoded), np.float32), -1.0, 1.0)
+      answers = task.decode(back)
+      truths = [ex.truth for ex in chunk]
+      inputs = [ex.image.astype(np.float32) / 127.5 - 1.0 for ex in chunk]
+      evaluator.update([task.resize(a, *task.answer_size(gt)) for a, gt in zip(answers, truths)],
+                       truths, inputs)
+      seen += len(chunk)
+    results[task.name] = {**evaluator.result(), "num_examples": seen, **headline(task)}
+  return results
