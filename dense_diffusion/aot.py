@@ -141,9 +141,10 @@ class ProgramReport:
 
 
 def _compile(name: str, lower_fn, kernel_multiplier: float, hbm_bytes: int,
-             num_devices: int) -> ProgramReport:
+             num_devices: int, argument_bytes: Optional[int] = None) -> ProgramReport:
   """Lowers (counting kernel FLOPs while tracing) and compiles; an out-of-memory compile is a
-  report with `fits=False` and the compiler's message."""
+  report with `fits=False`, the compiler's message and `argument_bytes` (computed from the
+  inputs' shardings)."""
   import jax  # pylint: disable=g-import-not-at-top
   from dense_diffusion.models import attention  # pylint: disable=g-import-not-at-top
   start = time.perf_counter()
@@ -158,6 +159,7 @@ def _compile(name: str, lower_fn, kernel_multiplier: float, hbm_bytes: int,
       raise
     line = next((l for l in text.splitlines() if "memory" in l.lower()), text.splitlines()[0])
     return ProgramReport(name=name, fits=False, kernel_flops=kernel_flops,
+                         argument_bytes=argument_bytes,
                          compile_seconds=time.perf_counter() - start, error=line.strip())
   mem = compiled.memory_analysis()
   cost = compiled.cost_analysis()
@@ -222,6 +224,18 @@ def _largest_arrays(exp, count: int = 6) -> list:
   return rows[:count]
 
 
+def _needed_temp_bytes(program: Optional[ProgramReport]) -> Optional[float]:
+  """The temporaries a program needed: measured, or from the compiler's out-of-memory message."""
+  if program is None:
+    return None
+  if program.temp_bytes is not None:
+    return program.temp_bytes + program.output_bytes - program.alias_bytes
+  match = re.search(r"temporaries \(([\d.]+)([GM])\)", program.error or "")
+  if not match:
+    return None
+  return float(match.group(1)) * (2**30 if match.group(2) == "G" else 2**20)
+
+
 def suggestions(config: Any, report_programs: Sequence[ProgramReport], mesh_shape: dict,
                 chip: Chip) -> list[str]:
   """Config keys that would reduce the per-device memory, with what they change."""
@@ -232,8 +246,19 @@ def suggestions(config: Any, report_programs: Sequence[ProgramReport], mesh_shap
   state_bound = (train is not None and train.temp_bytes is None and train.argument_bytes
                  and train.argument_bytes > chip.hbm_bytes)  # activations are not the problem.
   if per_device > 1 and not state_bound:
-    out.append(f"config.batch_size={int(config.batch_size) // 2} (per device {per_device} -> "
-               f"{per_device // 2}: activations halve)")
+    target = per_device // 2
+    needed = _needed_temp_bytes(train)
+    if needed and train.argument_bytes is not None:
+      # Temporaries scale about linearly with the per-device batch: the largest power of two
+      # whose share of them fits beside the train state.
+      room = chip.hbm_bytes - train.argument_bytes
+      fit = per_device * room / needed
+      target = 2**int(math.log2(fit)) if fit >= 1 else 0
+    if target >= 1:
+      out.append(f"config.batch_size={target * shards} (per device {per_device} -> {target}; "
+                 "estimated from the temporaries it needed at this batch)")
+    else:
+      out.append("config.batch_size: even one example per device does not fit beside the state")
   if not config.model.get("remat") and not state_bound:
     out.append("config.model.remat=True (recompute block activations in the backward pass)")
   if mesh_shape["data"] > 1 and mesh_shape["fsdp"] == 1:
@@ -304,14 +329,17 @@ def compile_run(config: Any, topology_name: str, attention_overrides: Optional[d
   predictor = sampler_exp.make_predictor()
   lowerings = {
       # Kernel FLOPs of the train step: forward + backward = 3x the forward's.
-      "train_step": (lambda: exp.train_step.lower(exp.state, exp.frozen, batch), 3.0),
+      "train_step": (lambda: exp.train_step.lower(exp.state, exp.frozen, batch), 3.0,
+                     state_bytes + _per_device_bytes(batch)),
       "sampler": (lambda: predictor.lower(sampler_exp.state.params, sampler_exp.frozen,
-                                          eval_specs["image"],
-                                          eval_specs["task"], key), 1.0),
+                                          eval_specs["image"], eval_specs["task"], key), 1.0,
+                  _per_device_bytes((sampler_exp.state.params, sampler_exp.frozen,
+                                     eval_specs["image"]))),
   }
   with jax.set_mesh(mesh):
-    programs = [_compile(name, *lowerings[name], hbm, n)
-                for name in (programs or lowerings)]
+    programs = [_compile(name, lower, multiplier, hbm, n, argument_bytes)
+                for name in (programs or lowerings)
+                for lower, multiplier, argument_bytes in [lowerings[name]]]
   mesh_shape = dict(mesh.shape)
   return Report(topology=topology, mesh_shape=mesh_shape, global_batch=int(config.batch_size),
                 eval_batch=eval_batch, programs=programs, largest=_largest_arrays(exp),
