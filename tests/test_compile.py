@@ -90,3 +90,18 @@ def test_compile_without_topology_is_a_user_error():
   proc = _compile("--config", "configs/tiny.py")
   assert proc.returncode == 2
   assert proc.stderr.strip().splitlines()[-1] == "error: compile needs --topology"
+
+
+def test_out_of_memory_names_the_batch_that_fits():
+  """The compiler's out-of-memory message (as libtpu words it) -> the per-device batch whose
+  share of those temporaries fits beside the train state."""
+  from configs import generalist_pixel128
+  config = generalist_pixel128.get_config()  # batch 256: 16 per chip of a v5e-16
+  train = aot.ProgramReport(
+      name="train_step", fits=False, argument_bytes=2**30,
+      error="RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+            "temporaries (28.38G) exceeds available HBM (15.75G).")
+  hints = aot.suggestions(config, [train], {"data": 1, "fsdp": 16, "tensor": 1},
+                          aot.CHIPS.get("v5e"))
+  # (16 GiB - 1 GiB) / 28.38 GiB x 16 = 8.5 -> 8 per device, 128 in all.
+  assert hints[0].startswith("config.batch_size=128 (per device 16 -> 8")
