@@ -21,11 +21,11 @@ __all__ = ["run"]
 
 def _ceilings(study: spec_lib.Study, out: Callable[[str], None]) -> dict:
   """The round-trip ceiling of each space the arms work in (identity for pixels, the VAE for
-  latents), on the first arm of that space's evaluation entries."""
+  latents), on the first arm's evaluation entries."""
   from dense_diffusion.experiment import model as model_lib  # pylint: disable=g-import-not-at-top
   from dense_diffusion.studies import ceiling  # pylint: disable=g-import-not-at-top
   from dense_diffusion.studies import runner  # pylint: disable=g-import-not-at-top
-  found = {}
+  spaces = {}  # ceiling name -> (the autoencoder's maker, the config whose entries it reads)
   for arm in study.arms:
     config = runner.arm_config(arm)
     vae = dict(config.model.get("vae") or {})
@@ -36,13 +36,15 @@ def _ceilings(study: spec_lib.Study, out: Callable[[str], None]) -> dict:
       make = lambda c=config: ceiling.vae_round_trip(model_lib.build_vae(c.model))
     else:
       name, make = "ceiling: pixels", lambda: ceiling.identity
-    if name in found:
-      continue
-    out(f"measuring the {name} round trip")
-    entries = config.eval.get("entries") or config.input.entries
-    found[name] = ceiling.measure(entries, make(), data_dir=config.input.get("data_dir"),
-                                  max_examples=config.eval.get("max_examples"))
-  return found
+    spaces.setdefault(name, (make, config))
+  if not spaces:
+    return {}
+  config = next(iter(spaces.values()))[1]
+  out(f"measuring the round trip of {', '.join(spaces)}")
+  return ceiling.measure(config.eval.get("entries") or config.input.entries,
+                         {name: make() for name, (make, _) in spaces.items()},
+                         data_dir=config.input.get("data_dir"),
+                         max_examples=config.eval.get("max_examples"))
 
 
 def _train_vae(study: spec_lib.Study, overrides: dict, out: Callable[[str], None]) -> None:

@@ -8,7 +8,7 @@ working in those latents can do better than the VAE lets it (the generalist pape
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional
 
 import numpy as np
 
@@ -49,26 +49,31 @@ def _batches(items: Iterable, size: int, limit: Optional[int]):
     yield batch
 
 
-def measure(entries: Iterable[dict], autoencoder: Autoencoder, *, data_dir: Optional[str] = None,
-            max_examples: Optional[int] = None, batch_size: int = 8) -> dict:
-  """{task: the task's evaluator result (headline, baseline) on the round-tripped truths} for
-  every entry's evaluation split (its first `max_examples` examples)."""
+def measure(entries: Iterable[dict], autoencoders: Mapping[str, Autoencoder], *,
+            data_dir: Optional[str] = None, max_examples: Optional[int] = None,
+            batch_size: int = 8) -> dict:
+  """{autoencoder name: {task: the task's evaluator result (headline, baseline)}} on the
+  round-tripped truths of every entry's evaluation split (its first `max_examples` examples);
+  each split is read once for all the autoencoders."""
   from dense_diffusion.datasets import eval_tfds  # pylint: disable=g-import-not-at-top
   from dense_diffusion.experiment import config as config_lib  # pylint: disable=g-import-not-at-top
   entries = [dict(e) for e in entries]
-  results = {}
+  results = {name: {} for name in autoencoders}
   for entry, task in zip(entries, config_lib.entry_tasks(entries)):
-    evaluator = task.evaluator()
+    evaluators = {name: task.evaluator() for name in autoencoders}
     seen = 0
     examples = eval_tfds.examples(entry, task, data_dir=data_dir)
     for chunk in _batches(examples, batch_size, max_examples):
       encoded = np.stack([task.encode(ex.truth) for ex in chunk])
-      back = np.clip(np.asarray(autoencoder(encoded), np.float32), -1.0, 1.0)
-      answers = task.decode(back)
       truths = [ex.truth for ex in chunk]
       inputs = [ex.image.astype(np.float32) / 127.5 - 1.0 for ex in chunk]
-      evaluator.update([task.resize(a, *task.answer_size(gt)) for a, gt in zip(answers, truths)],
-                       truths, inputs)
+      for name, autoencoder in autoencoders.items():
+        back = np.clip(np.asarray(autoencoder(encoded), np.float32), -1.0, 1.0)
+        answers = task.decode(back)
+        evaluators[name].update(
+            [task.resize(a, *task.answer_size(gt)) for a, gt in zip(answers, truths)],
+            truths, inputs)
       seen += len(chunk)
-    results[task.name] = {**evaluator.result(), "num_examples": seen, **headline(task)}
+    for name, evaluator in evaluators.items():
+      results[name][task.name] = {**evaluator.result(), "num_examples": seen, **headline(task)}
   return results

@@ -110,10 +110,9 @@ def train(config: Any, workdir: str, out=print) -> dict:
   nnx.update(vae, params)
   command.save_params(vae, {**vae_config(config), "scaling_factor": scale}, workdir)
   out(f"wrote the VAE to {workdir} (config.json + params, as `main convert` writes)")
-  result = {}
-  for name, autoencoder in (("pixels", ceiling.identity), ("vae", ceiling.vae_round_trip(vae))):
-    result[name] = ceiling.measure(entries, autoencoder, data_dir=data_dir,
-                                   max_examples=int(config.ceiling_examples))
+  result = ceiling.measure(
+      entries, {"pixels": ceiling.identity, "vae": ceiling.vae_round_trip(vae)},
+      data_dir=data_dir, max_examples=int(config.ceiling_examples))
   with open(os.path.join(workdir, CEILING_FILE), "w", encoding="utf-8") as f:
     json.dump(result, f, indent=2, sort_keys=True, default=float)
   out(format_ceiling(result))
