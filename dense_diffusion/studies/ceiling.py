@@ -77,3 +77,35 @@ def measure(entries: Iterable[dict], autoencoders: Mapping[str, Autoencoder], *,
     for name, evaluator in evaluators.items():
       results[name][task.name] = {**evaluator.result(), "num_examples": seen, **headline(task)}
   return results
+
+
+def main(argv=None) -> int:
+  """`python -m dense_diffusion.studies.ceiling --vae DIR`: any diffusers AutoencoderKL folder
+  (or pipeline folder, or one `main convert` / `main train-vae` wrote) on synthetic_scenes."""
+  import argparse  # pylint: disable=g-import-not-at-top
+  import json  # pylint: disable=g-import-not-at-top
+  from dense_diffusion.datasets import readers  # pylint: disable=g-import-not-at-top
+  from dense_diffusion.studies import vae_training  # pylint: disable=g-import-not-at-top
+  parser = argparse.ArgumentParser(prog="python -m dense_diffusion.studies.ceiling")
+  parser.add_argument("--vae", required=True, help="a diffusers AutoencoderKL / pipeline folder")
+  parser.add_argument("--data", default="res32", help="synthetic_scenes builder config")
+  parser.add_argument("--data_dir", default=None, help="TFDS data_dir")
+  parser.add_argument("--max_examples", type=int, default=64, help="scenes per task")
+  parser.add_argument("--output", default=None, help="write the result as JSON here too")
+  args = parser.parse_args(argv)
+  entries = readers.synthetic_mixture(readers.SYNTHETIC_TASKS, config=args.data)
+  from dense_diffusion.datasets import prepare  # pylint: disable=g-import-not-at-top
+  prepare.ensure_prepared(entries, args.data_dir)
+  result = measure(entries, {"pixels": identity,
+                             "vae": vae_round_trip(vae_training.load(args.vae))},
+                   data_dir=args.data_dir, max_examples=args.max_examples)
+  print(vae_training.format_ceiling(result))
+  if args.output:
+    with open(args.output, "w", encoding="utf-8") as f:
+      json.dump(result, f, indent=2, sort_keys=True, default=float)
+  return 0
+
+
+if __name__ == "__main__":
+  import sys  # pylint: disable=g-import-not-at-top
+  sys.exit(main())
