@@ -278,12 +278,14 @@ def test_generalist_pixel128_config():
                                       ("marigold", "latent=0"), ("marigold", "real=1")])
 def test_mode_configs(name, arg):
   import importlib
+  from dense_diffusion.models import lora
   config = importlib.import_module(f"configs.{name}").get_config(arg)
   _check_consistent(config)
   if name == "dmp":
     assert config.diffusion.prediction_type == "v_prediction"
     assert config.schedule.kind == "scaled_linear" and config.diffusion.num_inference_steps == 5
-    assert dict(config.model.lora) == {"rank": 4, "alpha": 4.0}
+    assert dict(config.model.lora) == {"rank": 4, "alpha": 4.0, "pattern": lora.DEFAULT_PATTERN}
+    assert tuple(config.model.trainable) == ("lora", "fresh")  # adapters + the new parts.
   if name == "onestep":
     assert config.diffusion.mode == "onestep"
   if name == "marigold":
