@@ -152,7 +152,8 @@ def _eval(_) -> int | None:
     _maybe_distributed()
     evaluate.evaluate_latest(FLAGS.config, FLAGS.workdir)
     return 0
-  evaluate.run_protocol(
+  from dense_diffusion import protocol_eval
+  protocol_eval.run_protocol(
       FLAGS.protocol, workdir=FLAGS.workdir, pretrained=FLAGS.pretrained, dataset=FLAGS.dataset,
       output=FLAGS.output, alignment=FLAGS.alignment, split=FLAGS.split,
       filename_list=FLAGS.filename_list, depth_scale=FLAGS.depth_scale,

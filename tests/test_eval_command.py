@@ -13,9 +13,9 @@ import pytest
 from PIL import Image
 
 from dense_diffusion import errors
-from dense_diffusion import evaluate
 from dense_diffusion import main as cli
 from dense_diffusion import metrics
+from dense_diffusion import protocol_eval
 from dense_diffusion import tasks as tasks_lib
 from dense_diffusion.datasets import eval_folder
 from dense_diffusion.datasets import eval_tfds
@@ -125,12 +125,12 @@ def test_an_oracle_disparity_scores_perfectly_only_with_disparity_alignment(moto
   oracle = _Oracle({gt.shape: disparity})
   proto = metrics.protocol("scannet")
   logs = []
-  good = evaluate.evaluate_protocol(oracle, task, proto, examples, tmp_path / "a",
+  good = protocol_eval.evaluate_protocol(oracle, task, proto, examples, tmp_path / "a",
                                     options={"alignment": "scale_shift_disparity"},
                                     log=logs.append)
   assert good["metrics"]["abs_rel"] < 1e-5 and good["metrics"]["delta1"] == 1.0
   # Aligned as depth (the protocol's default), a disparity map is far off: the reference fit.
-  bad = evaluate.evaluate_protocol(oracle, task, proto, examples, tmp_path / "b",
+  bad = protocol_eval.evaluate_protocol(oracle, task, proto, examples, tmp_path / "b",
                                    log=logs.append)
   valid = (gt > 1e-3) & (gt < 10.0)
   a = np.stack([disparity[valid], np.ones(valid.sum())], 1).astype(np.float64)
