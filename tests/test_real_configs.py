@@ -103,7 +103,7 @@ def _shrunk(name, folder, data_dir):
   c.model.pretrained_unet = str(folder)
   c.model.text_encoder = str(folder)
   c.model.dtype = "float32"  # bf16 is for accelerators; the CPU runs it slowly.
-  c.model.remat = False
+  assert c.model.remat  # kept: training recomputes the blocks, the sampler runs them plainly.
   if c.model.get("image_encoder"):
     c.model.image_encoder = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                                  num_attention_heads=2, image_size=16, patch_size=8)

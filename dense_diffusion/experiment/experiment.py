@@ -30,6 +30,7 @@ from dense_diffusion.diffusion import schedules
 from dense_diffusion.experiment import config as config_lib
 from dense_diffusion.experiment import model as model_lib
 from dense_diffusion.experiment import trainable as trainable_lib
+from dense_diffusion.models import unet as unet_lib
 from dense_diffusion.paradigms import spaces
 
 # Keys of a training batch and their ranks (all sharded over the batch axes).
@@ -171,7 +172,13 @@ class Experiment:
     graphdef, paradigm = self.graphdef, self.paradigm
 
     def predict(params, frozen, image, task, key):
-      return paradigm.predict(nnx.merge(graphdef, params, frozen), image, task, key)
+      model = nnx.merge(graphdef, params, frozen)
+      # Inference has no backward pass to save memory for: the blocks run plainly (remat would
+      # only add work).
+      for _, node in nnx.iter_graph(model):
+        if isinstance(node, unet_lib.UNet):
+          node.remat = False
+      return paradigm.predict(model, image, task, key)
 
     sh = self.batch_shardings
     return jax.jit(predict, in_shardings=(self.state_shardings.params, self.frozen_shardings,

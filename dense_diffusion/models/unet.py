@@ -592,7 +592,14 @@ class UNet(nnx.Module):
   def _call_block(self, block, *args, **kwargs):
     if not self.remat:
       return block(*args, **kwargs)
-    return nnx.remat(lambda blk, *a: blk(*a, **kwargs))(block, *args)
+    # jax.checkpoint on the block's state, functionally: the blocks change no state in a call,
+    # and `nnx.remat`'s write-back of that state fails under an outer transform that traces the
+    # parameters (value_and_grad over LoRA adapters, the sampler's scan).
+    graphdef, state = nnx.split(block)
+
+    def run(state, *a):
+      return nnx.merge(graphdef, state)(*a, **kwargs)
+    return jax.checkpoint(run)(state, *args)
 
   def __call__(self, sample: jax.Array, timesteps, encoder_hidden_states: jax.Array, *,
                class_labels: Optional[jax.Array] = None, return_features: bool = False,
