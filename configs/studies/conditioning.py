@@ -5,15 +5,12 @@ and without the class label (the task as learned tokens alone); depth, normals, 
 
     python -m dense_diffusion.main study --study conditioning --workdir runs/studies
 """
+from dense_diffusion.studies import spec
+
 CONFIG = "configs/study.py"
 CONFIG_ARG = "tasks=depth+normals+semantic"
 NAME = "conditioning"
-SCALES = {
-    "cpu": dict(steps=400),
-    "accelerator": dict(steps=20000, arg="res=64",
-                        overrides={"batch_size": 64, "eval.max_examples": 256,
-                                   "eval.batch_size": 64}),
-}
+SCALES = spec.STANDARD_SCALES  # the shared CPU and accelerator budgets.
 
 
 def get_sweep():

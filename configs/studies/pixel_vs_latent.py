@@ -6,17 +6,13 @@ VAE's compression hurts segmentation. Depth, normals, semantic, denoising.
     python -m dense_diffusion.main study --study pixel_vs_latent --workdir runs/studies
 """
 from dense_diffusion.launch.sweep import sweep
+from dense_diffusion.studies import spec
 
 CONFIG = "configs/study.py"
 CONFIG_ARG = "arm=generalist,tasks=depth+normals+semantic+denoise,vae={vae}"
 NAME = "pixel_vs_latent"
 VAE = "configs/synthetic_vae.py"  # trained once into <root>/pixel_vs_latent/vae.
-SCALES = {
-    "cpu": dict(steps=400),
-    "accelerator": dict(steps=20000, arg="res=64",
-                        overrides={"batch_size": 64, "eval.max_examples": 256,
-                                   "eval.batch_size": 64}),
-}
+SCALES = spec.STANDARD_SCALES  # the shared CPU and accelerator budgets.
 
 
 def get_sweep():

@@ -6,17 +6,13 @@ semantic. Arms that differ only in EVAL_KEYS share the first one's training.
 """
 from dense_diffusion.launch.sweep import chain
 from dense_diffusion.launch.sweep import sweep
+from dense_diffusion.studies import spec
 
 CONFIG = "configs/study.py"
 CONFIG_ARG = "arm=generalist,tasks=depth+normals+semantic"
 NAME = "steps"
 EVAL_KEYS = ("diffusion.num_inference_steps", "diffusion.ensemble_size")
-SCALES = {
-    "cpu": dict(steps=400),
-    "accelerator": dict(steps=20000, arg="res=64",
-                        overrides={"batch_size": 64, "eval.max_examples": 256,
-                                   "eval.batch_size": 64}),
-}
+SCALES = spec.STANDARD_SCALES  # the shared CPU and accelerator budgets.
 
 
 def get_sweep():

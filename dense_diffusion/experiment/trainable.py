@@ -196,7 +196,8 @@ def select(model: nnx.Module, model_config: Any, provenance: Provenance) -> Trai
   lora = model_config.get("lora")
   trainable = _selectors(model_config.get("trainable"), "trainable") or (
       ["lora", "fresh"] if lora else ["all"])
-  frozen = default_frozen(model_config) + _selectors(model_config.get("frozen"), "frozen")
+  always_frozen = default_frozen(model_config)
+  frozen = always_frozen + _selectors(model_config.get("frozen"), "frozen")
   flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
   infos = []
   for path, var in flat:
@@ -207,7 +208,7 @@ def select(model: nnx.Module, model_config: Any, provenance: Provenance) -> Trai
   # A selector that names no parameter is a typo (or a module this model does not have).
   for key, selectors in (("trainable", trainable), ("frozen", frozen)):
     for s in selectors:
-      if s in KEYWORDS or s in default_frozen(model_config):
+      if s in KEYWORDS or s in always_frozen:
         continue
       if not any(_selector_matches(s, p) for p in infos):
         modules = sorted({p.module for p in infos})

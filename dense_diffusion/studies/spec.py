@@ -84,6 +84,16 @@ class Study:
   vae_dir: Optional[str] = None  # where it goes.
 
 
+# The budgets the shipped studies offer as their SCALES (`main study --scale NAME`): steps per
+# arm, and for the accelerator a larger image, batch and evaluation set.
+STANDARD_SCALES = {
+    "cpu": dict(steps=400),
+    "accelerator": dict(steps=20000, arg="res=64",
+                        overrides={"batch_size": 64, "eval.max_examples": 256,
+                                   "eval.batch_size": 64}),
+}
+
+
 def resolve(study: str) -> str:
   """A study name (configs/studies/NAME.py) or a study file's path -> the file's path."""
   if os.path.isfile(study):
