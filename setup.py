@@ -52,6 +52,8 @@ setup(
             "nbclient>=0.10",  # tests/test_notebook.py executes notebooks/demo.ipynb headless
             "nbformat>=5.10",
             "ipykernel>=6.29",
+            # tests/test_compile.py compiles a tiny run for a v5e slice (same pin as tpu-aot).
+            "libtpu==0.0.42.*",
         ],
         "gpu": ["jax[cuda12]>=0.8"],
         "tpu": ["jax[tpu]>=0.8"],

@@ -46,6 +46,8 @@ def get_config(arg=None):
   # 9.9 min measured while the VM was busy (1.3-1.9 steps/s; docs/benchmarks.md).
   c.total_steps = 800
   c.batch_size = 16  # global batch, split over the mesh's ("data", "fsdp") axes.
+  # Microbatches per step (gradients summed in a scan): activation memory / N, same update.
+  c.grad_accum_steps = 1
 
   c.input = ml_collections.ConfigDict()
   c.input.data_dir = config_dict.placeholder(str)  # TFDS data_dir (None: TFDS's default, ~/tensorflow_datasets).
@@ -89,7 +91,11 @@ def get_config(arg=None):
   c.model.image_encoder_options = dict(trainable=True, tokens="patch")
   c.model.pretrained_image_encoder = config_dict.placeholder(str)  # CLIPVisionModel folder.
   c.model.dtype = "float32"  # compute dtype; "bfloat16" on accelerators.
-  c.model.remat = False  # recompute UNet blocks in the backward pass (saves memory).
+  # What UNet blocks keep for the backward pass: False (everything), True (inputs only:
+  # recompute the rest), "save_attention", "save_dots" (models/unet.py REMAT_POLICIES).
+  c.model.remat = False
+  # Attention formulation per platform and splash kernel blocks (models/attention.py Options).
+  c.model.attention = {}
   c.model.lora = None  # e.g. dict(rank=4, alpha=4.0, pattern=...) adapters (see trainable).
   # What trains (docs/training.md, "What trains"): selectors "all", "lora", "fresh" (no
   # pretrained value), "pretrained", a module path ("unet", "unet/conv_in") or "re:<regex>".

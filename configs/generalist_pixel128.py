@@ -12,7 +12,7 @@ the task prompts (cached once) + CLIP image-encoder tokens of the condition imag
 low-light (LOL); DDIM sampling; bf16 compute with float32 parameters; remat; FSDP mesh.
 Data: data/README.md says how to prepare each TFDS dataset.
 
-`arg`: `res=128` (image size), `batch=256` (global batch).
+`arg`: `res=128` (image size), `batch=256` (global batch), `accum=1` (microbatches per step).
 """
 import ml_collections
 from ml_collections import config_dict
@@ -34,13 +34,15 @@ def mixture(res: int) -> list:
 
 
 def get_config(arg=None):
-  arg = demo.parse_arg(arg, res=128, batch=256)
+  arg = demo.parse_arg(arg, res=128, batch=256, accum=1)
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.imports = ()  # modules registering tasks / paradigms outside the package.
   c.tasks = TASKS
   c.total_steps = 100_000  # optimizer steps.
   c.batch_size = arg.batch  # global batch, split over the mesh's ("data", "fsdp") axes.
+  # Microbatches per step (gradients summed in a scan): activation memory / N, same update.
+  c.grad_accum_steps = arg.accum
 
   c.input = ml_collections.ConfigDict()
   c.input.data_dir = config_dict.placeholder(str)  # TFDS data_dir with the prepared datasets.
@@ -76,7 +78,9 @@ def get_config(arg=None):
   c.model.image_encoder_options = dict(trainable=False, tokens="all", layer=-2)  # frozen tower.
   c.model.pretrained_image_encoder = config_dict.placeholder(str)  # CLIPVisionModel folder.
   c.model.dtype = "bfloat16"  # compute dtype; parameters stay float32.
-  c.model.remat = True  # recompute UNet blocks in the backward pass.
+  c.model.remat = True  # recompute UNet blocks in the backward pass (or a policy name, demo.py).
+  # Attention per platform: splash on TPU, cuDNN on GPU (models/attention.py Options).
+  c.model.attention = {}
   c.model.lora = None  # full fine-tuning.
   # What trains (docs/training.md, "What trains"): selectors "all", "lora", "fresh" (no
   # pretrained value), "pretrained", a module path ("unet", "unet/conv_in") or "re:<regex>".

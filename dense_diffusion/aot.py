@@ -146,7 +146,6 @@ def _compile(name: str, lower_fn, kernel_multiplier: float, hbm_bytes: int,
   report with `fits=False`, the compiler's message and `argument_bytes` (computed from the
   inputs' shardings)."""
   import jax  # pylint: disable=g-import-not-at-top
-  from dense_diffusion.models import attention  # pylint: disable=g-import-not-at-top
   start = time.perf_counter()
   with attention.count_kernel_flops() as tally:
     lowered = lower_fn()
@@ -242,25 +241,30 @@ def suggestions(config: Any, report_programs: Sequence[ProgramReport], mesh_shap
   out = []
   shards = mesh_shape["data"] * mesh_shape["fsdp"]
   per_device = int(config.batch_size) // max(shards, 1)
+  micro = per_device // int(config.get("grad_accum_steps", 1))  # rows per device per pass.
   train = next((p for p in report_programs if p.name == "train_step"), None)
   state_bound = (train is not None and train.temp_bytes is None and train.argument_bytes
                  and train.argument_bytes > chip.hbm_bytes)  # activations are not the problem.
-  if per_device > 1 and not state_bound:
-    target = per_device // 2
+  if micro > 1 and not state_bound:
+    target = micro // 2
     needed = _needed_temp_bytes(train)
     if needed and train.argument_bytes is not None:
-      # Temporaries scale about linearly with the per-device batch: the largest power of two
-      # whose share of them fits beside the train state.
+      # Temporaries scale about linearly with the rows per device per pass: the largest power
+      # of two whose share of them fits beside the train state.
       room = chip.hbm_bytes - train.argument_bytes
-      fit = per_device * room / needed
+      fit = micro * room / needed
       target = 2**int(math.log2(fit)) if fit >= 1 else 0
     if target >= 1:
-      out.append(f"config.batch_size={target * shards} (per device {per_device} -> {target}; "
-                 "estimated from the temporaries it needed at this batch)")
+      out.append(f"config.grad_accum_steps={per_device // target} (the same global batch in "
+                 f"microbatches of {target} per device; estimated from the temporaries it "
+                 f"needed at {micro}), or config.batch_size={target * shards} (per device "
+                 f"{per_device} -> {target})")
     else:
       out.append("config.batch_size: even one example per device does not fit beside the state")
-  if not config.model.get("remat") and not state_bound:
+  if config.model.get("remat") in (None, False, "none") and not state_bound:
     out.append("config.model.remat=True (recompute block activations in the backward pass)")
+  elif config.model.get("remat") not in (True, "full") and not state_bound:
+    out.append("config.model.remat='full' (save only each block's inputs for the backward pass)")
   if mesh_shape["data"] > 1 and mesh_shape["fsdp"] == 1:
     out.append("config.mesh.fsdp=-1 with config.mesh.data=1 (shard parameters, gradients and "
                "optimizer state over the devices instead of replicating them)")
@@ -296,8 +300,12 @@ def compile_run(config: Any, topology_name: str, attention_overrides: Optional[d
   topology = parse_topology(topology_name)
   devices = topology_devices(topology)
   mesh = sharding.make_mesh(dict(config.mesh), devices=devices)
-  attention.configure(config.model.get("attention"), **(attention_overrides or {}))
-  exp = experiment.Experiment(config, mesh=mesh, abstract=True)
+  if attention_overrides:
+    config = copy.deepcopy(config)
+    with config.unlocked():
+      config.model.attention = {**dict(config.model.get("attention") or {}),
+                                **attention_overrides}
+  exp = experiment.Experiment(config, mesh=mesh, abstract=True)  # configures the attention.
   res = int(config.model.unet["sample_size"])
   batch = _batch_specs(exp, int(config.batch_size), res, res)
   eval_batch = int(config.eval.get("batch_size") or config.batch_size)
@@ -318,14 +326,7 @@ def compile_run(config: Any, topology_name: str, attention_overrides: Optional[d
     return Report(topology=topology, mesh_shape=mesh_shape, global_batch=int(config.batch_size),
                   eval_batch=eval_batch, programs=programs, largest=_largest_arrays(exp),
                   suggestions=suggestions(config, programs, mesh_shape, topology.chip))
-  sampler_exp = exp
-  if config.model.get("remat") and "sampler" in (programs or ("sampler",)):
-    # Inference has no backward pass to recompute for, and a remat'd UNet inside the sampler's
-    # scan does not trace (flax TraceContextError): the sampler is built without remat.
-    sampler_config = copy.deepcopy(config)
-    with sampler_config.unlocked():
-      sampler_config.model.remat = False
-    sampler_exp = experiment.Experiment(sampler_config, mesh=mesh, abstract=True)
+  sampler_exp = exp  # make_predictor runs the blocks without remat.
   predictor = sampler_exp.make_predictor()
   lowerings = {
       # Kernel FLOPs of the train step: forward + backward = 3x the forward's.

@@ -103,5 +103,15 @@ def test_out_of_memory_names_the_batch_that_fits():
             "temporaries (28.38G) exceeds available HBM (15.75G).")
   hints = aot.suggestions(config, [train], {"data": 1, "fsdp": 16, "tensor": 1},
                           aot.CHIPS.get("v5e"))
-  # (16 GiB - 1 GiB) / 28.38 GiB x 16 = 8.5 -> 8 per device, 128 in all.
-  assert hints[0].startswith("config.batch_size=128 (per device 16 -> 8")
+  # (16 GiB - 1 GiB) / 28.38 GiB x 16 = 8.5 -> 8 per device: 2 microbatches, or 128 in all.
+  assert hints[0].startswith("config.grad_accum_steps=2 (the same global batch in "
+                             "microbatches of 8 per device"), hints
+  assert "config.batch_size=128 (per device 16 -> 8)" in hints[0], hints
+  # Already accumulating: the temporaries were needed for 4 rows a pass (16 per device / 4).
+  with config.unlocked():
+    config.grad_accum_steps = 4
+  hints = aot.suggestions(config, [train], {"data": 1, "fsdp": 16, "tensor": 1},
+                          aot.CHIPS.get("v5e"))
+  # (15 / 28.38) x 4 = 2.1 -> 2 rows a pass: 8 microbatches.
+  assert hints[0].startswith("config.grad_accum_steps=8 (the same global batch in "
+                             "microbatches of 2 per device"), hints

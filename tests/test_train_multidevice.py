@@ -64,9 +64,28 @@ SCRIPT = textwrap.dedent("""
     out["max_param_change"] = max(float(np.max(np.abs(a - b))) for a, b in zip(
         jax.tree.leaves(params_single), jax.tree.leaves(params_init)))
 
+    # Gradient accumulation on the mesh: 2 microbatches of 1 row per batch shard against one
+    # pass over the 16 rows. The one-step paradigm draws no noise, so both see the same loss.
+    batch16 = {k: np.concatenate([batches[0][k], batches[1][k]]) for k in batches[0]}
+    accum = {}
+    for n in (1, 2):
+      c = tiny.get_config()
+      c.mesh = dict(data=2, fsdp=4, tensor=1)
+      c.batch_size = 16
+      c.grad_accum_steps = n
+      c.diffusion.update(mode="onestep", prediction_type="sample", loss_space="prediction",
+                         timestep=None, num_inference_steps=1, weighting="none")
+      exp = experiment.Experiment(c)
+      with jax.set_mesh(exp.mesh):
+        _, m = exp.train_step(exp.state, exp.frozen, exp.device_batch(batch16))
+      accum[n] = {k: np.asarray(m[k]).tolist() for k in ("loss", "grad_norm", "task_count",
+                                                          "task_loss_sum")}
+    out["accum"] = accum
+
     errors = {}
     for name, overrides in {"mesh": dict(mesh=dict(data=3, fsdp=4, tensor=1)),
-                            "batch": dict(batch_size=6)}.items():
+                            "batch": dict(batch_size=6),
+                            "accum": dict(batch_size=16, grad_accum_steps=3)}.items():
       bad = tiny.get_config()
       bad.mesh = dict(data=2, fsdp=4, tensor=1)
       bad.update(overrides)
@@ -124,3 +143,13 @@ def test_bad_mesh_and_batch_fail_with_advice(result):
   assert result["errors"]["batch"] is not None
   assert "config.batch_size" in result["errors"]["batch"]
   assert "multiple of 8" in result["errors"]["batch"]
+  assert "grad_accum_steps=3" in result["errors"]["accum"]
+  assert "divisor of 2" in result["errors"]["accum"]
+
+
+def test_gradient_accumulation_equals_one_pass(result):
+  one, two = result["accum"]["1"], result["accum"]["2"]
+  np.testing.assert_allclose(two["loss"], one["loss"], rtol=1e-5)
+  np.testing.assert_allclose(two["grad_norm"], one["grad_norm"], rtol=1e-4)
+  np.testing.assert_allclose(two["task_loss_sum"], one["task_loss_sum"], rtol=1e-5)
+  assert two["task_count"] == one["task_count"] and sum(one["task_count"]) == 16

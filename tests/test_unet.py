@@ -123,10 +123,11 @@ def test_parity_sd1_with_decoder_features(sd1):
     np.testing.assert_allclose(np.asarray(f), c.permute(0, 2, 3, 1).numpy(), atol=1e-4, rtol=0)
 
 
-def test_remat_gradients_match_torch(sd1):
+@pytest.mark.parametrize("remat", [True, "save_attention", "save_dots"])
+def test_remat_gradients_match_torch(sd1, remat):
   model, path = sd1
   x, t, ctx = _inputs(SD1)
-  ours = load_diffusers_unet(path, remat=True)
+  ours = load_diffusers_unet(path, remat=remat)
 
   def loss(m):
     return jnp.mean(m(x, t, ctx) ** 2)

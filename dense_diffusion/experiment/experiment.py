@@ -30,6 +30,7 @@ from dense_diffusion.diffusion import schedules
 from dense_diffusion.experiment import config as config_lib
 from dense_diffusion.experiment import model as model_lib
 from dense_diffusion.experiment import trainable as trainable_lib
+from dense_diffusion.models import attention
 from dense_diffusion.models import unet as unet_lib
 from dense_diffusion.paradigms import spaces
 
@@ -70,6 +71,20 @@ def make_schedule(config: Any) -> schedules.Schedule:
                         rescale_betas_zero_snr=bool(s.get("rescale_betas_zero_snr", False)))
 
 
+def check_grad_accum(config: Any, mesh: jax.sharding.Mesh) -> int:
+  """`config.grad_accum_steps` (default 1), checked against the batch: every microbatch must
+  hold the same number of rows on every batch shard."""
+  n = int(config.get("grad_accum_steps", 1))
+  shards = int(np.prod([mesh.shape[a] for a in sharding.BATCH_AXES]))
+  per_shard = int(config.batch_size) // shards
+  if n < 1 or per_shard % n:
+    raise errors.ConfigError(
+        f"grad_accum_steps={n} must be >= 1 and divide the batch per data shard "
+        f"(batch_size {int(config.batch_size)} / {shards} shards = {per_shard}): choose a "
+        f"divisor of {per_shard}")
+  return n
+
+
 class Experiment:
   """A run built from its config: tasks, paradigm, model graph, state, shardings, step functions.
 
@@ -86,12 +101,15 @@ class Experiment:
                abstract: bool = False):
     config_lib.check(config)
     self.config = config
+    # Which attention formulation and kernel blocks (read when the model is traced).
+    attention.configure(config.model.get("attention"))
     self.tasks = config_lib.task_objects(config)  # the model's tasks, in task-index order
     self.task_names = [t.name for t in self.tasks]
     self.task_loss_weights = config_lib.task_loss_weights(config, self.task_names)
     self.mesh = mesh or sharding.make_mesh(dict(config.mesh))
     self.rules = sharding.ShardingRules.from_config(config.get("sharding"))
     self.per_host_batch = sharding.check_global_batch(int(config.batch_size), self.mesh)
+    self.grad_accum_steps = check_grad_accum(config, self.mesh)
     self.diffusion = paradigms.make_config(dict(config.diffusion))
     if config.model.get("input_residual") and self.diffusion.prediction_type != "sample":
       raise errors.ConfigError(
@@ -199,10 +217,42 @@ class Experiment:
     task_weight = jnp.take(jnp.asarray(self.task_loss_weights), batch["task"])
     return jnp.mean(per_example * task_weight), (task_sum, task_count)
 
+  def _gradients(self, params, frozen, batch, key):
+    """(loss, (task sums, task counts)), grads of one step's batch.
+
+    With `grad_accum_steps` = n > 1 the batch is split into n microbatches that a `lax.scan`
+    runs one after another, summing their gradients: activations of one microbatch live at a
+    time, and the step equals one over the whole batch (the mean of equal-sized microbatches'
+    means; each microbatch draws its own noise, from the step's key folded with its index).
+    """
+    grad_fn = jax.value_and_grad(self.loss, has_aux=True)
+    n = self.grad_accum_steps
+    if n == 1:
+      return grad_fn(params, frozen, batch, key)
+    batch_axes = sharding.BATCH_AXES
+
+    def split(x):  # [B, ...] -> [n, B/n, ...], microbatch j = rows j, j+n, ... (each device's
+      # rows stay on it: B/n rows per microbatch, evenly from every batch shard).
+      x = x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1)
+      return jax.lax.with_sharding_constraint(
+          x, jax.sharding.PartitionSpec(None, batch_axes, *([None] * (x.ndim - 2))))
+
+    micro = jax.tree.map(split, batch)
+
+    def one(carry, xs):
+      index, microbatch = xs
+      (loss, aux), grads = grad_fn(params, frozen, microbatch, jax.random.fold_in(key, index))
+      return jax.tree.map(jnp.add, carry, ((loss, aux), grads)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
+        grad_fn, params, frozen, jax.tree.map(lambda x: x[0], micro), key))
+    total, _ = jax.lax.scan(one, zeros, (jnp.arange(n), micro))
+    (loss, aux), grads = total
+    return (loss / n, aux), jax.tree.map(lambda g: g / n, grads)
+
   def _train_step(self, state: TrainState, frozen, batch):
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    (loss, (task_sum, task_count)), grads = jax.value_and_grad(self.loss, has_aux=True)(
-        state.params, frozen, batch, key)
+    (loss, (task_sum, task_count)), grads = self._gradients(state.params, frozen, batch, key)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)

@@ -148,7 +148,7 @@ def build_model(model_config: Any, task_objects: Sequence[tasks_lib.Task], *,
     unet = unet_convert.load_diffusers_unet(
         model_config.pretrained_unet, input_widening=model_config.get("input_widening",
                                                                       "copy_scale"),
-        dtype=dtype, remat=bool(model_config.get("remat", False)), seed=seed, **overrides)
+        dtype=dtype, remat=model_config.get("remat", False), seed=seed, **overrides)
   image_options = dict(model_config.get("image_encoder_options") or {})
   vision_config = None
   if model_config.get("image_encoder"):
@@ -160,7 +160,7 @@ def build_model(model_config: Any, task_objects: Sequence[tasks_lib.Task], *,
           model_config, prompts),
       num_task_tokens=int(model_config.get("num_task_tokens", 4)),
       input_residual_init=input_residual_init(model_config, task_objects), dtype=dtype,
-      remat=bool(model_config.get("remat", False)), rngs=rngs, unet=unet,
+      remat=model_config.get("remat", False), rngs=rngs, unet=unet,
       condition_channels=condition_channels)
   if vae is not None:
     setattr(model, VAE_PATH, vae)

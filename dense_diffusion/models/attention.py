@@ -33,12 +33,14 @@ from typing import Any, Callable, Iterator, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from dense_diffusion import errors
 from dense_diffusion import registry
 
 _HALF_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 _LANES = 128  # TPU vector lanes: the splash kernel's blocks are multiples of this.
+CHECKPOINT_NAME = "attention_out"  # the name of every attention output, for remat policies.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -392,7 +394,9 @@ def attention(
   impl = implementation or implementation_for(
       dtype, query.shape[1], masked=mask is not None or is_causal)
   out = IMPLEMENTATIONS.get(impl)(query, key, value, mask, is_causal, scale, _OPTIONS[0])
-  return out.astype(dtype)
+  # Named for remat policies: `model.remat="save_attention"` keeps this output from the forward
+  # pass and recomputes the rest of the block (models/unet.py REMAT_POLICIES).
+  return checkpoint_name(out.astype(dtype), CHECKPOINT_NAME)
 
 
 def attention_probs(query: jax.Array, key: jax.Array, *, scale: Optional[float] = None

@@ -54,7 +54,8 @@ class GeneralistModel(nnx.Module):
     num_task_tokens: tokens per task of the learned embedding.
     input_residual_init: per-task initial gate of the input residual (length num_tasks, e.g.
       1.0 for restoration tasks, 0.0 elsewhere), or None for no input residual.
-    dtype: compute dtype (None = float32; bfloat16 on accelerators). remat: per-block remat.
+    dtype: compute dtype (None = float32; bfloat16 on accelerators). remat: per-block remat
+      (UNet's `remat`: False, True or a policy name).
     condition_channels: channels of the condition concatenated to x_t (3: RGB; 4: a latent).
   """
 
@@ -63,7 +64,7 @@ class GeneralistModel(nnx.Module):
                image_encoder_options: Optional[Mapping[str, Any]] = None,
                prompt_embeddings: Optional[np.ndarray] = None, num_task_tokens: int = 4,
                input_residual_init: Optional[Sequence[float]] = None, dtype=None,
-               remat: bool = False, rngs: nnx.Rngs, unet: Optional[unet_lib.UNet] = None,
+               remat: bool | str = False, rngs: nnx.Rngs, unet: Optional[unet_lib.UNet] = None,
                condition_channels: int = 3):
     self.unet = unet if unet is not None else unet_lib.UNet(
         unet_config, dtype=dtype, remat=remat, rngs=rngs)

@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dense_diffusion import errors
+from dense_diffusion import registry
 from dense_diffusion.models import attention as attention_lib
 from dense_diffusion.models import layers
 
@@ -495,6 +497,33 @@ def timestep_embedding(timesteps: jax.Array, dim: int, *, flip_sin_to_cos: bool,
 # The UNet.
 
 
+# What a remat'd block saves from its forward pass (`model.remat`); each value makes a
+# `jax.checkpoint` policy. "full": only the block's inputs (least memory, one more forward of
+# everything); "save_attention": also every attention output (the backward pass then recomputes
+# the convolutions, norms and projections, not the attention: worth it where attention is the
+# slow part, at long sequences without a flash kernel); "save_dots": every matmul / conv
+# result without a batch dimension (XLA's dots_with_no_batch_dims_saveable).
+REMAT_POLICIES: registry.Registry[Callable[[], Optional[Callable]]] = registry.Registry(
+    "remat policy")
+REMAT_POLICIES.register("full")(lambda: None)
+REMAT_POLICIES.register("save_attention")(
+    lambda: jax.checkpoint_policies.save_only_these_names(attention_lib.CHECKPOINT_NAME))
+REMAT_POLICIES.register("save_dots")(
+    lambda: jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+
+
+def remat_policy_name(remat: bool | str | None) -> str:
+  """`model.remat` -> "none" or a name of REMAT_POLICIES (True = "full", False = "none")."""
+  if remat is None or remat is False:
+    return "none"
+  if remat is True:
+    return "full"
+  if remat == "none" or remat in REMAT_POLICIES:
+    return remat
+  raise errors.ConfigError(f"model.remat={remat!r}: use False, True, 'none' or one of "
+                           f"{REMAT_POLICIES.names()}")
+
+
 class UNet(nnx.Module):
   """diffusers `UNet2DConditionModel` in NHWC.
 
@@ -503,16 +532,18 @@ class UNet(nnx.Module):
     dtype: compute dtype (None / float32, or bfloat16). Norm statistics and the timestep
       embedding's sinusoids are float32; the output is float32.
     param_dtype: parameter dtype.
-    remat: recompute each down/mid/up block in the backward pass (`nnx.remat`).
+    remat: what each down/mid/up block keeps for the backward pass: False / "none" (every
+      activation), True / "full" (only the block's inputs: recompute the rest), or another
+      name of `REMAT_POLICIES` ("save_attention", "save_dots").
     rngs: parameter initialisation (and dropout) keys.
   """
 
   def __init__(self, config: Mapping[str, Any], *, dtype=None, param_dtype=jnp.float32,
-               remat: bool = False, rngs: nnx.Rngs):
+               remat: bool | str = False, rngs: nnx.Rngs):
     c = normalize_config(config)
     self.config = c
     self.dtype = dtype
-    self.remat = remat
+    self.remat = remat_policy_name(remat)
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     n = len(c["down_block_types"])
     channels = list(c["block_out_channels"])
@@ -590,7 +621,7 @@ class UNet(nnx.Module):
                                   padding=(k_out - 1) // 2, **kw)
 
   def _call_block(self, block, *args, **kwargs):
-    if not self.remat:
+    if self.remat in (False, "none"):  # False: set by inference (Experiment.make_predictor).
       return block(*args, **kwargs)
     # jax.checkpoint on the block's state, functionally: the blocks change no state in a call,
     # and `nnx.remat`'s write-back of that state fails under an outer transform that traces the
@@ -599,7 +630,7 @@ class UNet(nnx.Module):
 
     def run(state, *a):
       return nnx.merge(graphdef, state)(*a, **kwargs)
-    return jax.checkpoint(run)(state, *args)
+    return jax.checkpoint(run, policy=REMAT_POLICIES.get(self.remat)())(state, *args)
 
   def __call__(self, sample: jax.Array, timesteps, encoder_hidden_states: jax.Array, *,
                class_labels: Optional[jax.Array] = None, return_features: bool = False,
