@@ -230,6 +230,9 @@ class VPD(base.Paradigm):
                           for t, o in zip(self.tasks, outs)], axis=-1)
     return jnp.take_along_axis(per_task, batch["task"][:, None], axis=-1)[:, 0], {}
 
+  def sampler_loop_trips(self) -> int:
+    return 1  # one network pass, no loop.
+
   def predict(self, model, image, task, key):
     key = key if self.cfg.backbone_noise else None
     outs = self._head_outputs(model, image, task, key)

@@ -208,6 +208,11 @@ class Paradigm:
     """The answers f32[B, h, w, C] in the network's space."""
     raise NotImplementedError
 
+  def sampler_loop_trips(self) -> int:
+    """How often `sample`'s loop body (one network pass) runs: the sampler's steps. Cost
+    analyses count a compiled loop's body once (`main compile` scales by this)."""
+    return self.cfg.num_inference_steps
+
   def loss(self, model: Any, batch: Mapping[str, jax.Array], key: jax.Array
            ) -> tuple[jax.Array, dict]:
     """(f32[B] per-example loss, aux) of the model on a training batch."""

@@ -46,6 +46,9 @@ class OneStep(base.Paradigm):
     tgt = objectives.onestep_target(self.schedule, target, cond, t, self.cfg.prediction_type)
     return base.TrainingBatch(cond, t, tgt, jnp.ones((target.shape[0],), jnp.float32))
 
+  def sampler_loop_trips(self) -> int:
+    return 1  # one network pass, no loop.
+
   def sample(self, model, image, cond, task, key):
     del key
     return samplers.sample_onestep(
