@@ -68,6 +68,12 @@ def test_train_beats_the_baseline(vpd_run):
   assert len(losses) >= 3 and losses[-1] < 0.8 * losses[0], losses
 
 
+# eval and predict run the same VPD code for both configs (only the task's writer differs;
+# tests/test_predict.py covers the palette writer): checked once, on the depth run, for time.
+ON_DEPTH = pytest.mark.parametrize("vpd_run", ["depth"], indirect=True)
+
+
+@ON_DEPTH
 def test_eval_scores_the_checkpoint_again(vpd_run):
   task, workdir, _ = vpd_run
   trained = json.loads((workdir / evaluate.METRICS_FILE).read_text())[str(STEPS)][task]
@@ -81,6 +87,7 @@ def test_eval_scores_the_checkpoint_again(vpd_run):
   np.testing.assert_allclose(float(printed.group(2)), trained["baseline"][key], atol=1e-4)
 
 
+@ON_DEPTH
 def test_predict_writes_the_answer(vpd_run, tmp_path):
   task, workdir, _ = vpd_run
   rng = np.random.default_rng(0)
@@ -94,8 +101,4 @@ def test_predict_writes_the_answer(vpd_run, tmp_path):
   for i, size in enumerate([(32, 32), (48, 40)]):
     answer = Image.open(out / f"img{i}_{task}.png")  # the task's writer, as for any paradigm.
     assert answer.size == size[::-1]  # at the input's size.
-    if task == "depth":
-      assert answer.mode == "I;16" and np.asarray(answer).max() > 0  # millimetres.
-    else:
-      classes = np.asarray(answer)
-      assert answer.mode == "P" and classes.max() < 7, (answer.mode, np.unique(classes))
+    assert answer.mode == "I;16" and np.asarray(answer).max() > 0  # depth in millimetres.
