@@ -238,14 +238,19 @@ class Experiment:
           x, jax.sharding.PartitionSpec(None, batch_axes, *([None] * (x.ndim - 2))))
 
     micro = jax.tree.map(split, batch)
+    # The running sum is sharded like the parameters (FSDP: each device keeps its shard, the
+    # microbatch's gradients are reduce-scattered into it), never a replicated copy.
+    like_params = lambda grads: jax.lax.with_sharding_constraint(
+        grads, self.state_shardings.params)
 
     def one(carry, xs):
       index, microbatch = xs
       (loss, aux), grads = grad_fn(params, frozen, microbatch, jax.random.fold_in(key, index))
-      return jax.tree.map(jnp.add, carry, ((loss, aux), grads)), None
+      return jax.tree.map(jnp.add, carry, ((loss, aux), like_params(grads))), None
 
-    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
+    (loss0, aux0), grads0 = jax.tree.map(jnp.zeros_like, jax.eval_shape(
         grad_fn, params, frozen, jax.tree.map(lambda x: x[0], micro), key))
+    zeros = ((loss0, aux0), like_params(grads0))
     total, _ = jax.lax.scan(one, zeros, (jnp.arange(n), micro))
     (loss, aux), grads = total
     return (loss / n, aux), jax.tree.map(lambda g: g / n, grads)
