@@ -32,7 +32,7 @@ def _ceilings(study: spec_lib.Study, out: Callable[[str], None]) -> dict:
     if config.model.get("latent"):
       if not vae.get("pretrained"):
         continue  # a random VAE's ceiling says nothing.
-      name = f"ceiling: VAE {os.path.basename(os.path.normpath(vae['pretrained']))}"
+      name = f"ceiling: VAE latents ({os.path.basename(os.path.normpath(vae['pretrained']))})"
       make = lambda c=config: ceiling.vae_round_trip(model_lib.build_vae(c.model))
     else:
       name, make = "ceiling: pixels", lambda: ceiling.identity
