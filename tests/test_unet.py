@@ -327,3 +327,11 @@ def test_cross_attention_maps_match_diffusers(tmp_path, name, config):
     want = probs.reshape(b, heads, *probs.shape[1:]).numpy()  # diffusers: [B * heads, ...]
     assert got.shape == want.shape, path
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0, err_msg=path)
+
+
+def test_remat_names():
+  from dense_diffusion import errors  # pylint: disable=g-import-not-at-top
+  assert [unet_lib.remat_policy_name(v) for v in (False, None, True, "save_attention")] == [
+      "none", "none", "full", "save_attention"]
+  with pytest.raises(errors.ConfigError, match="save_dots"):  # the error lists the known ones
+    unet_lib.remat_policy_name("attention")
