@@ -22,6 +22,27 @@ SYNTHETIC_VAE = dict(block_out_channels=[16, 32, 32], layers_per_block=1, latent
                      up_block_types=["UpDecoderBlock2D"] * 3)
 
 
+def attention_options() -> ml_collections.ConfigDict:
+  """`config.model.attention`: every field of models/attention.py `Options`, None = its default
+  (so each can be set from the command line, e.g. --config.model.attention.tpu=xla)."""
+  # One placeholder per field (a shared FieldReference would link the fields).
+  text = lambda: config_dict.placeholder(str)
+  count = lambda: config_dict.placeholder(int)
+  return ml_collections.ConfigDict(dict(
+      tpu=text(),  # TPU implementation for long sequences: auto (splash) or a registered name.
+      gpu=text(),  # GPU: auto (cudnn for bf16/f16, chunked for f32) or a registered name.
+      cpu=text(),  # CPU: auto (chunked for long sequences, matmul otherwise) or a registered name.
+      platform=text(),  # force the target platform (None: the mesh's devices').
+      tpu_min_tokens=count(),  # TPU: queries from which splash replaces XLA's attention (1024).
+      gpu_min_tokens=count(),  # GPU f32: queries from which chunked replaces XLA's (4096).
+      cpu_min_tokens=count(),  # CPU: queries from which chunked replaces matmul (4096).
+      query_chunk=count(),  # chunked: queries per chunk (1024).
+      block_q=count(), block_kv=count(), block_kv_compute=count(),  # splash forward (512).
+      block_q_dkv=count(), block_kv_dkv=count(),  # splash backward dK/dV blocks (512).
+      block_q_dq=count(), block_kv_dq=count(),  # splash backward dQ blocks (512).
+      interpret=config_dict.placeholder(bool)))  # Pallas interpreter (CPU tests only).
+
+
 def parse_arg(arg, **defaults):
   """'res=64,steps=100' -> ConfigDict of the defaults with those values (types from defaults)."""
   out = ml_collections.ConfigDict(defaults)
@@ -94,8 +115,8 @@ def get_config(arg=None):
   # What UNet blocks keep for the backward pass: False (everything), True (inputs only:
   # recompute the rest), "save_attention", "save_dots" (models/unet.py REMAT_POLICIES).
   c.model.remat = False
-  # Attention formulation per platform and splash kernel blocks (models/attention.py Options).
-  c.model.attention = {}
+  # Attention formulation per platform and splash kernel blocks (None: models/attention.py's).
+  c.model.attention = attention_options()
   c.model.lora = None  # e.g. dict(rank=4, alpha=4.0, pattern=...) adapters (see trainable).
   # What trains (docs/training.md, "What trains"): selectors "all", "lora", "fresh" (no
   # pretrained value), "pretrained", a module path ("unet", "unet/conv_in") or "re:<regex>".

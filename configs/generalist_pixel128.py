@@ -79,8 +79,8 @@ def get_config(arg=None):
   c.model.pretrained_image_encoder = config_dict.placeholder(str)  # CLIPVisionModel folder.
   c.model.dtype = "bfloat16"  # compute dtype; parameters stay float32.
   c.model.remat = True  # recompute UNet blocks in the backward pass (or a policy name, demo.py).
-  # Attention per platform: splash on TPU, cuDNN on GPU (models/attention.py Options).
-  c.model.attention = {}
+  # Attention per platform: splash on TPU, cuDNN on GPU (None: models/attention.py's defaults).
+  c.model.attention = demo.attention_options()
   c.model.lora = None  # full fine-tuning.
   # What trains (docs/training.md, "What trains"): selectors "all", "lora", "fresh" (no
   # pretrained value), "pretrained", a module path ("unet", "unet/conv_in") or "re:<regex>".

@@ -280,7 +280,7 @@ def suggestions(config: Any, report_programs: Sequence[ProgramReport], mesh_shap
   if str(config.model.get("dtype") or "float32") == "float32" and not state_bound:
     out.append("config.model.dtype='bfloat16' (half the activation bytes)")
   attention_cfg = dict(config.model.get("attention") or {})
-  if attention_cfg.get("tpu", "auto") not in ("auto", "splash"):
+  if (attention_cfg.get("tpu") or "auto") not in ("auto", "splash"):
     out.append("config.model.attention.tpu='auto' (the splash kernel never holds the "
                "[queries, keys] attention matrix)")
   if not config.model.get("lora") and train is not None and train.argument_bytes and (

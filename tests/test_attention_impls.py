@@ -172,3 +172,16 @@ def test_chunked_keeps_one_chunk_of_logits_in_memory():
   logits_bytes = b * h * lq * lk * 4
   assert temp_bytes("matmul") >= logits_bytes
   assert temp_bytes("chunked") < logits_bytes / 2
+
+
+def test_the_configs_name_every_option_and_none_means_its_default():
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from configs import demo  # pylint: disable=g-import-not-at-top
+  fields = {f.name for f in dataclasses.fields(attention_lib.Options)}
+  template = demo.attention_options()
+  assert set(template.keys()) == fields  # every option settable from the command line
+  assert attention_lib.Options.from_config(template) == attention_lib.Options()
+  template.query_chunk = 256
+  template.cpu = "matmul"
+  opts = attention_lib.Options.from_config(template)
+  assert (opts.query_chunk, opts.cpu, opts.tpu, opts.block_q) == (256, "matmul", "auto", 512)

@@ -69,8 +69,9 @@ class Options:
 
   @classmethod
   def from_config(cls, config: Optional[Mapping[str, Any]]) -> "Options":
-    """Options from `config.model.attention` (None: the defaults); unknown keys -> ConfigError."""
-    values = dict(config or {})
+    """Options from `config.model.attention` (None, or a key set to None: the default);
+    unknown keys -> ConfigError."""
+    values = {k: v for k, v in dict(config or {}).items() if v is not None}
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
