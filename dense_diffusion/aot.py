@@ -270,9 +270,11 @@ def suggestions(config: Any, report_programs: Sequence[ProgramReport], mesh_shap
                  f"{per_device} -> {target})")
     else:
       out.append("config.batch_size: even one example per device does not fit beside the state")
-  if config.model.get("remat") in (None, False, "none") and not state_bound:
+  from dense_diffusion.models import unet as unet_lib  # pylint: disable=g-import-not-at-top
+  remat = unet_lib.remat_policy_name(config.model.get("remat"))
+  if remat == "none" and not state_bound:
     out.append("config.model.remat=True (recompute block activations in the backward pass)")
-  elif config.model.get("remat") not in (True, "full") and not state_bound:
+  elif remat != "full" and not state_bound:
     out.append("config.model.remat='full' (save only each block's inputs for the backward pass)")
   if mesh_shape["data"] > 1 and mesh_shape["fsdp"] == 1:
     out.append("config.mesh.fsdp=-1 with config.mesh.data=1 (shard parameters, gradients and "
@@ -334,15 +336,14 @@ def compile_run(config: Any, topology_name: str, attention_overrides: Optional[d
     return Report(topology=topology, mesh_shape=mesh_shape, global_batch=int(config.batch_size),
                   eval_batch=eval_batch, programs=programs, largest=_largest_arrays(exp),
                   suggestions=suggestions(config, programs, mesh_shape, topology.chip))
-  sampler_exp = exp  # make_predictor runs the blocks without remat.
-  predictor = sampler_exp.make_predictor()
+  predictor = exp.make_predictor()  # the blocks run without remat there.
   lowerings = {
       # Kernel FLOPs of the train step: forward + backward = 3x the forward's.
       "train_step": (lambda: exp.train_step.lower(exp.state, exp.frozen, batch), 3.0,
                      state_bytes + _per_device_bytes(batch), exp.grad_accum_steps),
-      "sampler": (lambda: predictor.lower(sampler_exp.state.params, sampler_exp.frozen,
+      "sampler": (lambda: predictor.lower(exp.state.params, exp.frozen,
                                           eval_specs["image"], eval_specs["task"], key), 1.0,
-                  _per_device_bytes((sampler_exp.state.params, sampler_exp.frozen,
+                  _per_device_bytes((exp.state.params, exp.frozen,
                                      eval_specs["image"])),
                   exp.paradigm.sampler_loop_trips()),
   }

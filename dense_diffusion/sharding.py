@@ -69,9 +69,14 @@ def make_mesh(shape: Mapping[str, int], devices: Optional[Sequence[jax.Device]] 
                        devices=devices)
 
 
+def batch_shards(mesh: jax.sharding.Mesh) -> int:
+  """How many shards a batch is split into: the product of the batch axes' sizes."""
+  return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
 def check_global_batch(global_batch: int, mesh: jax.sharding.Mesh) -> int:
   """Returns the per-process batch; raises when the batch does not divide the batch axes."""
-  shards = math.prod(mesh.shape[a] for a in BATCH_AXES)
+  shards = batch_shards(mesh)
   if global_batch % shards:
     raise errors.ConfigError(
         f"global batch {global_batch} does not divide across the {shards} data-parallel shards "

@@ -75,7 +75,7 @@ def check_grad_accum(config: Any, mesh: jax.sharding.Mesh) -> int:
   """`config.grad_accum_steps` (default 1), checked against the batch: every microbatch must
   hold the same number of rows on every batch shard."""
   n = int(config.get("grad_accum_steps", 1))
-  shards = int(np.prod([mesh.shape[a] for a in sharding.BATCH_AXES]))
+  shards = sharding.batch_shards(mesh)
   per_shard = int(config.batch_size) // shards
   if n < 1 or per_shard % n:
     raise errors.ConfigError(
@@ -195,7 +195,7 @@ class Experiment:
       # only add work).
       for _, node in nnx.iter_graph(model):
         if isinstance(node, unet_lib.UNet):
-          node.remat = False
+          node.remat = "none"
       return paradigm.predict(model, image, task, key)
 
     sh = self.batch_shardings
@@ -248,9 +248,9 @@ class Experiment:
       (loss, aux), grads = grad_fn(params, frozen, microbatch, jax.random.fold_in(key, index))
       return jax.tree.map(jnp.add, carry, ((loss, aux), like_params(grads))), None
 
-    (loss0, aux0), grads0 = jax.tree.map(jnp.zeros_like, jax.eval_shape(
-        grad_fn, params, frozen, jax.tree.map(lambda x: x[0], micro), key))
-    zeros = ((loss0, aux0), like_params(grads0))
+    tasks = jnp.zeros((len(self.task_names),), jnp.float32)
+    zeros = ((jnp.zeros((), jnp.float32), (tasks, tasks)),
+             like_params(jax.tree.map(jnp.zeros_like, params)))
     total, _ = jax.lax.scan(one, zeros, (jnp.arange(n), micro))
     (loss, aux), grads = total
     return (loss / n, aux), jax.tree.map(lambda g: g / n, grads)

@@ -621,7 +621,7 @@ class UNet(nnx.Module):
                                   padding=(k_out - 1) // 2, **kw)
 
   def _call_block(self, block, *args, **kwargs):
-    if self.remat in (False, "none"):  # False: set by inference (Experiment.make_predictor).
+    if self.remat == "none":
       return block(*args, **kwargs)
     # jax.checkpoint on the block's state, functionally: the blocks change no state in a call,
     # and `nnx.remat`'s write-back of that state fails under an outer transform that traces the
