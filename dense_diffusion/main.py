@@ -24,9 +24,11 @@ traceback as well. Any other exception is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
+import faulthandler
 import os
 import pathlib
 import re
+import signal
 import sys
 import traceback
 
@@ -407,7 +409,18 @@ def parse_flags(argv: list[str]) -> list[str]:
   return remaining
 
 
+def _dump_stacks_on_sigusr1() -> None:
+  """`kill -USR1 PID` prints every thread's Python stack on stderr and the command goes on.
+
+  A command that seems stuck (a test's timeout, a run on a cluster) shows where each thread
+  waits instead of only "timed out"; the test suite's subprocess helper sends it before a kill.
+  """
+  if hasattr(signal, "SIGUSR1"):  # not on Windows
+    faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
+
+
 def run() -> None:
+  _dump_stacks_on_sigusr1()
   app.run(main, flags_parser=parse_flags)
 
 
