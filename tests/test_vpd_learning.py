@@ -33,20 +33,20 @@ RUNS = {"depth": ("configs/vpd_depth.py", 0.6), "semantic": ("configs/vpd_seg.py
 def _main(*args: str) -> str:
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1",
              XLA_FLAGS=subprocess_env.xla_flags())  # one device, fast compilation (measured so).
-  proc = subprocess.run([sys.executable, "-m", "dense_diffusion.main", *args], cwd=REPO,
-                        env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                        timeout=TIMEOUT)
+  proc = subprocess_env.run([sys.executable, "-m", "dense_diffusion.main", *args], cwd=REPO,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            timeout=TIMEOUT)
   assert proc.returncode == 0, proc.stdout[-5000:]
   return proc.stdout
 
 
 @pytest.fixture(scope="module", params=sorted(RUNS))
-def vpd_run(request, tmp_path_factory):
+def vpd_run(request, tmp_path_factory, synthetic_res32_data_dir):
   """(task, workdir, training log) of one VPD config trained for STEPS steps."""
   task = request.param
   config, _ = RUNS[task]
   workdir = tmp_path_factory.mktemp(f"vpd_{task}")
-  data_dir = tmp_path_factory.mktemp("tfds")
+  data_dir = synthetic_res32_data_dir  # the session's, prepared once
   log = _main("train", "--config", config, f"--workdir={workdir}",
               f"--config.input.data_dir={data_dir}", f"--config.total_steps={STEPS}",
               "--config.log_every=20", "--config.checkpoint_every=1000",
