@@ -84,7 +84,8 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
   paths.root.mkdir(parents=True, exist_ok=True)
   # Before the XLA backend starts: preparing data first keeps its threads and memory out of the
   # way of the synthetic builder's rendering workers.
-  prepare.ensure_prepared(config.input.entries, config.input.get("data_dir"))
+  prepare.ensure_prepared([*config.input.entries, *(config.eval.get("entries") or [])],
+                          config.input.get("data_dir"))
   experiment_lib.save_config(config, paths.root)
   exp = experiment_lib.Experiment(config)
   print(f"devices: {jax.device_count()} ({jax.devices()[0].platform}), mesh "

@@ -98,6 +98,7 @@ def _shrunk(name, folder, data_dir):
   c = module.get_config(arg)
   c.tasks = TASKS
   c.input.entries = [readers.ade20k(RES)]
+  c.eval.entries = [readers.ade20k(RES)]  # evaluated on what it trains (onestep's is NYUv2).
   c.input.data_dir = str(data_dir)
   c.input.shuffle_buffer = 4
   c.model.pretrained_unet = str(folder)

@@ -5,8 +5,11 @@
   sidd              SIDD sRGB denoising (manual dir)
   rain              Rain13K / Rain100H / Rain100L / Test100 / Test1200 / Test2800 (manual dir)
   lol               LOL low-light pairs (manual dir)
+  hypersim          Hypersim synthetic indoor scenes (manual dir; configs depth, all)
+  vkitti2           Virtual KITTI 2 synthetic drives (manual dir; configs depth, all)
 
 NYUv2 depth and COCO panoptic come from TFDS itself (`nyu_depth_v2`, `coco/2017_panoptic`);
 `readers` holds the input-pipeline entries of every dataset.
 """
 from dense_diffusion.datasets import ade20k, lol, rain, sidd, synthetic_scenes  # noqa: F401
+from dense_diffusion.datasets import hypersim, vkitti2  # noqa: F401  (synthetic training sets)

@@ -190,3 +190,127 @@ def synthetic_mixture(tasks: tuple[str, ...] = SYNTHETIC_TASKS, config: str = "r
   """Entries for several synthetic tasks (equal weights unless given)."""
   weights = weights or {}
   return [synthetic_scenes(t, config=config, weight=weights.get(t, 1.0)) for t in tasks]
+
+
+# ------------------------------------------------------------------------------------------------
+# The synthetic training sets of Marigold and GenPercept: Hypersim (indoor) and Virtual KITTI 2
+# (driving), our `hypersim` and `vkitti2` builders (depth in metres, 0 = unknown).
+SYNTHETIC_MIN_DEPTH = 1e-5  # metres: Marigold's lower bound for both sets.
+HYPERSIM_MAX_DEPTH = 65.0  # metres: Marigold's range for Hypersim; farther pixels are unknown.
+VKITTI_MAX_DEPTH = 80.0  # metres: Marigold's range for Virtual KITTI; farther pixels unknown.
+HYPERSIM_CROP = 768  # training crop side: a random square of the full 768 x 1024 render height.
+VKITTI_CROP = 375  # training crop side: a random square of the full 375 x 1242 frame height.
+HYPERSIM_MAX_SHADING = 2.0  # shading at the image's exposure (hypersim.py); clipped above this.
+# Marigold samples Hypersim 9 : Virtual KITTI 1 (its prob_ls [0.9, 0.1]).
+MARIGOLD_WEIGHTS = {"hypersim": 0.9, "vkitti2": 0.1}
+
+# task -> (pp turning the stored feature into the task's answer, resize method, pp after resize)
+_DENSE_LABELS = {
+    "depth": ("", "nearest", ""),  # depth_range is added with the entry's range
+    "normals": ('cast("float32", key="normals")', "nearest", ""),
+    "semantic": ('squeeze("semantic")|cast("int32", key="semantic")', "nearest", ""),
+    "albedo": ("", "area", 'value_range(0, 1, key="albedo", clip=True)'),
+    "shading": ('cast("float32", key="shading")', "area", ""),
+}
+
+
+def _dense_entry(dataset: str, task: str, resolution: int, crop: int | None, split: str,
+                 weight: float, task_options: dict, min_depth: float, max_depth: float,
+                 eval_split: str) -> dict:
+  """The entry of a dense label stored at full resolution under the task's label key.
+
+  Train: random `crop` x `crop` window (None: the whole frame, squashed), flip (normals'
+  x negated), resize to R (area for the image and shading / albedo, nearest for the rest).
+  Eval: the raw answer at full resolution in "label/<key>", the image resized to R.
+  """
+  label = tasks_lib.get(task, **task_options).label_key
+  prefix, method, post = _DENSE_LABELS[task]
+  if task == "depth":
+    prefix = f"depth_range({min_depth}, {max_depth})"
+  is_normals = task == "normals"
+  resize = _join(_resize(resolution),
+                 f'resize({resolution}, key="{label}", method="{method}")')
+  keys = ("image", label)
+  flip = _flip(("image",), (label,)) if is_normals else _flip(keys)
+  train = _join(prefix, f"random_crop(({crop}, {crop}), keys={keys!r})" if crop else "", flip,
+                resize, post, "value_range(-1, 1)")
+  evalp = _join(prefix, f'copy("{label}", "label/{label}")', resize, post, "value_range(-1, 1)")
+  entry = {"dataset": dataset, "split": split, "eval_split": eval_split, "task": task,
+           "task_options": task_options, "pp": train, "pp_eval": evalp, "weight": weight,
+           "features": ["image", label, "key"]}
+  if task == "semantic":
+    entry["pad_values"] = {"label/semantic": 255}
+  return entry
+
+
+@register("hypersim")
+def hypersim(task: str = "depth", resolution: int = 128, split: str = "train",
+             weight: float = 1.0, config: str | None = None, crop: int | None = HYPERSIM_CROP,
+             max_depth: float = HYPERSIM_MAX_DEPTH, affine_invariant: bool = False) -> dict:
+  """Hypersim (our `hypersim` builder): depth, normals, semantic (NYU40), albedo or shading.
+
+  Args:
+    config: the builder config, "depth" (image + depth) or "all" (every label); default
+      "depth" for the depth task, "all" for the others.
+    crop: side of the random square training crop (None: squash the whole frame to R x R).
+    max_depth: depth beyond it (metres) is unknown; with `affine_invariant` each image is
+      normalised by its own quantiles instead (Marigold).
+  """
+  # pylint: disable-next=g-import-not-at-top
+  from dense_diffusion.datasets.hypersim import hypersim as builder
+  if task not in _DENSE_LABELS:
+    raise errors.ConfigError(f"hypersim has no {task!r} labels; it has {sorted(_DENSE_LABELS)}")
+  config = config or ("depth" if task == "depth" else "all")
+  if task != "depth" and config != "all":
+    raise errors.ConfigError(f"hypersim/{config} holds no {task} labels; use config='all'")
+  options = {
+      "depth": {"min_depth": 0.0, "max_depth": max_depth, "affine_invariant": affine_invariant},
+      "semantic": {"num_classes": len(builder.NYU40_CLASSES), "categories": builder.categories()},
+      "shading": {"max_shading": HYPERSIM_MAX_SHADING},
+  }.get(task, {})
+  return _dense_entry(f"hypersim/{config}", task, resolution, crop, split, weight, options,
+                      SYNTHETIC_MIN_DEPTH, max_depth, "validation")
+
+
+@register("vkitti2")
+def vkitti2(task: str = "depth", resolution: int = 128, split: str = "train",
+            weight: float = 1.0, config: str | None = None, crop: int | None = VKITTI_CROP,
+            max_depth: float = VKITTI_MAX_DEPTH, affine_invariant: bool = False) -> dict:
+  """Virtual KITTI 2 (our `vkitti2` builder): depth (sky and beyond `max_depth` unknown) or
+  semantic (its 14 classes).
+
+  Args:
+    config: the builder config, "depth" (image + depth) or "all" (also the classes); default
+      "depth" for the depth task, "all" for semantic.
+    crop: side of the random square training crop (None: squash the whole frame to R x R).
+  """
+  # pylint: disable-next=g-import-not-at-top
+  from dense_diffusion.datasets.vkitti2 import vkitti2 as builder
+  if task not in ("depth", "semantic"):
+    raise errors.ConfigError(f"vkitti2 has no {task!r} labels; it has depth and semantic")
+  config = config or ("depth" if task == "depth" else "all")
+  if task == "semantic" and config != "all":
+    raise errors.ConfigError(f"vkitti2/{config} holds no semantic labels; use config='all'")
+  options = ({"min_depth": 0.0, "max_depth": max_depth, "affine_invariant": affine_invariant}
+             if task == "depth" else
+             {"num_classes": len(builder.CLASSES), "categories": builder.categories()})
+  return _dense_entry(f"vkitti2/{config}", task, resolution, crop, split, weight, options,
+                      SYNTHETIC_MIN_DEPTH, max_depth, "validation")
+
+
+def marigold_depth_mixture(resolution: int, affine_invariant: bool = True,
+                           weights: dict[str, float] | None = None,
+                           crops: dict[str, int | None] | None = None) -> list[dict]:
+  """Marigold's (and GenPercept's) depth training mixture: Hypersim and Virtual KITTI 2,
+  sampled 9 : 1 (`MARIGOLD_WEIGHTS`), depth affine-invariant by default.
+
+  Args:
+    weights, crops: per dataset ("hypersim", "vkitti2"), overriding `MARIGOLD_WEIGHTS` and the
+      training crops (`HYPERSIM_CROP`, `VKITTI_CROP`).
+  """
+  weights = {**MARIGOLD_WEIGHTS, **(weights or {})}
+  crops = {"hypersim": HYPERSIM_CROP, "vkitti2": VKITTI_CROP, **(crops or {})}
+  return [hypersim("depth", resolution, weight=weights["hypersim"], crop=crops["hypersim"],
+                   affine_invariant=affine_invariant),
+          vkitti2("depth", resolution, weight=weights["vkitti2"], crop=crops["vkitti2"],
+                  affine_invariant=affine_invariant)]
