@@ -214,13 +214,14 @@ _DENSE_LABELS = {
 }
 
 
-def _dense_entry(dataset: str, task: str, resolution: int, crop: int | None, split: str,
+def _dense_entry(dataset: str, task: str, resolution: int, crop: int | str | None, split: str,
                  weight: float, task_options: dict, min_depth: float, max_depth: float,
                  eval_split: str) -> dict:
   """The entry of a dense label stored at full resolution under the task's label key.
 
-  Train: random `crop` x `crop` window (None: the whole frame, squashed), flip (normals'
-  x negated), resize to R (area for the image and shading / albedo, nearest for the rest).
+  Train: random `crop` x `crop` window ("square": a random square of the shorter side; None:
+  the whole frame, squashed), flip (normals' x negated), resize to R (area for the image and
+  shading / albedo, nearest for the rest).
   Eval: the raw answer at full resolution in "label/<key>", the image resized to R.
   """
   label = tasks_lib.get(task, **task_options).label_key
@@ -232,8 +233,11 @@ def _dense_entry(dataset: str, task: str, resolution: int, crop: int | None, spl
                  f'resize({resolution}, key="{label}", method="{method}")')
   keys = ("image", label)
   flip = _flip(("image",), (label,)) if is_normals else _flip(keys)
-  train = _join(prefix, f"random_crop(({crop}, {crop}), keys={keys!r})" if crop else "", flip,
-                resize, post, "value_range(-1, 1)")
+  if crop == "square":
+    crop_op = f"random_square_crop(keys={keys!r})"
+  else:
+    crop_op = f"random_crop(({crop}, {crop}), keys={keys!r})" if crop else ""
+  train = _join(prefix, crop_op, flip, resize, post, "value_range(-1, 1)")
   evalp = _join(prefix, f'copy("{label}", "label/{label}")', resize, post, "value_range(-1, 1)")
   entry = {"dataset": dataset, "split": split, "eval_split": eval_split, "task": task,
            "task_options": task_options, "pp": train, "pp_eval": evalp, "weight": weight,
@@ -314,3 +318,73 @@ def marigold_depth_mixture(resolution: int, affine_invariant: bool = True,
                    affine_invariant=affine_invariant),
           vkitti2("depth", resolution, weight=weights["vkitti2"], crop=crops["vkitti2"],
                   affine_invariant=affine_invariant)]
+
+
+# ------------------------------------------------------------------------------------------------
+# Pseudo-labelled sets (`main pseudo-label`: a folder of images with teachers' answers, DMP).
+PSEUDO_LABELLED = "pseudo_labelled"  # the TFDS builder; a set is pseudo_labelled/NAME.
+
+
+def pseudo_labelled_options(path: str) -> dict[str, dict]:
+  """{task: the options its labels are in} of the set in folder `path`
+  (DATA_DIR/pseudo_labelled/NAME), read from its metadata."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  data_dir, name = _pseudo_labelled_location(path)
+  builder = tfds.builder(f"{PSEUDO_LABELLED}/{name}", data_dir=data_dir)
+  return {task: dict(options) for task, options in builder.info.metadata["task_options"].items()}
+
+
+def _pseudo_labelled_location(path: str) -> tuple[str, str]:
+  """(data_dir, NAME) of a set's folder DATA_DIR/pseudo_labelled/NAME."""
+  import os  # pylint: disable=g-import-not-at-top
+  folder = os.path.normpath(os.fspath(path))
+  parent, name = os.path.split(folder)
+  if os.path.basename(parent) != PSEUDO_LABELLED:
+    raise errors.ConfigError(f"{path} is not a pseudo-labelled set's folder: give "
+                             f"DATA_DIR/{PSEUDO_LABELLED}/NAME (what main pseudo-label printed)")
+  if not os.path.isdir(folder):
+    raise errors.MissingError(f"no pseudo-labelled set at {path}; make it with `python -m "
+                              "dense_diffusion.main pseudo-label` (docs/data.md)")
+  return os.path.dirname(parent), name
+
+
+@register("pseudo_labelled")
+def pseudo_labelled(task: str, path: str | None = None, resolution: int = 128,
+                    split: str = "train", weight: float = 1.0, name: str | None = None,
+                    task_options: dict | None = None) -> dict:
+  """One task of a pseudo-labelled set (our `pseudo_labelled` builder, made by `main
+  pseudo-label`): depth, normals, semantic, albedo or shading.
+
+  Train: a random square of the shorter side (the images have any size), flip, resize to R;
+  evaluation (split "train", the only one: agreement with the teachers): the raw label.
+
+  Args:
+    path: the set's folder, DATA_DIR/pseudo_labelled/NAME: the entry reads it from DATA_DIR
+      (whatever config.input.data_dir is) with the task options its labels are in, read from
+      its metadata (the set must exist when the config is made).
+    name, task_options: instead of `path`: the set pseudo_labelled/NAME in config.input.data_dir
+      and the options its labels are in, checked against the set's own when it is read.
+  """
+  if (path is None) == (name is None):
+    raise errors.ConfigError("readers.pseudo_labelled needs path= (the set's folder) or "
+                             "name= with task_options=, not both")
+  data_dir = None
+  if path is not None:
+    data_dir, name = _pseudo_labelled_location(path)
+    recorded = pseudo_labelled_options(path)
+    if task not in recorded:
+      raise errors.ConfigError(f"the pseudo-labelled set {path} has no {task} labels; it has "
+                               f"{sorted(recorded)}")
+    task_options = recorded[task]
+  elif task_options is None:
+    raise errors.ConfigError("readers.pseudo_labelled(name=...) needs the task_options its "
+                             "labels are in")
+  options = dict(task_options)
+  if task not in _DENSE_LABELS:
+    raise errors.ConfigError(f"pseudo-labelled sets hold {sorted(_DENSE_LABELS)}, not {task!r}")
+  entry = _dense_entry(f"{PSEUDO_LABELLED}/{name}", task, resolution, "square", split, weight,
+                       options, float(options.get("min_depth", 0.0)),
+                       float(options.get("max_depth", 0.0)), eval_split="train")
+  entry["data_dir"] = data_dir
+  entry["expect_metadata"] = {"task_options": {task: options}}
+  return entry
