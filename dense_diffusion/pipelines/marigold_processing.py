@@ -31,17 +31,17 @@ float32 that step is lost on every parameter of magnitude >= 0.5: every scale (1
 >= 1 for maps in [0, 1]) and the large shifts get a gradient of exactly 0 and never move. We keep
 those too, so where that is all of them (maps away from 0) the ensembles are diffusers'. A
 smaller shift moves by a float32 ulp or two (or not at all, by the parity of its last bit), and
-its gradient is dominated by the float32 rounding of the objective: it depends on the members'
-last bits and the summation order, so diffusers' ensembled depth jumps (by up to 0.27 on tiny
-random pipelines) when the members change by 1e-6, as the same network's members do between
-torch and JAX. No reimplementation can reproduce that. We evaluate the objective of those
-shifts in float64: the same start, objective, optimiser and settings, a deterministic result
-that moves by < 1e-5 for such member changes, and a lower objective than diffusers' in the
-tests' cases (not in every member set: two BFGS iterations along two different gradients are two
-different descents). With reduction "mean" the shifts cancel in the normalised mean, so the
-prediction is diffusers' there too and only the uncertainty differs. Given the same parameters,
-the aligned, reduced and normalised depth and its uncertainty are diffusers' (float32,
-parameters cast to float32).
+its gradient is dominated by the float32 rounding of the objective, which depends on the
+members' last bits and the summation order: diffusers' ensembled depth jumps (by 0.019 in the
+tests for one float32 ulp in every member) when the members change in their last bits, as the
+same network's members do between torch and JAX (1e-6). No reimplementation can reproduce that.
+We evaluate the objective of those shifts in float64: the same start, objective, optimiser and
+settings, a deterministic result that moves by < 1e-5 for such member changes, and a lower
+objective than diffusers' in the tests' cases (not in every member set: two BFGS iterations
+along two different gradients are two different descents). With reduction "mean" the shifts
+cancel in the normalised mean, so the prediction is diffusers' there too and only the
+uncertainty differs. Given the same parameters, the aligned, reduced and normalised depth and
+its uncertainty are diffusers' (float32, parameters cast to float32).
 """
 from __future__ import annotations
 
