@@ -15,8 +15,8 @@ from dense_diffusion.datasets import readers
 TASKS = ("depth", "normals", "semantic", "instance", "albedo", "shading", "denoise", "derain",
          "lowlight")
 # A small AutoencoderKL (diffusers keys) for latent runs on synthetic_scenes: factor 4 (a 32x32
-# image is an 8x8x4 latent). Randomly initialised: the latent path runs end to end, but until
-# a VAE is trained on these scenes its latents carry little of the image.
+# image is an 8x8x4 latent). configs/synthetic_vae.py trains it on these scenes (the default
+# `model.vae.recipe`); randomly initialised, its latents carry little of the image.
 SYNTHETIC_VAE = dict(block_out_channels=[16, 32, 32], layers_per_block=1, latent_channels=4,
                      norm_num_groups=8, down_block_types=["DownEncoderBlock2D"] * 3,
                      up_block_types=["UpDecoderBlock2D"] * 3)
@@ -55,6 +55,7 @@ def parse_arg(arg, **defaults):
 
 
 def get_config(arg=None):
+  from configs import synthetic_vae  # pylint: disable=g-import-not-at-top  (it imports this module)
   arg = parse_arg(arg, res=32)
   c = ml_collections.ConfigDict()
   c.seed = 0
@@ -129,7 +130,12 @@ def get_config(arg=None):
   c.model.latent = False
   c.model.vae = ml_collections.ConfigDict(dict(
       pretrained=config_dict.placeholder(str),  # diffusers AutoencoderKL (or pipeline) folder.
-      config={},  # diffusers AutoencoderKL keys: a VAE to initialise when there is no folder.
+      # Without a folder: the small VAE of configs/synthetic_vae.py trained on these scenes on
+      # first use, cached beside the data (experiment/vae_cache.py; None: no recipe).
+      recipe=synthetic_vae.recipe(),
+      # diffusers AutoencoderKL keys of a random VAE, for tests of the latent plumbing only
+      # (with recipe=None and model.allow_frozen_fresh=("vae",): it cannot represent answers).
+      config={},
       dtype=config_dict.placeholder(str),  # compute dtype (None: model.dtype).
       remat_decoder=False,  # recompute decoder activations in the backward (image-level loss).
       trainable=False))  # train the VAE too (only with a config that means it).

@@ -31,10 +31,13 @@ beside its adapters.
   pseudo-label printed); its entries read DATA_DIR, with the task options its labels are in.
   Default: pseudo_labelled/bedrooms in config.input.data_dir, labelled as `DMP_LABELS` says
   (checked against the set when training starts).
-- `tiny`: 1, test size: configs/tiny.py's network and a random frozen VAE; with real=1 the
-  out-of-domain evaluation is synthetic_scenes/tiny<res> (NYUv2 and ADE20K are not at hand).
+- `tiny`: 1, test size: configs/tiny.py's network and a random frozen VAE (plumbing only); with
+  real=1 the out-of-domain evaluation is synthetic_scenes/tiny<res> (NYUv2 and ADE20K are not
+  at hand).
 - `res` (image size), `rank` (LoRA rank), `latent` (0: pixels, 1: the VAE's latents; default
-  1 with real=1, as DMP, else 0).
+  1 with real=1, as DMP, else 0). With real=1 the VAE is SD's (`model.vae.pretrained`); on
+  synthetic_scenes, the small VAE of configs/synthetic_vae.py trained on first use and cached
+  (`model.vae.recipe`).
 """
 from configs import demo
 from configs import generalist_pixel128
@@ -83,8 +86,10 @@ def get_config(arg=None):
     c.input.shuffle_buffer = 1_000
   else:
     c.model.unet["num_class_embeds"] = len(DMP_TASKS)  # the task as a class label.
+  if arg.tiny:  # test size: a random frozen VAE, the latent path as plumbing only.
+    c.model.vae.recipe = None
     c.model.vae.config = demo.SYNTHETIC_VAE
-    c.model.allow_frozen_fresh = ("vae",)  # a random frozen VAE: the latent path as plumbing.
+    c.model.allow_frozen_fresh = ("vae",)
   c.model.latent = bool(latent)  # pixels or the VAE's latents: the one switch.
   c.diffusion.mode = "dmp"
   c.diffusion.prediction_type = "v_prediction"  # DMP's parameterisation.

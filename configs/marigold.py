@@ -11,7 +11,9 @@ latent beside the noisy answer latent: the pretrained `conv_in` kernel duplicate
 multi-resolution noise annealed with t, affine-invariant depth targets (per-image 2% / 98%
 quantiles to [-1, 1]), DDIM with trailing spacing at test time (Marigold v1-1 uses 1-4 steps)
 and depth ensembles aligned by scale and shift. The frozen VAE encodes the image and the
-RGB-encoded answer inside the train step and decodes the sampled latents.
+RGB-encoded answer inside the train step and decodes the sampled latents: with `real=1`
+SD-2's (`model.vae.pretrained`); on synthetic_scenes the small VAE of configs/synthetic_vae.py,
+trained on first use and cached (`model.vae.recipe`; docs/training.md has the 400-step table).
 
 `arg`: `real` (0: depth and normals on synthetic_scenes, small UNet, trains on the CPU;
 1: Marigold's data, depth on Hypersim and Virtual KITTI 2 sampled 9 : 1, evaluated on NYUv2,
@@ -48,8 +50,6 @@ def get_config(arg=None):
         readers.synthetic_scenes("normals", config=f"res{arg.res or 32}")]
     c.task_loss_weights = {}
     c.model.unet["num_class_embeds"] = len(c.tasks)
-    c.model.vae.config = demo.SYNTHETIC_VAE
-    c.model.allow_frozen_fresh = ("vae",)  # a random frozen VAE: the latent path as plumbing.
     c.model.zero_init_output = False  # v-prediction: a zero output is not "no answer".
   c.model.latent = bool(arg.latent)  # the VAE's latents (Marigold) or pixels: the one switch.
   c.model.input_residual = False  # v-prediction: the output is no estimate of the answer.

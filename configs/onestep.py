@@ -44,9 +44,7 @@ def get_config(arg=None):
     # At 480x640, 2 examples per 80 GB GPU fit (55 GiB in XLA's buffer assignment), 4 do not
     # (92 GiB): set batch_size to 2 x devices there (docs/training.md, "Memory on one device").
   else:
-    c = demo.get_config(f"res={arg.res or 32}")
-    c.model.vae.config = demo.SYNTHETIC_VAE
-    c.model.allow_frozen_fresh = ("vae",)  # a random frozen VAE: the latent path as plumbing.
+    c = demo.get_config(f"res={arg.res or 32}")  # latent=1: the synthetic VAE (model.vae.recipe).
   c.model.latent = bool(arg.latent)  # pixels or the VAE's latents: the one switch.
   c.diffusion.mode = "onestep"
   c.diffusion.prediction_type = arg.pred  # sample | v_prediction.

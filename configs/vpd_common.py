@@ -41,7 +41,6 @@ def synthetic_config(res: int, tasks: tuple) -> ml_collections.ConfigDict:
   c.tasks = tasks
   c.input.entries = readers.synthetic_mixture(tasks, config=f"res{res}")
   c.model.unet = {k: v for k, v in dict(c.model.unet).items() if k != "num_class_embeds"}
-  c.model.vae.config = demo.SYNTHETIC_VAE
   c.model.num_task_tokens = 4  # learned tokens of a task without class names.
   _vpd(c)
   c.optimizer.lr = 2e-3  # from scratch, small model.

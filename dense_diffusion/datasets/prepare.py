@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import time
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from absl import logging
 
@@ -21,13 +21,16 @@ PREPARE_TIMEOUT_S = 4 * 3600  # how long processes > 0 wait for process 0 to pre
 _PREPARE_CALLS = itertools.count()
 
 
-def ensure_prepared(entries: Iterable[Any], data_dir: str | None) -> None:
+def ensure_prepared(entries: Iterable[Any], data_dir: str | None, *,
+                    coordinate: bool = True) -> None:
   """Prepares self-contained datasets that are missing; says how to get the others.
 
   With several processes (`jax.distributed`), process 0 prepares first while the others wait:
   two processes preparing into one shared data_dir would race on TFDS's final rename. Then any
   process that still misses the data (its data_dir is a disk of its own host) prepares its own
-  copy. Call it before anything starts the XLA backend.
+  copy. Call it before anything starts the XLA backend. `coordinate=False`: this process alone,
+  no barrier (a caller that already runs in one process at a time, e.g. under
+  `process_zero_first`).
 
   Raises:
     MissingError: a dataset that is not prepared and cannot be generated here.
@@ -58,19 +61,32 @@ def ensure_prepared(entries: Iterable[Any], data_dir: str | None) -> None:
       builder.download_and_prepare()
       print(f"prepared {name} in {time.time() - start:.0f}s", flush=True)
 
+  if coordinate:
+    process_zero_first(prepare_missing, "dense_diffusion_ensure_prepared")
+  else:
+    prepare_missing()
+
+
+def process_zero_first(make_missing: Callable[[], None], name: str) -> None:
+  """Runs `make_missing` (which makes whatever is missing, and nothing when all is there) in
+  process 0 first while the others wait at a barrier, then in the others (a disk of their own
+  host may still miss it); in one process, runs it. Every process must make the same calls.
+
+  Used for what a job makes once for all its processes: self-contained datasets, the synthetic
+  VAE of latent configs (experiment/vae_cache.py).
+  """
   client, process_id = _distributed_client()
   if client is None:
-    prepare_missing()
+    make_missing()
     return
   try:
     if process_id == 0:
-      prepare_missing()
+      make_missing()
   finally:  # also when process 0 failed: the others then try, and fail with their own message.
     # A barrier id serves once: number the calls (every process makes the same ones).
-    client.wait_at_barrier(f"dense_diffusion_ensure_prepared_{next(_PREPARE_CALLS)}",
-                           PREPARE_TIMEOUT_S * 1000)
+    client.wait_at_barrier(f"{name}_{next(_PREPARE_CALLS)}", PREPARE_TIMEOUT_S * 1000)
   if process_id != 0:
-    prepare_missing()
+    make_missing()
 
 
 @contextlib.contextmanager

@@ -75,12 +75,27 @@ def check(config: Any) -> None:
   if missing:
     raise errors.ConfigError(f"the config lacks {missing} (configs/demo.py has every key)")
   task_objects(config)
+  if config.model.get("latent"):
+    _check_vae(config.model)
   paradigms.make_config(dict(config.diffusion))
   s = config.schedule
   schedules.make(s.kind, int(s.num_train_timesteps), float(s.beta_start), float(s.beta_end),
                  rescale_betas_zero_snr=bool(s.get("rescale_betas_zero_snr", False)))
   if config.get("nonfinite", "stop") not in ("stop", "skip"):
     raise errors.ConfigError(f"config.nonfinite={config.nonfinite!r}; choose 'stop' or 'skip'")
+
+
+def _check_vae(model_config: Any) -> None:
+  """model.vae has known keys, one source, and a recipe with configs/synthetic_vae.py's keys,
+  before any data is prepared or VAE trained. (A VAE that nothing names, e.g. a real=1 config
+  whose weights are not given yet, is refused when the model is built.)"""
+  # pylint: disable-next=g-import-not-at-top
+  from dense_diffusion.experiment import model as model_lib, vae_cache
+  source = model_lib.vae_source(model_config)
+  if source == "recipe":
+    vae_cache.check_recipe(model_config.vae.recipe)
+  if source in ("recipe", "random"):
+    model_lib.vae_architecture(model_config)
 
 
 def task_names(config: Any) -> list[str]:

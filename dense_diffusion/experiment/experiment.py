@@ -128,12 +128,15 @@ class Experiment:
     self.paradigm = paradigms.make(self.diffusion, self.schedule, space=self.space,
                                    tasks=self.tasks)
     provenance = trainable_lib.Provenance()
-    build = lambda: model_lib.build_model(config.model, self.tasks, paradigm=self.paradigm,
-                                          seed=int(config.seed), provenance=provenance)
+    build = lambda: model_lib.build_model(
+        config.model, self.tasks, paradigm=self.paradigm, seed=int(config.seed),
+        provenance=provenance, data_dir=config.input.get("data_dir"), shapes_only=abstract)
     model = nnx.eval_shape(build) if abstract else build()
     self.trainable = trainable_lib.select(model, config.model, provenance)
     if not abstract:  # an abstract build reads no weights: every part looks fresh.
-      self.trainable.check_fresh_frozen(config.model.get("allow_frozen_fresh"))
+      allow = config.model.get("allow_frozen_fresh")
+      model_lib.check_random_vae({p.module for p in self.trainable.fresh_frozen_not_allowed(allow)})
+      self.trainable.check_fresh_frozen(allow)
     trainable = self.trainable.filter()
     self.graphdef, params, self.frozen = nnx.split(model, trainable, ...)
     self.tx, self.lr_fn = make_optimizer(config.optimizer, int(config.total_steps))

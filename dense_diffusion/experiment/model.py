@@ -58,29 +58,87 @@ def input_residual_init(model_config: Any, task_objects: Sequence[tasks_lib.Task
   return [1.0 if t.input_is_estimate else 0.0 for t in task_objects]
 
 
-def build_vae(model_config: Any, *, seed: int = 0) -> vae_lib.AutoencoderKL:
-  """The latent space's VAE (`model.vae`): a diffusers AutoencoderKL folder
-  (`model.vae.pretrained`), or one initialised from `model.vae.config` (diffusers keys)."""
+VAE_KEYS = frozenset({"pretrained", "recipe", "config", "dtype", "trainable", "remat_decoder"})
+
+
+def _vae_section(model_config: Any) -> dict:
   vae_config = dict(model_config.get("vae") or {})
-  known = {"pretrained", "config", "dtype", "trainable", "remat_decoder"}
-  unknown = sorted(set(vae_config) - known)
+  unknown = sorted(set(vae_config) - VAE_KEYS)
   if unknown:
-    raise errors.ConfigError(f"model.vae has unknown keys {unknown}; known: {sorted(known)}")
+    raise errors.ConfigError(f"model.vae has unknown keys {unknown}; known: {sorted(VAE_KEYS)}")
+  if vae_config.get("recipe") and vae_config.get("config"):
+    raise errors.ConfigError(
+        "model.vae.recipe (a VAE trained on first use) and model.vae.config (a random VAE, for "
+        "plumbing tests) are both set: set model.vae.config={} or model.vae.recipe=None")
+  return vae_config
+
+
+def vae_source(model_config: Any) -> str | None:
+  """Where the latent space's VAE comes from: "pretrained" (`model.vae.pretrained`, a folder),
+  "recipe" (`model.vae.recipe`, trained on first use: experiment/vae_cache.py), "random"
+  (`model.vae.config`, initialised, for plumbing tests), or None (nothing says)."""
+  vae_config = _vae_section(model_config)
+  for source, key in (("pretrained", "pretrained"), ("recipe", "recipe"), ("random", "config")):
+    if vae_config.get(key):
+      return source
+  return None
+
+
+def vae_architecture(model_config: Any) -> vae_lib.VAEConfig | None:
+  """The VAE's architecture when the config holds it (a recipe or a random VAE's config), without
+  building or training anything; None for a pretrained folder (its config.json says)."""
+  vae_config = _vae_section(model_config)
+  source = vae_source(model_config)
+  if source not in ("recipe", "random"):
+    return None
+  arch = vae_config["recipe"]["vae"] if source == "recipe" else vae_config["config"]
+  try:
+    return vae_lib.VAEConfig.from_dict(dict(arch))
+  except (TypeError, ValueError) as e:
+    raise errors.ConfigError(f"model.vae.{source if source == 'recipe' else 'config'}: {e}"
+                             ) from None
+
+
+def check_random_vae(stuck_modules: Sequence[str]) -> None:
+  """A random frozen VAE cannot represent answers: refused (a one-line ConfigError saying what to
+  set) when the VAE is among the modules whose fresh parameters stay frozen without
+  `model.allow_frozen_fresh` covering them (`TrainableSet.fresh_frozen_not_allowed`)."""
+  if VAE_PATH in stuck_modules:
+    raise errors.ConfigError(
+        "model.latent with a random frozen VAE (model.vae.config) cannot represent the answers: "
+        "set model.vae.pretrained=FOLDER (a diffusers AutoencoderKL, or what `main train-vae` "
+        "wrote) or model.vae.recipe (configs/synthetic_vae.py's config, trained on first use), "
+        "or say model.allow_frozen_fresh=('vae',) to test the plumbing only")
+
+
+def build_vae(model_config: Any, *, seed: int = 0, data_dir: str | None = None,
+              shapes_only: bool = False) -> vae_lib.AutoencoderKL:
+  """The latent space's VAE (`model.vae`): a diffusers AutoencoderKL folder
+  (`model.vae.pretrained`); else the synthetic VAE of `model.vae.recipe`, trained on first use
+  and cached beside `data_dir` (experiment/vae_cache.py); else one initialised from
+  `model.vae.config` (diffusers keys).
+
+  `shapes_only`: the build is traced for shapes (`nnx.eval_shape`): a recipe's VAE is
+  initialised from its architecture instead of being trained.
+  """
+  vae_config = _vae_section(model_config)
   dtype = compute_dtype(vae_config.get("dtype") or model_config.get("dtype", "float32"))
-  if vae_config.get("pretrained"):
+  source = vae_source(model_config)
+  if source == "recipe" and not shapes_only:
+    from dense_diffusion.experiment import vae_cache  # pylint: disable=g-import-not-at-top
+    vae_config["pretrained"] = vae_cache.ensure(vae_config["recipe"], data_dir)
+    source = "pretrained"
+  if source == "pretrained":
     try:
       return vae_convert.load_diffusers_vae(vae_config["pretrained"], dtype=dtype, seed=seed)
     except FileNotFoundError as e:
       raise errors.MissingError(f"model.vae.pretrained={vae_config['pretrained']!r}: {e}"
                                 ) from None
-  if not vae_config.get("config"):
+  if source is None:
     raise errors.ConfigError("model.latent needs a VAE: model.vae.pretrained (a diffusers "
-                             "AutoencoderKL or pipeline folder) or model.vae.config")
-  try:
-    config = vae_lib.VAEConfig.from_dict(dict(vae_config["config"]))
-  except (TypeError, ValueError) as e:
-    raise errors.ConfigError(f"model.vae.config: {e}") from None
-  return vae_lib.AutoencoderKL(config, dtype=dtype, rngs=nnx.Rngs(seed))
+                             "AutoencoderKL or pipeline folder), model.vae.recipe "
+                             "(configs/synthetic_vae.py's config) or model.vae.config")
+  return vae_lib.AutoencoderKL(vae_architecture(model_config), dtype=dtype, rngs=nnx.Rngs(seed))
 
 
 def unet_config_for_space(model_config: Any, vae: vae_lib.AutoencoderKL | None,
@@ -112,7 +170,8 @@ def unet_config_for_space(model_config: Any, vae: vae_lib.AutoencoderKL | None,
 
 def build_model(model_config: Any, task_objects: Sequence[tasks_lib.Task], *,
                 paradigm: Any = None, seed: int = 0,
-                provenance: trainable_lib.Provenance | None = None
+                provenance: trainable_lib.Provenance | None = None,
+                data_dir: str | None = None, shapes_only: bool = False
                 ) -> generalist.GeneralistModel:
   """The network for these tasks (their order is the `task` index of batches), with the VAE of
   the latent space (`model.latent`) and the modules the paradigm adds (`add_modules`).
@@ -120,11 +179,13 @@ def build_model(model_config: Any, task_objects: Sequence[tasks_lib.Task], *,
   Every `model.pretrained_*` key (and `model.vae.pretrained`) takes a diffusers / transformers
   folder or a folder written by `main convert`. `provenance`, when given, records which
   parameters came from those checkpoints (the trainable set's "fresh" / "pretrained").
+  `data_dir` (the run's TFDS data_dir) and `shapes_only` are `build_vae`'s.
   """
   provenance = provenance if provenance is not None else trainable_lib.Provenance()
   prompts = [t.prompt for t in task_objects]
   dtype = compute_dtype(model_config.get("dtype", "float32"))
-  vae = build_vae(model_config, seed=seed) if model_config.get("latent") else None
+  vae = (build_vae(model_config, seed=seed, data_dir=data_dir, shapes_only=shapes_only)
+         if model_config.get("latent") else None)
   if model_config.get("zero_init_output") and model_config.get("pretrained_unet"):
     raise errors.ConfigError("model.zero_init_output would discard the pretrained UNet's "
                              "conv_out: set it only for randomly initialised UNets")
@@ -164,8 +225,8 @@ def build_model(model_config: Any, task_objects: Sequence[tasks_lib.Task], *,
       condition_channels=condition_channels)
   if vae is not None:
     setattr(model, VAE_PATH, vae)
-    if dict(model_config.get("vae") or {}).get("pretrained"):
-      provenance.add(VAE_PATH)
+    if vae_source(model_config) in ("pretrained", "recipe"):
+      provenance.add(VAE_PATH)  # trained weights (a recipe's: trained first, or cached).
   if model_config.get("zero_init_output"):
     # ADM (guided-diffusion) starts its output conv at zero: the first answers are the input
     # residual alone (restoration: the input; other tasks: grey) instead of random images.

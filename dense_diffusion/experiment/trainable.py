@@ -171,12 +171,15 @@ class TrainableSet:
                  f"{total[3]:>12,}")
     return "\n".join(lines)
 
+  def fresh_frozen_not_allowed(self, allow: Any) -> list[Param]:
+    """The fresh frozen parameters that the selectors `allow` do not cover."""
+    allowed = _selectors(allow or None, "allow_frozen_fresh")
+    return [p for p in self.fresh_frozen() if not any(_selector_matches(s, p) for s in allowed)]
+
   def check_fresh_frozen(self, allow: Any) -> None:
     """ConfigError when fresh parameters stay frozen and the selectors `allow` do not cover
     them."""
-    allowed = _selectors(allow or None, "allow_frozen_fresh")
-    stuck = [p for p in self.fresh_frozen()
-             if not any(_selector_matches(s, p) for s in allowed)]
+    stuck = self.fresh_frozen_not_allowed(allow)
     if not stuck:
       return
     modules = sorted({p.module for p in stuck})

@@ -30,10 +30,14 @@ def _ceilings(study: spec_lib.Study, out: Callable[[str], None]) -> dict:
     config = runner.arm_config(arm)
     vae = dict(config.model.get("vae") or {})
     if config.model.get("latent"):
-      if not vae.get("pretrained"):
+      source = model_lib.vae_source(config.model)
+      if source not in ("pretrained", "recipe"):
         continue  # a random VAE's ceiling says nothing.
-      name = f"ceiling: VAE latents ({os.path.basename(os.path.normpath(vae['pretrained']))})"
-      make = lambda c=config: ceiling.vae_round_trip(model_lib.build_vae(c.model))
+      what = (os.path.basename(os.path.normpath(vae["pretrained"])) if source == "pretrained"
+              else "synthetic recipe")
+      name = f"ceiling: VAE latents ({what})"
+      make = lambda c=config: ceiling.vae_round_trip(model_lib.build_vae(
+          c.model, data_dir=c.input.get("data_dir")))
     else:
       name, make = "ceiling: pixels", lambda: ceiling.identity
     spaces.setdefault(name, (make, config))
