@@ -16,9 +16,9 @@ from ml_collections import config_dict
 from configs import demo
 from dense_diffusion.datasets import readers
 
-# Steps of the VAE that synthetic latent runs train on first use (`recipe()`): ~2.5 minutes of
-# 2 CPU cores (6 minutes measured on a busy 2-core VM); round-trip depth AbsRel 0.060 and normals
-# 16.9 degrees against the trivial baselines' 0.403 and 47.9 (docs/studies.md).
+# Steps of the VAE that synthetic latent runs train on first use (`recipe()`): ~2.5 CPU-minutes
+# (6 minutes measured on the 2-core VM shared with other jobs); round-trip depth AbsRel 0.060
+# and normals 16.9 degrees against the trivial baselines' 0.403 and 47.9 (docs/studies.md).
 RECIPE_STEPS = 400
 # The tasks whose encodings the VAE learns besides the renders (the pictures' tasks).
 TASKS = ("depth", "normals", "semantic", "instance", "albedo", "shading", "denoise", "derain",

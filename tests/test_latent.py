@@ -1,19 +1,30 @@
 """Latent space for every paradigm (`model.latent`): the configs differ in that key alone, the
 frozen VAE encodes inside the step and never trains, image-level losses reach the UNet through
-the VAE decoder and fall, and a latent run trains, evaluates and predicts end to end."""
+the VAE decoder and fall, a random frozen VAE is refused unless a test asks for the plumbing
+only, the synthetic VAE of `model.vae.recipe` is trained once per recipe and cached, and a
+latent run of each paradigm (generalist, DMP, VPD) trains, evaluates and predicts end to end
+through it."""
+import concurrent.futures
 import importlib
 import json
+import os
+import pathlib
+import time
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import demo, tiny
+from configs import demo, dmp, synthetic_vae, tiny, vpd_depth
 from dense_diffusion import errors
 from dense_diffusion import experiment
+from dense_diffusion.datasets import readers
+from dense_diffusion.experiment import vae_cache
 from dense_diffusion.paradigms import base as paradigm_base
 from dense_diffusion.paradigms import spaces
+from dense_diffusion.studies import vae_training
 
 
 def _flat(d, prefix=""):
@@ -38,6 +49,26 @@ def test_pixel_and_latent_runs_of_a_config_differ_in_one_key(name, arg):
   assert a["model.latent"] is False and b["model.latent"] is True
 
 
+@pytest.mark.parametrize("name,arg", [("marigold", ""), ("dmp", "latent=1"),
+                                      ("onestep", "latent=1,loss=image"), ("vpd_depth", "latent=1"),
+                                      ("vpd_seg", "latent=1"), ("demo", "")])
+def test_synthetic_latent_configs_default_to_the_trained_synthetic_vae(name, arg):
+  from dense_diffusion.experiment import model as model_lib
+  config = importlib.import_module(f"configs.{name}").get_config(arg or None)
+  config.model.latent = True
+  assert model_lib.vae_source(config.model) == "recipe"
+  assert config.model.vae.recipe.to_dict() == synthetic_vae.recipe().to_dict()
+  assert not config.model.get("allow_frozen_fresh")  # nothing random stays frozen
+  experiment.check_config(config)
+  # The real set-ups read SD's VAE from a folder: no recipe, no random VAE to fall back to.
+  if name != "demo":
+    real = importlib.import_module(f"configs.{name}").get_config(
+        ",".join(filter(None, [arg, "real=1"])))
+    assert model_lib.vae_source(real.model) is None
+    with pytest.raises(errors.ConfigError, match="model.latent needs a VAE: model.vae.pretrained"):
+      model_lib.build_vae(real.model)
+
+
 def _tiny(latent, **diffusion):
   c = tiny.get_config()
   c.tasks = ("depth",)
@@ -45,8 +76,9 @@ def _tiny(latent, **diffusion):
   # Affine-invariant depth: the image-level loss is E2E-FT's scale-and-shift-invariant L1.
   c.input.entries[0]["task_options"] = {"max_depth": 8.0, "affine_invariant": True}
   c.model.latent = latent
-  c.model.vae.config = demo.SYNTHETIC_VAE
-  c.model.allow_frozen_fresh = ["vae"]  # a random VAE, kept frozen: said explicitly.
+  c.model.vae.recipe = None  # not the synthetic VAE trained on first use: ...
+  c.model.vae.config = demo.SYNTHETIC_VAE  # ... a random one ...
+  c.model.allow_frozen_fresh = ["vae"]  # ... kept frozen: the plumbing only, said explicitly.
   c.model.zero_init_output = False
   c.model.input_residual = False
   c.optimizer.warmup_steps = 1
@@ -150,35 +182,186 @@ def test_the_latent_mistakes_are_one_line():
     experiment.Experiment(config)
   config = _tiny(True)
   config.model.vae.config = {}
-  with pytest.raises(errors.ConfigError, match="model.vae.pretrained"):
+  with pytest.raises(errors.ConfigError, match="model.vae.pretrained.*model.vae.recipe"):
     experiment.Experiment(config)
   config = _tiny(True)
   config.model.unet["in_channels"] = 6
   with pytest.raises(errors.ConfigError, match="in_channels=6 does not fit the latent space"):
     experiment.Experiment(config)
+  # A random frozen VAE cannot represent the answers: refused unless the config says plumbing.
+  config = _tiny(True)
+  config.model.allow_frozen_fresh = []
+  with pytest.raises(errors.ConfigError, match=r"random frozen VAE.*model.vae.pretrained=FOLDER"
+                     r".*model.vae.recipe.*allow_frozen_fresh=\('vae',\)"):
+    experiment.Experiment(config)
+  config = _tiny(True)
+  config.model.vae.recipe = synthetic_vae.recipe()
+  with pytest.raises(errors.ConfigError, match="recipe .* and model.vae.config .* both set"):
+    experiment.check_config(config)
+  config = _tiny(True)
+  config.model.vae.config = {}
+  config.model.vae.recipe = synthetic_vae.recipe()
+  config.model.vae.recipe.stpes = 3
+  with pytest.raises(errors.ConfigError, match=r"recipe has unknown keys \['stpes'\]"):
+    experiment.check_config(config)
 
 
-def test_a_latent_run_trains_evaluates_and_predicts(tmp_path, synthetic_data_dir):
+def tiny_recipe():
+  """configs/synthetic_vae.py's recipe (the default `model.vae.recipe`) at test size: 2 steps on
+  tiny32. A stand-in for the path recipe -> cache -> a run's frozen VAE, not a good VAE."""
+  recipe = synthetic_vae.recipe("steps=2")
+  recipe.entries = readers.synthetic_mixture(("depth", "semantic"), config="tiny32")
+  recipe.batch_size = 4
+  recipe.shuffle_buffer = 16
+  recipe.log_every = 1
+  return recipe
+
+
+@pytest.fixture(scope="module")
+def tiny_vae(synthetic_data_dir):
+  """The tiny recipe's VAE, trained (once per session) into the session data_dir's cache."""
+  return vae_cache.ensure(tiny_recipe(), synthetic_data_dir)
+
+
+def _at_test_size(config, data_dir):
+  """A synthetic config at tiny.py's sizes, its structure kept (paradigm, space, tasks, task
+  options of its entries, read from tiny32), its VAE the tiny recipe's."""
+  small = tiny.get_config()
+  unet = dict(small.model.unet)
+  if "num_class_embeds" in config.model.unet:  # the task as a class label, where it is one.
+    unet["num_class_embeds"] = config.model.unet["num_class_embeds"]
+  config.model.unet = unet
+  if config.model.get("image_encoder"):
+    config.model.image_encoder = small.model.image_encoder
+  if config.model.get("head"):
+    config.model.head = dict(config.model.head, width=16)
+  config.model.num_task_tokens = 2
+  config.model.vae.recipe = tiny_recipe()
+  config.input.entries = [dict(e, dataset=e["dataset"].replace("/res32", "/tiny32"))
+                          for e in config.input.entries]
+  config.input.data_dir = data_dir
+  config.input.shuffle_buffer = 16
+  config.batch_size = small.batch_size
+  config.log_every = small.log_every
+  config.total_steps = config.checkpoint_every = 2
+  config.optimizer.warmup_steps = 1
+  config.eval.batch_size = 4
+  config.eval.max_examples = 4
+  config.eval.num_grid_examples = 1
+  config.diffusion.num_inference_steps = min(2, int(config.diffusion.num_inference_steps))
+  return config
+
+
+def _vpd_latent():
+  config = vpd_depth.get_config("latent=1")
+  config.tasks = ("depth", "semantic")  # both of VPD's head kinds in one run ...
+  config.input.entries = readers.synthetic_mixture(config.tasks, config="res32")
+  config.diffusion.vpd_class_prompts = False  # ... with learned tokens (one count per run).
+  return config
+
+
+LATENT_RUNS = {
+    "generalist": tiny.get_config,
+    "dmp": lambda: dmp.get_config("latent=1"),
+    "vpd": _vpd_latent,
+}
+
+
+@pytest.mark.parametrize("name", sorted(LATENT_RUNS))
+def test_a_latent_run_trains_evaluates_and_predicts(name, tiny_vae, tmp_path, synthetic_data_dir):
+  """Each paradigm in latents, its VAE the synthetic recipe's (trained on first use, here the
+  tiny recipe's, cached by the fixture): trained, evaluated, its config saved, predicted."""
   from PIL import Image
   from dense_diffusion import predict, train
-  config = tiny.get_config()
-  config.input.data_dir = synthetic_data_dir
+  config = _at_test_size(LATENT_RUNS[name](), synthetic_data_dir)
   config.model.latent = True
-  config.model.vae.config = demo.SYNTHETIC_VAE
-  config.model.allow_frozen_fresh = ["vae"]  # a random VAE, kept frozen: said explicitly.
-  config.total_steps = 2
-  config.diffusion.ensemble_size = 2  # members sampled, decoded, then combined
+  if name == "generalist":
+    config.diffusion.ensemble_size = 2  # members sampled, decoded, then combined
   results = train.train_and_evaluate(config, str(tmp_path / "run"))
-  assert set(results) == {"depth", "semantic", "denoise"}
+  assert set(results) == set(config.tasks)
   assert all(np.isfinite(v[v["headline"]]) for v in results.values())
   saved = json.loads((tmp_path / "run" / "config.json").read_text())
   assert saved["model"]["latent"] is True
+  assert saved["model"]["vae"]["recipe"]["steps"] == 2  # eval / predict find the cache again.
   image = tmp_path / "in.png"
   Image.fromarray(np.random.default_rng(0).integers(0, 256, (24, 40, 3), np.uint8)).save(image)
-  summary = predict.Predictor(str(tmp_path / "run"), batch_size=2).run(
-      "depth", [image], tmp_path / "out", log=lambda s: None)
+  # The evaluation's batch: its compiled sampler comes from the session's compilation cache.
+  predictor = predict.Predictor(str(tmp_path / "run"), batch_size=config.eval.batch_size)
+  summary = predictor.run("depth", [image], tmp_path / "out", log=lambda s: None)
   assert summary.written == 1
   assert Image.open(tmp_path / "out" / "in_depth.png").size == (40, 24)
+  # The run's frozen VAE is the cached one (its trained weights, not a random initialisation).
+  cached = nnx.to_pure_dict(nnx.state(vae_training.load(tiny_vae), nnx.Param))
+  setup = predictor._setup  # pylint: disable=protected-access
+  used = nnx.to_pure_dict(nnx.state(setup.model(predictor.params).vae, nnx.Param))
+  jax.tree.map(np.testing.assert_array_equal, used, cached)
+
+
+# -- the cache of trained VAEs (experiment/vae_cache.py) ------------------------------------------
+
+@pytest.fixture
+def fake_fit(monkeypatch):
+  """vae_cache.fit replaced by a slow stand-in that writes a folder and counts its calls; data
+  preparation a no-op (the recipe's scenes are not read)."""
+  from dense_diffusion.datasets import prepare
+  calls = []
+
+  def fit(recipe, dst, out=print):
+    calls.append(dict(recipe))
+    time.sleep(0.3)  # long enough for the other callers to arrive while this one trains.
+    if recipe["seed"] == 13:
+      os.makedirs(dst)  # a partly written folder ...
+      raise RuntimeError("training failed")  # ... and an interrupted training.
+    os.makedirs(dst)
+    (pathlib.Path(dst) / "config.json").write_text("{}")
+    out("fit done")
+
+  monkeypatch.setattr(vae_cache, "fit", fit)
+  monkeypatch.setattr(prepare, "ensure_prepared", lambda entries, data_dir, **kw: None)
+  return calls
+
+
+def test_the_vae_cache_trains_once_per_recipe(fake_fit, tmp_path):
+  recipe = synthetic_vae.recipe()
+  lines = []
+  with concurrent.futures.ThreadPoolExecutor(3) as pool:  # three runs start at once
+    folders = list(pool.map(lambda _: vae_cache.ensure(recipe, str(tmp_path), out=lines.append),
+                            range(3)))
+  assert len(fake_fit) == 1  # one trained, the others waited for it
+  assert len(set(folders)) == 1
+  folder = pathlib.Path(folders[0])
+  assert folder.parent == tmp_path / "trained_vaes"  # beside the datasets, in the data_dir
+  assert fake_fit[0]["data_dir"] == str(tmp_path)
+  assert sum(line.startswith("training the synthetic VAE") for line in lines) == 1
+  saved = json.loads((folder / vae_cache.RECIPE_FILE).read_text())
+  assert saved["steps"] == synthetic_vae.RECIPE_STEPS
+  assert saved["vae"] == {**demo.SYNTHETIC_VAE, "sample_size": 32}
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["trained_vaes"]
+  assert sorted(p.name for p in folder.parent.iterdir()) == [folder.name, folder.name + ".lock"]
+  # Cached: the next run reads it. Progress lines change nothing; a changed recipe retrains.
+  recipe.log_every = 7
+  assert vae_cache.ensure(recipe, str(tmp_path)) == str(folder) and len(fake_fit) == 1
+  recipe.lr = 1e-3
+  other = vae_cache.ensure(recipe, str(tmp_path))
+  assert other != str(folder) and len(fake_fit) == 2
+  # A training that fails leaves nothing behind; the next run trains again.
+  recipe.seed = 13
+  for _ in range(2):
+    with pytest.raises(RuntimeError, match="training failed"):
+      vae_cache.ensure(recipe, str(tmp_path))
+  assert len(fake_fit) == 4
+  assert not list(folder.parent.glob("*.incomplete-*"))
+  assert not os.path.exists(vae_cache.folder(recipe, str(tmp_path)))
+
+
+def test_the_vae_cache_key_is_the_recipe():
+  recipe = synthetic_vae.recipe()
+  assert vae_cache.key(recipe) == vae_cache.key(recipe.to_dict())
+  changed = synthetic_vae.recipe()
+  changed.vae = dict(changed.vae, latent_channels=8)
+  assert vae_cache.key(changed) != vae_cache.key(recipe)
+  # A remote data_dir keeps the cache in a local folder (file locks, atomic renames).
+  assert vae_cache.cache_root("gs://bucket/tfds").endswith("dense_diffusion/trained_vaes")
 
 
 def test_the_vae_trains_only_when_the_config_says_so():

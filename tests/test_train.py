@@ -248,8 +248,11 @@ def _check_consistent(config):
   vae = None
   if config.model.latent:
     import types
-    from dense_diffusion.models import vae as vae_lib
-    vae = types.SimpleNamespace(config=vae_lib.VAEConfig.from_dict(dict(config.model.vae.config)))
+    arch = model_lib.vae_architecture(config.model)  # a recipe's or a random VAE's (no weights)
+    if arch is None:  # real=1: SD's VAE from its folder, 4 latent channels.
+      from dense_diffusion.models import vae as vae_lib
+      arch = vae_lib.VAEConfig()
+    vae = types.SimpleNamespace(config=arch)
   u = unet.normalize_config(model_lib.unet_config_for_space(config.model, vae))
   channels = vae.config.latent_channels if vae else 3
   assert u["in_channels"] == 2 * channels and u["out_channels"] == channels
