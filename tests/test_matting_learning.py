@@ -5,10 +5,12 @@ once) trains here for STEPS steps in a subprocess on one CPU device, with its ow
 (synthetic_scenes/res32 is rendered there first) and the suite's fast-compilation XLA flags.
 Each task must beat its trivial baseline on its headline metric by a margin, and on a second
 metric: the best constant map of the image (the matte's median alpha: all background here; the
-mask's majority label). Measured (2026-12-07, 2-core AMD EPYC VM, shared with other jobs,
-32 validation examples per task): after 80 steps matte SAD 0.098 against 0.129 (0.76x) and MSE
-0.051 against 0.114, mask max F 0.71 against 0.15 and S-measure 0.74 against 0.44; after 160,
-SAD 0.085 (0.66x) and max F 0.75 (docs/tasks.md).
+mask's majority label). Measured with this command (2026-12-07, 2-core AMD EPYC VM shared with
+other jobs, load ~13; 32 validation examples per task): after 100 steps matte SAD 0.095 against
+0.129 (0.74x) and MSE 0.048 against 0.114; mask max F 0.69 against 0.15 and S-measure 0.74
+against 0.44. After 80 steps SAD was only 0.87x its baseline, too close to assert. The run took
+88 CPU-seconds (render 512 + 64 scenes, compile, 100 steps, evaluate; 4 minutes of wall time on
+the loaded VM), docs/tasks.md.
 """
 import json
 import os
@@ -22,8 +24,8 @@ from dense_diffusion import evaluate
 import subprocess_env
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-TIMEOUT = 600  # seconds the training subprocess may take before the test gives up on it.
-STEPS = 80
+TIMEOUT = 900  # seconds the training subprocess may take before the test gives up on it.
+STEPS = 100
 EVAL_EXAMPLES = 32  # validation examples per task.
 
 
@@ -48,7 +50,7 @@ def results(tmp_path_factory):
 def test_alpha_matte_beats_the_all_background_matte(results):
   r = results["alpha_matte"]
   assert r["headline"] == "sad" and r["num_examples"] == EVAL_EXAMPLES
-  assert r["sad"] < 0.9 * r["baseline"]["sad"], r
+  assert r["sad"] < 0.85 * r["baseline"]["sad"], r
   assert r["mse"] < 0.6 * r["baseline"]["mse"], r
 
 
