@@ -98,6 +98,9 @@ def test_alpha_matte_encoding_round_trip_and_inputs():
   np.testing.assert_allclose(task.decode(np.stack([rgb, rgb])), np.stack([alpha, alpha]),
                              atol=1e-6)
   assert task.valid_mask(alpha).all() and task.valid_mask(alpha[..., None]).shape == (6, 7)
+  holey = alpha.copy()
+  holey[1, 2] = np.nan
+  assert not task.valid_mask(holey)[1, 2] and np.all(np.isfinite(task.encode(holey)))
   with pytest.raises(ValueError, match="must be in \\[0, 1\\]"):
     task.encode(alpha * 255)
   with pytest.raises(ValueError, match="alpha matte"):

@@ -91,7 +91,8 @@ class AlphaMatteTask(base.Task):
   synthetic_source = _SYNTHETIC_COMPOSITE
 
   def _encode(self, alpha):
-    return base.grey(alpha01(alpha, self.name))
+    alpha = alpha01(alpha, self.name)
+    return base.grey(np.where(np.isfinite(alpha), alpha, 0.0))  # unknown: `valid_mask`
 
   def valid_mask(self, alpha):
     return np.isfinite(base.check_map(alpha, self.name, "an alpha matte (H, W)"))
