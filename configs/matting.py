@@ -7,8 +7,8 @@ Both tasks at once on `synthetic_scenes` (the composite of a foreground object w
 soft alpha over a rendered room, datasets/synthetic_scenes/matte.py): `alpha_matte` answers the
 alpha, `dichotomous` the object's binary mask. GenPercept's recipe (configs/onestep.py): one
 UNet pass at the fixed timestep T - 1 predicts the answer from the image; here a tiny UNet from
-scratch in pixel space (configs/tiny.py's), small enough to train in a couple of minutes on 2
-CPU cores (docs/tasks.md has what it reaches). `arg`: `res` (image size: 32) and `data` (the
+scratch in pixel space (configs/tiny.py's): its 200 steps, rendering and evaluation included,
+took 141 CPU-seconds on a 2-core VM (docs/tasks.md has what it reaches). `arg`: `res` (image size: 32) and `data` (the
 synthetic_scenes config: res32, 512 training scenes).
 """
 from configs import demo
@@ -45,7 +45,7 @@ def get_config(arg=None):
   # (all-background baseline 0.129; docs/tasks.md).
   c.diffusion.loss_space = "image"
   c.optimizer.lr = 4e-3  # peak learning rate (AdamW).
-  c.optimizer.warmup_steps = 20
+  c.optimizer.warmup_steps = 20  # linear warm-up, then cosine decay.
   c.log_every = 50  # steps between console / TensorBoard metrics.
   c.checkpoint_every = 1000  # steps between checkpoints (and one at the end).
   c.eval.batch_size = 32
