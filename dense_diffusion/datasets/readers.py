@@ -135,6 +135,46 @@ def lol(resolution: int = 128, split: str = "train", weight: float = 1.0) -> dic
   return _restoration("lol", "lowlight", resolution, split, "validation", weight)
 
 
+def _foreground(dataset: str, task: str, label: str, method: str, resolution: int, split: str,
+                eval_split: str, weight: float, to_unit: bool) -> dict:
+  """An image + single-channel label PNG dataset (foreground/folders.py). The label is resized
+  with `method` (area for a matte, nearest for a mask); `to_unit` maps an 8-bit matte to
+  [0, 1] (a mask stays 0..255: the task reads > 128 as foreground, as DIS5K does)."""
+  scale = _join(f'resize({resolution}, key="image", method="area")',
+                f'resize({resolution}, key="{label}", method="{method}")', "value_range(-1, 1)",
+                f'value_range(0, 1, key="{label}")' if to_unit else "")
+  train = _join(f'squeeze("{label}")', _flip(("image", label)), scale)
+  evalp = _join(f'squeeze("{label}")', f'copy("{label}", "label/{label}")', scale)
+  return {"dataset": dataset, "split": split, "eval_split": eval_split, "task": task,
+          "task_options": {}, "pp": train, "pp_eval": evalp, "weight": weight}
+
+
+@register("p3m10k")
+def p3m10k(resolution: int = 128, split: str = "train", weight: float = 1.0,
+           eval_split: str = "p3m_500_np") -> dict:
+  """P3M-10k portrait matting (our `p3m10k` builder): the alpha matte; evaluation on
+  P3M-500-NP (the faces not blurred) or p3m_500_p."""
+  return _foreground("p3m10k", "alpha_matte", "alpha", "area", resolution, split, eval_split,
+                     weight, to_unit=True)
+
+
+@register("am2k")
+def am2k(resolution: int = 128, split: str = "train", weight: float = 1.0,
+         eval_split: str = "validation") -> dict:
+  """AM-2k animal matting (our `am2k` builder): the alpha matte."""
+  return _foreground("am2k", "alpha_matte", "alpha", "area", resolution, split, eval_split,
+                     weight, to_unit=True)
+
+
+@register("dis5k")
+def dis5k(resolution: int = 128, split: str = "train", weight: float = 1.0,
+          eval_split: str = "validation") -> dict:
+  """DIS5K (our `dis5k` builder): the binary mask; evaluation on DIS-VD (`validation`) or
+  DIS-TE1..4 (`test1`..`test4`)."""
+  return _foreground("dis5k", "dichotomous", "mask", "nearest", resolution, split, eval_split,
+                     weight, to_unit=False)
+
+
 # ------------------------------------------------------------------------------------------------
 # Synthetic scenes: every task from one dataset.
 SYNTHETIC_MAX_DEPTH = 8.0  # metres; the rooms are at most 7 m deep (renderer.sample_scene).
