@@ -4,7 +4,6 @@ pointing to a libtpu.so."""
 import os
 import pathlib
 import re
-import subprocess
 import sys
 import textwrap
 

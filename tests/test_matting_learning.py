@@ -1,8 +1,8 @@
 """configs/matting.py learns both foreground tasks on synthetic_scenes through `main train`.
 
 The config (GenPercept's one-step recipe with a tiny UNet from scratch, 32x32, both tasks at
-once) trains here for STEPS steps in a subprocess on one CPU device, with its own data_dir
-(synthetic_scenes/res32 is rendered there first) and the suite's fast-compilation XLA flags.
+once) trains here for STEPS steps in a subprocess on one CPU device, on the session's
+synthetic_scenes/res32 (tests/conftest.py) with the suite's fast-compilation XLA flags.
 Each task must beat its trivial baseline on its headline metric by a margin, and on a second
 metric: the best constant map of the image (the matte's median alpha: all background here; the
 mask's majority label). Measured with this command (2026-12-07, 2-core AMD EPYC VM shared with
@@ -30,19 +30,18 @@ EVAL_EXAMPLES = 32  # validation examples per task.
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
+def results(tmp_path_factory, synthetic_res32_data_dir):
   """The evaluation after STEPS steps: {task: metrics with their baselines}."""
   workdir = tmp_path_factory.mktemp("matting_run")
-  data_dir = tmp_path_factory.mktemp("tfds")
+  data_dir = synthetic_res32_data_dir
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1",
              XLA_FLAGS=subprocess_env.xla_flags())  # one device, fast compilation.
-  proc = subprocess.run(
+  proc = subprocess_env.run(
       [sys.executable, "-m", "dense_diffusion.main", "train", "--config", "configs/matting.py",
        f"--workdir={workdir}", f"--config.input.data_dir={data_dir}",
        f"--config.total_steps={STEPS}", f"--config.eval.max_examples={EVAL_EXAMPLES}",
        "--config.checkpoint_every=1000"],
-      cwd=REPO, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-      timeout=TIMEOUT)
+      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=TIMEOUT)
   assert proc.returncode == 0, proc.stdout[-5000:]
   return json.loads((workdir / evaluate.METRICS_FILE).read_text())[str(STEPS)]
 

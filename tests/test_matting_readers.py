@@ -2,7 +2,6 @@
 here in the releases' layouts (image JPEGs beside 8-bit label PNGs of the same stems)."""
 import os
 import pathlib
-import subprocess
 import sys
 
 import numpy as np
@@ -15,6 +14,7 @@ from dense_diffusion import tasks
 from dense_diffusion.datasets import common
 from dense_diffusion.datasets import eval_tfds
 from dense_diffusion.datasets import readers
+import subprocess_env
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 RNG = np.random.default_rng(0)
@@ -121,7 +121,7 @@ def test_dis5k_prepare_command_splits_and_the_mask_entry(tmp_path):
   cmd = [sys.executable, "data/prepare.py", "dis5k", f"--manual_dir={tmp_path / 'raw'}",
          f"--data_dir={tmp_path / 'data'}"]
   env = dict(os.environ, PYTHONPATH=str(REPO))  # this checkout's package, wherever it is
-  proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  proc = subprocess_env.run(cmd, cwd=REPO, env=env, capture_output=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   for split in ("train", "validation", "test1", "test2", "test3", "test4"):
     assert f" {split}: 1 examples" in proc.stdout

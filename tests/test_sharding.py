@@ -1,7 +1,5 @@
 """Mesh construction, logical-axis rules, and real sharding on 8 fake CPU devices (subprocess)."""
 import os
-import subprocess
-import sys
 import textwrap
 
 import jax
