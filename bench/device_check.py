@@ -601,7 +601,7 @@ def train_section(run: Run, sizes: Sizes, config, deadline: float) -> "Flagship"
   mfu = result["mfu"]
   run.log(f"train: microbatch {best}: {step_s:.3f} s/step, "
           f"{global_batch / step_s:.1f} examples/s, model FLOPs "
-          f"{(model_flops or 0) / 1e12:.1f} T/step, MFU "
+          f"{(model_flops or 0) / 1e12:.4g} T/step, MFU "
           f"{'-' if mfu is None else f'{100 * mfu:.1f}%'}")
   return flagship
 
@@ -865,11 +865,12 @@ def print_summary(run: Run) -> None:
   print(f"| bf16 matmul {m.get('n')}^3 | {fmt(m.get('tflops'), '.1f')} TFLOP/s "
         f"(peak {fmt((r.get('peak_bf16_flops') or 0) / 1e12 or None, '.0f')}) |")
   t = r.get("train_step") or {}
-  print(f"| train step ({t.get('config')}, {t.get('dtype')}, attention {t.get('attention')}) | "
+  print(f"| train step ({t.get('config')}, {t.get('dtype')}, long-sequence attention "
+        f"{t.get('attention')}) | "
         f"microbatch {t.get('microbatch_per_device')}: {fmt(t.get('step_s'), '.3f')} s/step, "
         f"{fmt(t.get('examples_per_s'), '.1f')} examples/s, MFU "
-        f"{fmt(t.get('mfu') and 100 * t['mfu'], '.1f')}% ("
-        f"{fmt((t.get('model_flops_per_step') or 0) / 1e12 or None, '.1f')} model TFLOPs/step) |")
+        f"{'-' if t.get('mfu') is None else format(100 * t['mfu'], '.1f') + '%'} ("
+        f"{fmt((t.get('model_flops_per_step') or 0) / 1e12 or None, '.4g')} model TFLOPs/step) |")
   s = r.get("sampler") or {}
   for run_ in s.get("runs", []):
     print(f"| sampler {s.get('sampler')} x {s.get('steps')} steps, batch {run_.get('batch')} | "

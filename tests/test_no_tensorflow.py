@@ -69,7 +69,9 @@ def _blocking_env(tmp_path: pathlib.Path) -> dict:
 def test_device_check_smoke_runs_without_tensorflow(tmp_path):
   out = tmp_path / "out"
   env = _blocking_env(tmp_path)
-  env.update(OUT=str(out), DEVICE_CHECK_TIMEOUT="400")
+  # A checkout prepared for the device (.whl/) installs carried wheels newer than this
+  # environment's packages: into this test's folder, not /tmp.
+  env.update(OUT=str(out), DEVICE_CHECK_TIMEOUT="400", DEVICE_CHECK_SITE=str(tmp_path / "site"))
   proc = subprocess_env.run(["bash", str(REPO_ROOT / "bench" / "device_check.sh"), "--smoke"],
                             timeout=420, env=env, capture_output=True, cwd=tmp_path)
   assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-6000:]
