@@ -21,7 +21,9 @@
 # On the machine, a carried wheel is installed (into $DEVICE_CHECK_SITE, /tmp/device_check_site,
 # put first on PYTHONPATH; nothing else is touched) when its package is missing or older there:
 # ml_collections always (the configs are ConfigDicts; it needs absl-py and PyYAML, both there),
-# flax only if the machine's own is older than 0.12.8 (setup.py: flax >= 0.12).
+# flax only if the machine's own is older than 0.12.8 (setup.py: flax >= 0.12). With
+# DEVICE_CHECK_FORCE_WHEELS=1 every carried wheel is installed: flax 0.12.8, the version the tests
+# run, instead of a newer one there.
 #
 # Then XLA may take 92% of the GPU's memory (XLA_PYTHON_CLIENT_MEM_FRACTION; JAX's default is
 # 75%), and the check runs under `timeout` ($DEVICE_CHECK_TIMEOUT, 540 s: the device tool stops a
@@ -44,15 +46,16 @@ fi
 if compgen -G ".whl/*.whl" > /dev/null; then
   # The carried wheels whose package is missing here or older than the wheel.
   mapfile -t need < <("$PY" - .whl <<'EOF'
-import importlib.metadata, pathlib, re, sys
+import importlib.metadata, os, pathlib, re, sys
 version = lambda text: tuple(int(x) for x in re.findall(r"\d+", text)[:3])
+force = os.environ.get("DEVICE_CHECK_FORCE_WHEELS") == "1"
 for wheel in sorted(pathlib.Path(sys.argv[1]).glob("*.whl")):
   name, wanted = wheel.name.split("-")[:2]
   try:
     have = importlib.metadata.version(name)
   except importlib.metadata.PackageNotFoundError:
     have = None
-  if have is None or version(have) < version(wanted):
+  if force or have is None or version(have) < version(wanted):
     print(wheel)
 EOF
   )

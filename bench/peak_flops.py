@@ -8,9 +8,8 @@ Sources, dense (no structured sparsity) bf16 tensor-core rates:
   NVIDIA H200 Tensor Core GPU datasheet: H200 SXM 989 TFLOP/s (the H100's chip, more HBM).
   NVIDIA A100 datasheet: 312 TFLOP/s.
   Cloud TPU system architecture pages: v4 275, v5p 459, v5e ("TPU v5 lite") 197, v6e 918.
-A matrix product measured on this workplace's H100 and H200 ran at 769-798 TFLOP/s
-(8192^3 bf16, /work/.library/device/KINDS.md): about 80% of the datasheet rate is the practical
-ceiling; bench/device_check.py measures it again and reports both.
+A large bf16 matrix product reaches only part of these rates in practice: bench/device_check.py
+measures that ceiling on the card it runs on and reports it beside the datasheet figure.
 """
 from __future__ import annotations
 
