@@ -36,7 +36,8 @@ failed. If a failure names cuDNN, the section is retried once with the chunked a
 (`model.attention.gpu="chunked"`), and "attention_fallback" says so. Only jax, flax, optax,
 orbax-checkpoint, numpy, tokenizers, absl-py and ml_collections (for the configs; carried as a
 wheel) are needed: not TensorFlow, TFDS or clu (tests/test_no_tensorflow.py runs `--smoke` with
-them blocked).
+them blocked). Its parts: bench/microbatch_search.py (which sizes to compile),
+bench/random_models.py (random weights, the Marigold pipeline), bench/peak_flops.py (peak rates).
 """
 from __future__ import annotations
 
@@ -67,7 +68,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+import microbatch_search  # bench/microbatch_search.py
 import peak_flops as peak_flops_lib  # bench/peak_flops.py
+import random_models  # bench/random_models.py
+from microbatch_search import Attempt
+from random_models import random_like
 
 # Modules the device machines lack; the run reports whether any got imported.
 OPTIONAL_MODULES = ("tensorflow", "tensorflow_datasets", "clu", "dm_pix")
@@ -97,26 +102,12 @@ class Sizes:
   budget_s: float  # the whole run.
 
 
-# diffusers keys of stabilityai/stable-diffusion-2's UNet (Marigold fine-tunes exactly this one).
-SD2_UNET = dict(
-    block_out_channels=[320, 640, 1280, 1280], layers_per_block=2,
-    down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
-    up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
-    attention_head_dim=[5, 10, 20, 20], use_linear_projection=True, cross_attention_dim=1024,
-    upcast_attention=False, norm_num_groups=32, norm_eps=1e-5, act_fn="silu",
-    flip_sin_to_cos=True, freq_shift=0, downsample_padding=1)
-SD_VAE = dict(block_out_channels=[128, 256, 512, 512], layers_per_block=2, latent_channels=4,
-              norm_num_groups=32, scaling_factor=0.18215)
-# SD-2's text encoder width (OpenCLIP ViT-H/14 text tower) with one layer: it runs once, when the
-# pipeline is built (the empty prompt's embedding), so its depth does not enter the timings.
-SD2_TEXT_ONE_LAYER = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=1,
-                          num_attention_heads=16, hidden_act="gelu")
-
 DEVICE_SIZES = Sizes(
     config="configs/generalist_pixel128.py", train_start=32, train_cap=256,
     sampler_batches=(1, 8), marigold_resolution=768, marigold_steps=4, marigold_batch=4,
-    marigold_images=8, marigold_unet=SD2_UNET, marigold_vae=SD_VAE,
-    marigold_text=SD2_TEXT_ONE_LAYER, matmul_n=8192, min_timed_s=3.0, budget_s=450.0)
+    marigold_images=8, marigold_unet=random_models.SD2_UNET, marigold_vae=random_models.SD_VAE,
+    marigold_text=random_models.SD2_TEXT_ONE_LAYER, matmul_n=8192, min_timed_s=3.0,
+    budget_s=450.0)
 
 SMOKE_SIZES = Sizes(
     config="configs/tiny.py", train_start=2, train_cap=2, sampler_batches=(1,),
@@ -132,12 +123,6 @@ SMOKE_SIZES = Sizes(
     marigold_text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                        num_attention_heads=2, hidden_act="gelu"),
     matmul_n=256, min_timed_s=0.0, budget_s=240.0)
-
-# Marigold depth v1-1's scheduler (diffusers DDIMScheduler config) and model_index.json keys.
-MARIGOLD_SCHEDULER = dict(
-    _class_name="DDIMScheduler", num_train_timesteps=1000, beta_schedule="scaled_linear",
-    beta_start=0.00085, beta_end=0.012, clip_sample=False, prediction_type="v_prediction",
-    set_alpha_to_one=False, steps_offset=1, timestep_spacing="trailing")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -198,151 +183,6 @@ def timed(fn: Callable[[], Any], min_s: float, min_calls: int = 2, max_calls: in
     jax.block_until_ready(fn())
     times.append(time.perf_counter() - t0)
   return times
-
-
-# ------------------------------------------------------------------------------------------------
-# Random weights for a model described by shapes alone (no files), in one jitted program.
-
-def _leaf_name(path) -> str:
-  names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", "")))) for k in path]
-  names = [n for n in names if n not in ("value", "raw_value")]
-  return names[-1] if names else ""
-
-
-def random_like(tree, key: jax.Array):
-  """Arrays for a tree of ShapeDtypeStructs (or arrays), traced inside a jit: kernels ~ N(0,
-  1/fan_in), embeddings ~ N(0, 0.02^2), norm scales 1, the rest (biases, counters) 0. Values
-  only need to keep activations finite: the timings do not depend on them. One normal draw of
-  every random element, sliced per leaf (a draw per leaf compiles far slower)."""
-  leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
-  plan = []  # per leaf: ("normal", std) | ("ones",) | ("zeros",) | ("keys",)
-  total = 0
-  for path, leaf in leaves:
-    shape, dtype = leaf.shape, leaf.dtype
-    name = _leaf_name(path)
-    if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
-      plan.append(("keys",))
-    elif not jnp.issubdtype(dtype, jnp.floating):
-      plan.append(("zeros",))
-    elif name == "scale":
-      plan.append(("ones",))
-    elif "embedding" in name and len(shape) >= 1:
-      plan.append(("normal", 0.02))
-    elif len(shape) >= 2:
-      plan.append(("normal", 1.0 / math.sqrt(math.prod(shape[:-1]))))
-    else:
-      plan.append(("zeros",))
-    if plan[-1][0] == "normal":
-      total += math.prod(shape)
-  key_normal, key_keys = jax.random.split(key)
-  flat = jax.random.normal(key_normal, (max(total, 1),), jnp.float32)
-  out, offset = [], 0
-  for (_, leaf), (kind, *std) in zip(leaves, plan):
-    shape, dtype = leaf.shape, leaf.dtype
-    if kind == "normal":
-      size = math.prod(shape)
-      out.append((flat[offset:offset + size].reshape(shape) * std[0]).astype(dtype))
-      offset += size
-    elif kind == "ones":
-      out.append(jnp.ones(shape, dtype))
-    elif kind == "keys":
-      out.append(jax.random.split(jax.random.fold_in(key_keys, len(out)),
-                                  math.prod(shape) or 1).reshape(shape))
-    else:
-      out.append(jnp.zeros(shape, dtype))
-  return jax.tree_util.tree_unflatten(treedef, out)
-
-
-def random_modules(*builds: Callable[[], nnx.Module], seed: int = 0) -> list[nnx.Module]:
-  """The modules the `builds` make, with random weights drawn on the device in one program
-  (eager initialisation compiles one small program per parameter shape)."""
-  splits = [nnx.split(nnx.eval_shape(build)) for build in builds]
-
-  def draw(key):
-    keys = jax.random.split(key, len(splits))
-    return [random_like(abstract, k) for (_, abstract), k in zip(splits, keys)]
-
-  states = jax.jit(draw)(jax.random.key(seed))
-  return [nnx.merge(graphdef, state) for (graphdef, _), state in zip(splits, states)]
-
-
-# ------------------------------------------------------------------------------------------------
-# The microbatch search (pure logic: tests/test_no_tensorflow.py runs it on made-up numbers).
-
-@dataclasses.dataclass
-class Attempt:
-  """One compiled microbatch: its memory per the compiler, and whether it ran."""
-  batch: int
-  peak_bytes: Optional[float] = None  # arguments + outputs + temporaries - aliased.
-  temp_bytes: Optional[float] = None
-  fits: Optional[bool] = None  # peak within the budget (None: no budget known, e.g. CPU).
-  compile_s: float = 0.0
-  error: Optional[str] = None
-
-
-def _fits(attempt: Attempt, budget_bytes: Optional[float]) -> bool:
-  if attempt.error is not None:
-    return False
-  return budget_bytes is None or attempt.peak_bytes is None or attempt.peak_bytes <= budget_bytes
-
-
-def predict_largest(attempts: list[Attempt], budget_bytes: float) -> Optional[float]:
-  """The microbatch at which the predicted peak reaches the budget: temporaries grow linearly in
-  the batch (fitted through the two largest fitting compiles; through the origin with one,
-  which over-estimates the per-example part, so the prediction errs small)."""
-  ok = sorted((a for a in attempts if a.error is None and a.peak_bytes is not None
-               and a.temp_bytes is not None), key=lambda a: a.batch)
-  if not ok:
-    return None
-  last = ok[-1]
-  fixed = last.peak_bytes - last.temp_bytes  # arguments + outputs - aliased: the state.
-  if len(ok) >= 2 and ok[-2].batch != last.batch:
-    prev = ok[-2]
-    per_example = (last.temp_bytes - prev.temp_bytes) / (last.batch - prev.batch)
-    fixed += last.temp_bytes - per_example * last.batch
-  else:
-    per_example = last.temp_bytes / last.batch
-  if per_example <= 0:
-    return math.inf
-  return (budget_bytes - fixed) / per_example
-
-
-def search_microbatch(compile_fn: Callable[[int], Attempt], start: int, cap: int,
-                      budget_bytes: Optional[float], time_ok: Callable[[], bool],
-                      max_compiles: int = 4) -> tuple[Optional[int], list[Attempt]]:
-  """The largest power-of-two microbatch (<= cap) whose compiled step fits `budget_bytes`.
-
-  `compile_fn(b)` compiles at b and reports the compiler's memory analysis (or an error).
-  Starts at `start` and halves while it does not fit; then grows to the largest power of two the
-  fitted temporaries predict to fit (below any size that did not), while `time_ok()` and at most
-  `max_compiles` compiles.
-  Returns (the largest fitting batch or None, every attempt).
-  """
-  attempts: list[Attempt] = []
-  batch = max(1, min(start, cap))
-  best = None
-  while batch >= 1 and len(attempts) < max_compiles:
-    attempt = compile_fn(batch)
-    attempts.append(attempt)
-    if _fits(attempt, budget_bytes):
-      best = batch
-      break
-    batch //= 2
-  if best is None:
-    return None, attempts
-  while len(attempts) < max_compiles and best < cap and time_ok():
-    # Below every size that did not fit, at most the cap.
-    limit = min([cap] + [a.batch - 1 for a in attempts if not _fits(a, budget_bytes)])
-    largest = math.inf if budget_bytes is None else predict_largest(attempts, budget_bytes)
-    if largest is None or min(largest, limit) < 2 * best:
-      break
-    target = 2 ** int(math.log2(min(largest, limit)))
-    attempt = compile_fn(target)
-    attempts.append(attempt)
-    if not _fits(attempt, budget_bytes):
-      break
-    best = target
-  return best, attempts
 
 
 # ------------------------------------------------------------------------------------------------
@@ -488,7 +328,7 @@ class Flagship:
       attempt.temp_bytes = float(mem.temp_size_in_bytes)
       attempt.peak_bytes = float(mem.argument_size_in_bytes + mem.output_size_in_bytes
                                  + mem.temp_size_in_bytes - mem.alias_size_in_bytes)
-    attempt.fits = _fits(attempt, budget_bytes)
+    attempt.fits = microbatch_search.fits(attempt, budget_bytes)
     self.compiled[batch] = compiled
     return attempt
 
@@ -564,7 +404,8 @@ def train_section(run: Run, sizes: Sizes, config, deadline: float) -> "Flagship"
 
   # Another compile (and a run) only while the section's share of the budget allows it.
   time_ok = lambda: time.perf_counter() + 2.0 * max(compile_times) < deadline
-  best, attempts = search_microbatch(compile_fn, sizes.train_start, cap, budget_bytes, time_ok)
+  best, attempts = microbatch_search.search_microbatch(compile_fn, sizes.train_start, cap,
+                                                       budget_bytes, time_ok)
   result["attempts"] = [dataclasses.asdict(a) for a in attempts]
   while best is not None:
     try:
@@ -646,65 +487,13 @@ def sampler_section(run: Run, sizes: Sizes, flagship: Flagship, deadline: float)
     result["best_s_per_image"] = min(r["s_per_image"] for r in done)
 
 
-def _tiny_clip_tokenizer():
-  """A CLIP tokenizer with a byte-level vocabulary and CLIP's special tokens: Marigold encodes
-  the empty prompt, so only the start / end tokens matter."""
-  from tokenizers import pre_tokenizers  # pylint: disable=g-import-not-at-top
-  from dense_diffusion.models import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
-  alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-  vocab = {c: i for i, c in enumerate(alphabet)}
-  vocab.update({c + "</w>": len(alphabet) + i for i, c in enumerate(alphabet)})
-  vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
-  tok = tokenizer_lib.build_clip_bpe(vocab, [], "<|endoftext|>")
-  return tokenizer_lib.CLIPTokenizer(tok, bos_token="<|startoftext|>",
-                                     eos_token="<|endoftext|>", max_length=77)
-
-
-MARIGOLD_PARTS = ("unet", "vae", "text_encoder")
-
-
-def marigold_builds(sizes: Sizes, dtype, tokenizer) -> tuple[Callable[[], nnx.Module], ...]:
-  """How to build the pipeline's UNet, VAE and text encoder (MARIGOLD_PARTS), from configs."""
-  from dense_diffusion.models import text_encoder as text_lib  # pylint: disable=g-import-not-at-top
-  from dense_diffusion.models import unet as unet_lib  # pylint: disable=g-import-not-at-top
-  from dense_diffusion.models import vae as vae_lib  # pylint: disable=g-import-not-at-top
-  vae_config = vae_lib.VAEConfig.from_dict(sizes.marigold_vae)
-  factor = vae_config.downsample_factor
-  unet_config = dict(sizes.marigold_unet, in_channels=8, out_channels=4,
-                     sample_size=sizes.marigold_resolution // factor)
-  text_config = text_lib.CLIPTextConfig.from_dict(dict(
-      sizes.marigold_text, bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
-      pad_token_id=tokenizer.pad_id))
-  return (lambda: unet_lib.UNet(unet_config, dtype=dtype, rngs=nnx.Rngs(0)),
-          lambda: vae_lib.AutoencoderKL(vae_config, dtype=dtype, rngs=nnx.Rngs(0)),
-          lambda: text_lib.TextEncoder(text_config, dtype=dtype, rngs=nnx.Rngs(0)))
-
-
-def _counts(modules) -> dict[str, int]:
-  return {name: sum(x.size for x in jax.tree.leaves(nnx.state(m)))
-          for name, m in zip(MARIGOLD_PARTS, modules)}
-
-
-def build_marigold(sizes: Sizes, dtype):
-  """A Marigold depth pipeline of the given sizes with random weights (no files)."""
-  from dense_diffusion.diffusion import schedules  # pylint: disable=g-import-not-at-top
-  from dense_diffusion.pipelines import MarigoldDepthPipeline  # pylint: disable=g-import-not-at-top
-  tokenizer = _tiny_clip_tokenizer()
-  unet, vae, text = random_modules(*marigold_builds(sizes, dtype, tokenizer))
-  scheduler = schedules.from_diffusers_config(MARIGOLD_SCHEDULER)
-  model_index = dict(_class_name="MarigoldDepthPipeline", prediction_type="depth",
-                     scale_invariant=True, shift_invariant=True,
-                     default_denoising_steps=sizes.marigold_steps,
-                     default_processing_resolution=sizes.marigold_resolution)
-  pipe = MarigoldDepthPipeline(unet, vae, text, tokenizer, scheduler, model_index)
-  return pipe, _counts((unet, vae, text))
-
-
 def marigold_section(run: Run, sizes: Sizes, dtype_name: str) -> None:
   dtype = jnp.bfloat16 if dtype_name == "bfloat16" else None
   result = run.results.setdefault("marigold", {})
   t0 = time.perf_counter()
-  pipe, counts = build_marigold(sizes, dtype)
+  pipe, counts = random_models.build_marigold(
+      sizes.marigold_unet, sizes.marigold_vae, sizes.marigold_text, sizes.marigold_resolution,
+      sizes.marigold_steps, dtype)
   res, n = sizes.marigold_resolution, sizes.marigold_images
   result.update(resolution=res, steps=sizes.marigold_steps, batch_size=sizes.marigold_batch,
                 images_per_call=n, dtype=dtype_name, scheduler="DDIM trailing",
@@ -743,9 +532,8 @@ def plan_section(run: Run, sizes: Sizes, config) -> None:
   result["model_flops_per_example"] = flagship.model_flops(1)
   result["model_flops_trace_s"] = time.perf_counter() - t0
   run.log(f"plan: model FLOPs per example {(result['model_flops_per_example'] or 0) / 1e12:.2f} T")
-  tokenizer = _tiny_clip_tokenizer()
-  dtype = jnp.bfloat16 if str(config.model.get("dtype")) == "bfloat16" else None
-  counts = _counts([nnx.eval_shape(b) for b in marigold_builds(sizes, dtype, tokenizer)])
+  counts = random_models.abstract_marigold_counts(
+      sizes.marigold_unet, sizes.marigold_vae, sizes.marigold_text, sizes.marigold_resolution)
   result["marigold_parameters"] = counts
   run.log(f"plan: Marigold parameters {counts}")
 

@@ -42,9 +42,8 @@ sys.meta_path.insert(0, RefuseModules())
 '''
 
 
-def _load_device_check():
-  spec = importlib.util.spec_from_file_location(
-      "device_check", REPO_ROOT / "bench" / "device_check.py")
+def _load_bench_module(name: str):
+  spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "bench" / f"{name}.py")
   module = importlib.util.module_from_spec(spec)
   sys.modules[spec.name] = module  # its dataclasses look their module up there.
   spec.loader.exec_module(module)
@@ -52,8 +51,8 @@ def _load_device_check():
 
 
 @pytest.fixture(scope="module")
-def device_check():
-  return _load_device_check()
+def search():
+  return _load_bench_module("microbatch_search")
 
 
 def _blocking_env(tmp_path: pathlib.Path) -> dict:
@@ -128,65 +127,65 @@ def test_builder_without_tfds_says_what_is_missing(tmp_path):
 # ------------------------------------------------------------------------------------------------
 # The microbatch search on made-up compilers: peak(b) = fixed + temp(b), in GiB.
 
-def _compiler(device_check, fixed, temp, fail_above=None):
+def _compiler(search, fixed, temp, fail_above=None):
   calls = []
 
   def compile_fn(batch):
     calls.append(batch)
     if fail_above is not None and batch > fail_above:
-      return device_check.Attempt(batch, error="RESOURCE_EXHAUSTED: out of memory")
+      return search.Attempt(batch, error="RESOURCE_EXHAUSTED: out of memory")
     t = temp(batch)
-    return device_check.Attempt(batch, peak_bytes=fixed + t, temp_bytes=t)
+    return search.Attempt(batch, peak_bytes=fixed + t, temp_bytes=t)
 
   return compile_fn, calls
 
 
-def test_search_grows_to_the_largest_power_of_two_that_fits(device_check):
+def test_search_grows_to_the_largest_power_of_two_that_fits(search):
   # 10 + 2 b <= 80 holds up to b = 35: 32 is the answer, found from 8 in one step.
-  compile_fn, calls = _compiler(device_check, 10.0, lambda b: 2.0 * b)
-  best, attempts = device_check.search_microbatch(compile_fn, 8, 256, 80.0, lambda: True)
+  compile_fn, calls = _compiler(search, 10.0, lambda b: 2.0 * b)
+  best, attempts = search.search_microbatch(compile_fn, 8, 256, 80.0, lambda: True)
   assert (best, calls) == (32, [8, 32])
   assert [a.batch for a in attempts] == calls
 
 
-def test_search_halves_a_start_that_does_not_fit(device_check):
-  compile_fn, calls = _compiler(device_check, 10.0, lambda b: 2.0 * b)
-  best, _ = device_check.search_microbatch(compile_fn, 64, 256, 80.0, lambda: True)
+def test_search_halves_a_start_that_does_not_fit(search):
+  compile_fn, calls = _compiler(search, 10.0, lambda b: 2.0 * b)
+  best, _ = search.search_microbatch(compile_fn, 64, 256, 80.0, lambda: True)
   assert (best, calls) == (32, [64, 32])
 
 
-def test_search_fits_a_fixed_part_of_the_temporaries(device_check):
+def test_search_fits_a_fixed_part_of_the_temporaries(search):
   # Temporaries 20 + 2 b (gradients do not grow with the batch), arguments 10, budget 100: up
   # to b = 35. From 4 alone the per-example bytes look like 7 (-> 8); 4 and 8 give 2 (-> 32).
-  compile_fn, calls = _compiler(device_check, 10.0, lambda b: 20.0 + 2.0 * b)
-  best, _ = device_check.search_microbatch(compile_fn, 4, 256, 100.0, lambda: True)
+  compile_fn, calls = _compiler(search, 10.0, lambda b: 20.0 + 2.0 * b)
+  best, _ = search.search_microbatch(compile_fn, 4, 256, 100.0, lambda: True)
   assert (best, calls) == (32, [4, 8, 32])
 
 
-def test_search_without_a_memory_limit_goes_to_the_cap(device_check):
-  compile_fn, calls = _compiler(device_check, 10.0, lambda b: 2.0 * b)
-  best, _ = device_check.search_microbatch(compile_fn, 2, 8, None, lambda: True)
+def test_search_without_a_memory_limit_goes_to_the_cap(search):
+  compile_fn, calls = _compiler(search, 10.0, lambda b: 2.0 * b)
+  best, _ = search.search_microbatch(compile_fn, 2, 8, None, lambda: True)
   assert (best, calls) == (8, [2, 8])
 
 
-def test_search_compile_time_out_of_memory_counts_as_not_fitting(device_check):
-  compile_fn, calls = _compiler(device_check, 10.0, lambda b: 2.0 * b, fail_above=16)
-  best, attempts = device_check.search_microbatch(compile_fn, 64, 256, 1000.0, lambda: True)
+def test_search_compile_time_out_of_memory_counts_as_not_fitting(search):
+  compile_fn, calls = _compiler(search, 10.0, lambda b: 2.0 * b, fail_above=16)
+  best, attempts = search.search_microbatch(compile_fn, 64, 256, 1000.0, lambda: True)
   assert (best, calls) == (16, [64, 32, 16])
   assert attempts[0].error.startswith("RESOURCE_EXHAUSTED")
 
 
-def test_search_stops_when_nothing_fits_or_time_is_up(device_check):
-  compile_fn, calls = _compiler(device_check, 100.0, lambda b: 2.0 * b)
-  assert device_check.search_microbatch(compile_fn, 4, 256, 80.0, lambda: True)[0] is None
+def test_search_stops_when_nothing_fits_or_time_is_up(search):
+  compile_fn, calls = _compiler(search, 100.0, lambda b: 2.0 * b)
+  assert search.search_microbatch(compile_fn, 4, 256, 80.0, lambda: True)[0] is None
   assert calls == [4, 2, 1]
-  compile_fn, calls = _compiler(device_check, 10.0, lambda b: 2.0 * b)
-  best, _ = device_check.search_microbatch(compile_fn, 8, 256, 80.0, lambda: False)
+  compile_fn, calls = _compiler(search, 10.0, lambda b: 2.0 * b)
+  best, _ = search.search_microbatch(compile_fn, 8, 256, 80.0, lambda: False)
   assert (best, calls) == (8, [8])
 
 
-def test_peak_table_by_device_kind(device_check):
-  peak = device_check.peak_flops_lib.peak_bf16_flops
+def test_peak_table_by_device_kind():
+  peak = _load_bench_module("peak_flops").peak_bf16_flops
   # JAX's device_kind strings; dense bf16 rates of NVIDIA's datasheets.
   assert peak("NVIDIA H100 80GB HBM3") == 989e12
   assert peak("NVIDIA H100 PCIe") == 756e12
