@@ -120,7 +120,7 @@ def shared_fixtures() -> pathlib.Path:
 HEAVY_FILES_FIRST = (
     "test_multihost.py", "test_demo_learning.py", "test_vpd_learning.py",
     "test_train_multidevice.py", "test_train.py", "test_matting_learning.py",
-    "test_pseudo_label.py", "test_notebook.py", "test_compile.py",
+    "test_pseudo_label.py", "test_notebook.py", "test_no_tensorflow.py", "test_compile.py",
 )
 
 
