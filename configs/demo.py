@@ -100,6 +100,7 @@ def get_config(arg=None):
   c.model.input_widening = "copy_scale"  # rule for 4 -> 6 input channels of a pretrained UNet.
   c.model.text_encoder = config_dict.placeholder(str)  # pipeline / CLIPTextModel folder; None = learned task tokens.
   c.model.num_task_tokens = 4  # learned tokens per task (when no text encoder).
+  c.model.task_token_init_std = 0.02  # their initialisation N(0, std^2).
   # Restoration predicts a correction added to its input (models/generalist.py): a small UNet
   # cannot reproduce every pixel of the input in a few minutes (docs/training.md).
   c.model.input_residual = True

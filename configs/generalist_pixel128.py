@@ -8,8 +8,9 @@ An SD-2 UNet (diffusers `UNet2DConditionModel` keys) works directly on 128x128 R
 input = concat(noisy target, condition image) = 6 channels: the converted 4-channel `conv_in`
 is widened by `model.input_widening` (docs/models.md). Context = frozen text-encoder embeddings of
 the task prompts (cached once) + CLIP image-encoder tokens of the condition image. Tasks: depth
-(NYUv2), semantic (ADE20K), semantic + instance (COCO panoptic), denoise (SIDD), derain (Rain13K),
-low-light (LOL); DDIM sampling; bf16 compute with float32 parameters; remat; FSDP mesh.
+(NYUv2), ADE20K's semantic classes, COCO's semantic classes + instance (COCO panoptic; panoptic is
+their merge), denoise (SIDD), derain (Rain13K), low-light (LOL); DDIM sampling; bf16 compute
+with float32 parameters; remat; FSDP mesh.
 Data: data/README.md says how to prepare each TFDS dataset.
 
 `arg`: `res=128` (image size), `batch=256` (global batch), `accum=1` (microbatches per step).
@@ -20,7 +21,9 @@ from ml_collections import config_dict
 from configs import demo
 from dense_diffusion.datasets import readers
 
-TASKS = ("depth", "semantic", "instance", "denoise", "derain", "lowlight")
+# One label space per dataset: ADE20K's 150 classes and COCO panoptic's 133 are two tasks, each
+# with its own prompt and palette; panoptic is answered from semantic_coco + instance.
+TASKS = ("depth", "semantic_ade20k", "semantic_coco", "instance", "denoise", "derain", "lowlight")
 
 
 def mixture(res: int) -> list:

@@ -50,6 +50,16 @@ def prompt_embeddings(model_config: Any, prompts: Sequence[str]) -> np.ndarray |
   return np.asarray(emb)
 
 
+def pooled_prompt_embeddings(model_config: Any, unet_config: dict, prompts: Sequence[str]
+                             ) -> np.ndarray | None:
+  """The prompts' pooled text embeddings [T, D] when the UNet projects them into its timestep
+  embedding (`class_embed_type="projection"`) and a text encoder gives the prompts; else None
+  (learned task tokens pool their own)."""
+  if not model_config.get("text_encoder") or unet_config.get("class_embed_type") != "projection":
+    return None
+  return embed_texts(model_config, prompts, pooled=True)
+
+
 def input_residual_init(model_config: Any, task_objects: Sequence[tasks_lib.Task]
                         ) -> list[float] | None:
   """Per-task initial gates of the input residual (1 where the input estimates the answer)."""
@@ -142,8 +152,9 @@ def build_model(model_config: Any, task_objects: Sequence[tasks_lib.Task], *,
     # model.unet asks for them); the rest of the architecture is the checkpoint's.
     overrides = dict(in_channels=unet_config["in_channels"],
                      out_channels=unet_config["out_channels"])
-    if unet_config.get("num_class_embeds"):
-      overrides["num_class_embeds"] = unet_config["num_class_embeds"]
+    for key in unet_convert.CLASS_EMBEDDING_KEYS:  # a class embedding of the run's own.
+      if unet_config.get(key):
+        overrides[key] = unet_config[key]
     provenance.add("unet", unet_convert.fresh_params(ckpt_config, **overrides))
     unet = unet_convert.load_diffusers_unet(
         model_config.pretrained_unet, input_widening=model_config.get("input_widening",
@@ -157,8 +168,10 @@ def build_model(model_config: Any, task_objects: Sequence[tasks_lib.Task], *,
   model = generalist.GeneralistModel(
       unet_config, num_tasks=len(prompts), image_encoder_config=vision_config,
       image_encoder_options=image_options, prompt_embeddings=prompt_embeddings(
-          model_config, prompts),
+          model_config, prompts), pooled_prompt_embeddings=pooled_prompt_embeddings(
+              model_config, unet_config, prompts),
       num_task_tokens=int(model_config.get("num_task_tokens", 4)),
+      task_token_init_std=float(model_config.get("task_token_init_std", 0.02)),
       input_residual_init=input_residual_init(model_config, task_objects), dtype=dtype,
       remat=model_config.get("remat", False), rngs=rngs, unet=unet,
       condition_channels=condition_channels)
