@@ -60,6 +60,17 @@ def pooled_prompt_embeddings(model_config: Any, unet_config: dict, prompts: Sequ
   return embed_texts(model_config, prompts, pooled=True)
 
 
+def projection_width(unet_config: dict, architecture: dict) -> None:
+  """Fills `projection_class_embeddings_input_dim` of a UNet that projects its prompts' pooled
+  embedding (`class_embed_type="projection"`) when the config leaves it out: the pooled
+  embedding is as wide as the prompt's tokens, the `cross_attention_dim` of the UNet's
+  `architecture` (its own config, or the pretrained checkpoint's)."""
+  if (unet_config.get("class_embed_type") == "projection"
+      and not unet_config.get("projection_class_embeddings_input_dim")):
+    unet_config["projection_class_embeddings_input_dim"] = int(
+        architecture.get("cross_attention_dim", 1280))
+
+
 def input_residual_init(model_config: Any, task_objects: Sequence[tasks_lib.Task]
                         ) -> list[float] | None:
   """Per-task initial gates of the input residual (1 where the input estimates the answer)."""
@@ -142,16 +153,20 @@ def build_model(model_config: Any, task_objects: Sequence[tasks_lib.Task], *,
   # What the generalist concatenates to x_t (none for a backbone that sees the image alone).
   condition_channels = unet_config["in_channels"] - unet_config["out_channels"]
   unet = None
+  if not model_config.get("pretrained_unet"):
+    projection_width(unet_config, unet_config)
   if model_config.get("pretrained_unet"):
     try:
       ckpt_config = common.read_config(model_config.pretrained_unet, unet_convert.SUBFOLDER)
     except FileNotFoundError as e:
       raise errors.MissingError(f"model.pretrained_unet={model_config.pretrained_unet!r}: {e}"
                                 ) from None
-    # The run's own channels (its space and paradigm) and classes (the generalist's tasks, when
-    # model.unet asks for them); the rest of the architecture is the checkpoint's.
+    # The run's own channels (its space and paradigm) and classes (the generalist's tasks, or
+    # its prompts' pooled embeddings, when model.unet asks for them); the rest of the
+    # architecture is the checkpoint's.
     overrides = dict(in_channels=unet_config["in_channels"],
                      out_channels=unet_config["out_channels"])
+    projection_width(unet_config, ckpt_config)
     for key in unet_convert.CLASS_EMBEDDING_KEYS:  # a class embedding of the run's own.
       if unet_config.get(key):
         overrides[key] = unet_config[key]
