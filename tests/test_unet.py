@@ -305,6 +305,8 @@ def test_projection_class_embedding_parity(tmp_path):
     ours(x, t, ctx, class_labels=np.array([0, 1], np.int32))
   with pytest.raises(ValueError, match="projection_class_embeddings_input_dim"):
     unet_lib.UNet(dict(SD1, class_embed_type="projection"), rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="num_class_embeds is unused"):
+    unet_lib.normalize_config(dict(config, num_class_embeds=3))
 
 
 class _RecordingProcessor(attention_processor.AttnProcessor):

@@ -178,9 +178,15 @@ def normalize_config(config: Mapping[str, Any]) -> dict[str, Any]:
       raise ValueError(f"UNet config: {key}={value!r} is not supported; accepted: {check.desc}")
     out[key] = value
   _check_lengths(out)
-  if out["class_embed_type"] == "projection" and not out["projection_class_embeddings_input_dim"]:
-    raise ValueError("UNet config: class_embed_type='projection' needs "
-                     "projection_class_embeddings_input_dim (the width of the vectors it projects)")
+  if out["class_embed_type"] == "projection":
+    if not out["projection_class_embeddings_input_dim"]:
+      raise ValueError("UNet config: class_embed_type='projection' needs "
+                       "projection_class_embeddings_input_dim (the width of the vectors it "
+                       "projects)")
+    if out["num_class_embeds"] is not None:
+      # diffusers ignores it silently; a config asking for both means one of them by mistake.
+      raise ValueError("UNet config: num_class_embeds is unused with class_embed_type="
+                       "'projection' (the class embedding projects vectors): remove one")
   return out
 
 
