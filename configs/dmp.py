@@ -34,7 +34,7 @@ def get_config(arg=None):
     c.tasks = DMP_TASKS
     c.input.entries = readers.synthetic_mixture(DMP_TASKS, config=f"res{arg.res or 32}")
     c.task_loss_weights = {}  # demo's weights are for restoration and instance centres.
-    c.model.unet["num_class_embeds"] = len(DMP_TASKS)  # the task as a class label.
+    demo.task_as_class_label(c)  # the conditioning this recipe was measured with.
     c.model.vae.config = demo.SYNTHETIC_VAE
     c.model.allow_frozen_fresh = ("vae",)  # a random frozen VAE: the latent path as plumbing.
   c.model.latent = bool(arg.latent)  # pixels or the VAE's latents: the one switch.

@@ -21,17 +21,13 @@ def _generalist(res):
   return demo.get_config(f"res={res}")  # configs/demo.py as it is.
 
 
-# The UNet keys that tell it the task besides the cross-attention tokens.
-_TASK_KEYS = ("num_class_embeds", "class_embed_type", "projection_class_embeddings_input_dim")
-
-
 def _conditioned(res, *, class_label: bool, pooled_prompt: bool, token_std: float,
                  image_tokens: bool = True):
   """configs/demo.py told the task one way: learned task tokens (N(0, token_std^2)) in the 8x8
   cross-attention, plus the task as a class label and / or the tokens' pooled embedding
   projected into the timestep embedding; with or without the tiny ViT's image tokens."""
   c = demo.get_config(f"res={res}")
-  unet = {k: v for k, v in dict(c.model.unet).items() if k not in _TASK_KEYS}
+  unet = demo.without_task_embedding(c.model.unet)
   if class_label:
     unet["num_class_embeds"] = len(c.tasks)  # the task index (set to the study's count below).
   if pooled_prompt:
