@@ -76,8 +76,8 @@ def ade20k(resolution: int = 128, split: str = "train", weight: float = 1.0) -> 
   evalp = _join('ade20k_labels("semantic")', 'copy("semantic", "label/semantic")',
                 _resize(resolution, label_keys=("semantic",)), "value_range(-1, 1)")
   return {"dataset": "ade20k", "split": split, "eval_split": "validation",
-          "task": "semantic_ade20k", "task_options": {"num_classes": 150}, "pp": train, "pp_eval": evalp, "weight": weight,
-          "pad_values": {"label/semantic": 255}}
+          "task": "semantic_ade20k", "task_options": {"num_classes": 150}, "pp": train,
+          "pp_eval": evalp, "weight": weight, "pad_values": {"label/semantic": 255}}
 
 
 @register("coco_panoptic")
