@@ -105,14 +105,16 @@ def build_vae(model_config: Any, *, seed: int = 0) -> vae_lib.AutoencoderKL:
 
 
 def unet_config_for_space(model_config: Any, vae: vae_lib.AutoencoderKL | None,
-                          paradigm: Any = None) -> dict:
+                          paradigm: Any = None, checkpoint: dict | None = None) -> dict:
   """`model.unet` with the keys the space and the paradigm set: in_channels and out_channels
   (`Paradigm.unet_channels`: by default answer + condition in, the answer out: 3 + 3 and 3 for
   pixels, 2 x 4 and 4 for SD latents, as Marigold; VPD's backbone sees the image alone), and,
   in latent space, the diffusers `sample_size` of the latents (`model.unet.sample_size` is the
   image size in both spaces). So a pixel and a latent run of one config differ in
-  `model.latent` alone."""
+  `model.latent` alone. A projected pooled prompt without its width gets the prompt tokens'
+  width (`projection_width`; `checkpoint`: the pretrained UNet's config, whose it then is)."""
   unet_config = dict(model_config.unet)
+  projection_width(unet_config, checkpoint or unet_config)
   channels = vae.config.latent_channels if vae is not None else 3
   space = "latent" if vae is not None else "pixel"
   in_ch, out_ch = (paradigm.unet_channels(channels) if paradigm is not None
@@ -149,24 +151,23 @@ def build_model(model_config: Any, task_objects: Sequence[tasks_lib.Task], *,
   if model_config.get("zero_init_output") and model_config.get("pretrained_unet"):
     raise errors.ConfigError("model.zero_init_output would discard the pretrained UNet's "
                              "conv_out: set it only for randomly initialised UNets")
-  unet_config = unet_config_for_space(model_config, vae, paradigm)
-  # What the generalist concatenates to x_t (none for a backbone that sees the image alone).
-  condition_channels = unet_config["in_channels"] - unet_config["out_channels"]
-  unet = None
-  if not model_config.get("pretrained_unet"):
-    projection_width(unet_config, unet_config)
+  ckpt_config = None
   if model_config.get("pretrained_unet"):
     try:
       ckpt_config = common.read_config(model_config.pretrained_unet, unet_convert.SUBFOLDER)
     except FileNotFoundError as e:
       raise errors.MissingError(f"model.pretrained_unet={model_config.pretrained_unet!r}: {e}"
                                 ) from None
+  unet_config = unet_config_for_space(model_config, vae, paradigm, checkpoint=ckpt_config)
+  # What the generalist concatenates to x_t (none for a backbone that sees the image alone).
+  condition_channels = unet_config["in_channels"] - unet_config["out_channels"]
+  unet = None
+  if ckpt_config is not None:
     # The run's own channels (its space and paradigm) and classes (the generalist's tasks, or
     # its prompts' pooled embeddings, when model.unet asks for them); the rest of the
     # architecture is the checkpoint's.
     overrides = dict(in_channels=unet_config["in_channels"],
                      out_channels=unet_config["out_channels"])
-    projection_width(unet_config, ckpt_config)
     for key in unet_convert.CLASS_EMBEDDING_KEYS:  # a class embedding of the run's own.
       if unet_config.get(key):
         overrides[key] = unet_config[key]
