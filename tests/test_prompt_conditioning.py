@@ -17,15 +17,18 @@ from dense_diffusion.diffusion import schedules
 from dense_diffusion.experiment import model as model_lib
 
 RES = 8
-# Cross-attention at both levels; the prompt's pooled embedding (the mean of its learned tokens)
-# projected into the timestep embedding, as configs/demo.py conditions.
-UNET = dict(sample_size=RES, block_out_channels=[16, 32], layers_per_block=1,
-            down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-            up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D"], cross_attention_dim=16,
-            attention_head_dim=4, norm_num_groups=8, class_embed_type="projection",
-            projection_class_embeddings_input_dim=16)
-STEPS = 150
+# One level with cross-attention (a CrossAttn down and up block, no mid block: the smallest UNet
+# that reads both the prompt's tokens and, projected into the timestep embedding, its pooled
+# embedding, as configs/demo.py conditions); compiling it is most of the test's time.
+UNET = dict(sample_size=RES, block_out_channels=[16], layers_per_block=1,
+            down_block_types=["CrossAttnDownBlock2D"], up_block_types=["CrossAttnUpBlock2D"],
+            mid_block_type=None, cross_attention_dim=16, attention_head_dim=4, norm_num_groups=8,
+            class_embed_type="projection")
+# Measured (2026-12-07): after 100 steps each task's error is 0.05-0.06 of the prompt-blind
+# optimum's; the same training with every example given task 0's prompt stays at 1.01-1.05.
+STEPS = 100
 BATCH = 16
+LEARNING_RATE = 5e-3
 
 
 def _paradigm():
@@ -55,7 +58,7 @@ def trained():
   assert model.unet.config["num_class_embeds"] is None  # no class label: the prompt alone.
   paradigm = _paradigm()
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  tx = optax.adam(3e-3)
+  tx = optax.adam(LEARNING_RATE)
 
   @jax.jit
   def step(params, opt_state, key):
