@@ -41,6 +41,7 @@ from dense_diffusion import errors
 from dense_diffusion import sharding
 from dense_diffusion import tasks as tasks_lib
 from dense_diffusion import workdir as workdir_lib
+from dense_diffusion.datasets import prepare
 from dense_diffusion.experiment import config as config_lib
 
 METRICS_FILE = workdir_lib.METRICS_FILE
@@ -75,6 +76,9 @@ class Evaluator:
     self.paths = workdir_lib.WorkdirPaths(workdir)  # local or gs://
     eval_config = config.eval
     entries = [dict(e) for e in (eval_config.get("entries") or config.input.entries)]
+    # The built-in synthetic_scenes is prepared if missing (progress shown); a missing real
+    # dataset stops here with one line, before any evaluation work.
+    prepare.ensure_prepared(entries, config.input.get("data_dir"))
     entry_tasks = config_lib.entry_tasks(entries)
     counts = collections.Counter(t.name for t in entry_tasks)
     self.entries = [
@@ -250,6 +254,9 @@ def evaluate_latest(config: Any, workdir: str) -> dict:
   """Evaluates the latest checkpoint of `workdir` (config: given, or the run's config.json)."""
   from dense_diffusion import experiment as experiment_lib  # pylint: disable=g-import-not-at-top
   config = config if config is not None else config_lib.load(workdir)
+  # Before the model is built: a dataset that is missing is prepared, or named, first.
+  prepare.ensure_prepared(config.eval.get("entries") or config.input.entries,
+                          config.input.get("data_dir"))
   exp = experiment_lib.Experiment(config)
   step, state = exp.restore_latest(workdir)
   with jax.set_mesh(exp.mesh):

@@ -2,7 +2,6 @@
 import json
 import os
 import pathlib
-import subprocess
 import sys
 
 import numpy as np
@@ -16,6 +15,7 @@ from dense_diffusion import input_pipeline as ip
 from dense_diffusion import tasks
 from dense_diffusion.datasets import common
 from dense_diffusion.datasets import readers
+import subprocess_env
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 RNG = np.random.default_rng(0)
@@ -63,7 +63,7 @@ def test_ade20k_prepare_command_and_labels(tmp_path):
   # The exact command of data/README.md.
   cmd = [sys.executable, "data/prepare.py", "ade20k",
          f"--manual_dir={tmp_path / 'manual'}", f"--data_dir={tmp_path / 'data'}"]
-  proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+  proc = subprocess_env.run(cmd, cwd=REPO, capture_output=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "validation: 2 examples" in proc.stdout
   got = _read_all("ade20k", "validation", tmp_path / "data")

@@ -98,10 +98,13 @@ def _shrunk(name, folder, data_dir):
   c = module.get_config(arg)
   c.tasks = TASKS
   c.input.entries = [readers.ade20k(RES)]
+  c.eval.entries = [readers.ade20k(RES)]  # evaluated on what it trains (onestep's is NYUv2).
   c.input.data_dir = str(data_dir)
   c.input.shuffle_buffer = 4
   c.model.pretrained_unet = str(folder)
   c.model.text_encoder = str(folder)
+  if c.model.latent:  # dmp real=1 works in SD's latent space: the pipeline's VAE.
+    c.model.vae.pretrained = str(folder)
   c.model.dtype = "float32"  # bf16 is for accelerators; the CPU runs it slowly.
   assert c.model.remat  # kept: training recomputes the blocks, the sampler runs them plainly.
   if c.model.get("image_encoder"):

@@ -11,7 +11,8 @@ Adding a task: a module with a `Task` subclass registered by `@tasks.register("n
 from dense_diffusion.tasks.base import (LABEL_PREFIX, Evaluator, Task, compose, composites,
                                         family, from_entry, get, names, register, resize_map)
 # Importing the task modules registers their tasks.
-from dense_diffusion.tasks import geometry, images, instance, panoptic, segmentation  # noqa: F401
+from dense_diffusion.tasks import (geometry, images, instance, matting, panoptic,  # noqa: F401
+                                   segmentation)
 from dense_diffusion.tasks.instance import UNKNOWN_INSTANCE
 from dense_diffusion.tasks.segmentation import IGNORE_LABEL, palette
 
