@@ -82,7 +82,7 @@ def get_config(arg=None):
     # Per entry, examples held encoded while shuffled: the five entries read one set.
     c.input.shuffle_buffer = 1_000
   else:
-    c.model.unet["num_class_embeds"] = len(DMP_TASKS)  # the task as a class label.
+    demo.task_as_class_label(c)  # the conditioning this recipe was measured with.
     c.model.vae.config = demo.SYNTHETIC_VAE
     c.model.allow_frozen_fresh = ("vae",)  # a random frozen VAE: the latent path as plumbing.
   c.model.latent = bool(latent)  # pixels or the VAE's latents: the one switch.

@@ -69,20 +69,22 @@ def nyu_depth_v2(resolution: int = 128, split: str = "train", weight: float = 1.
 
 @register("ade20k")
 def ade20k(resolution: int = 128, split: str = "train", weight: float = 1.0) -> dict:
-  """ADE20K 150 classes (our `ade20k` builder): 0 -> 255 ignore, 1..150 -> 0..149."""
+  """ADE20K 150 classes (our `ade20k` builder): 0 -> 255 ignore, 1..150 -> 0..149; its own task,
+  `semantic_ade20k` (one label space per dataset: its prompt, classes and palette)."""
   train = _join('ade20k_labels("semantic")', _flip(("image", "semantic")),
                 _resize(resolution, label_keys=("semantic",)), "value_range(-1, 1)")
   evalp = _join('ade20k_labels("semantic")', 'copy("semantic", "label/semantic")',
                 _resize(resolution, label_keys=("semantic",)), "value_range(-1, 1)")
-  return {"dataset": "ade20k", "split": split, "eval_split": "validation", "task": "semantic",
-          "task_options": {"num_classes": 150}, "pp": train, "pp_eval": evalp, "weight": weight,
-          "pad_values": {"label/semantic": 255}}
+  return {"dataset": "ade20k", "split": split, "eval_split": "validation",
+          "task": "semantic_ade20k", "task_options": {"num_classes": 150}, "pp": train,
+          "pp_eval": evalp, "weight": weight, "pad_values": {"label/semantic": 255}}
 
 
 @register("coco_panoptic")
 def coco_panoptic(resolution: int = 128, split: str = "train", weight: float = 1.0,
-                  tasks: tuple[str, ...] = ("semantic", "instance")) -> list[dict]:
-  """COCO panoptic (TFDS `coco/2017_panoptic`) as two entries: semantic (133 classes) + instance.
+                  tasks: tuple[str, ...] = ("semantic_coco", "instance")) -> list[dict]:
+  """COCO panoptic (TFDS `coco/2017_panoptic`) as two entries: COCO's own semantic task
+  (`semantic_coco`, 133 classes) + instance.
 
   Panoptic is trained as two tasks with two prompts; `weight` is split evenly between them. The
   evaluation entries keep the raw segment-id map and segment lists for PQ; the semantic task
@@ -90,7 +92,8 @@ def coco_panoptic(resolution: int = 128, split: str = "train", weight: float = 1
   """
   from dense_diffusion.datasets import coco  # pylint: disable=g-import-not-at-top
   keys = ("image", "semantic", "instance")
-  options = {"semantic": {"num_classes": 133, "categories": coco.panoptic_categories()}}
+  semantic = {"num_classes": 133, "categories": coco.panoptic_categories()}
+  options = {"semantic_coco": semantic, "semantic": semantic}
   out = []
   for task in tasks:
     train = _join("coco_panoptic", _flip(keys), _resize(resolution, label_keys=keys[1:]),
