@@ -23,6 +23,7 @@ from flax import nnx
 
 from dense_diffusion import errors
 from dense_diffusion import registry
+from dense_diffusion import sharding
 from dense_diffusion.models import attention as attention_lib
 from dense_diffusion.models import layers
 
@@ -256,7 +257,13 @@ class GEGLU(nnx.Module):
                              param_dtype=param_dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    hidden, gate = jnp.split(self.proj(x), 2, axis=-1)
+    # Two products with the kernel's halves, each split over the tensor axis: one product of the
+    # whole kernel, split there, would give one device all of `hidden` and the other all of
+    # `gate`, and their product would exchange activations (here the kernel halves move).
+    inner = self.proj.out_features // 2
+    names = ("batch",) + (None,) * (x.ndim - 2) + ("mlp",)
+    hidden = sharding.constrain(self.proj(x, columns=(0, inner)), names)
+    gate = sharding.constrain(self.proj(x, columns=(inner, 2 * inner)), names)
     return hidden * jax.nn.gelu(gate, approximate=False)
 
 
@@ -316,8 +323,10 @@ class Transformer2D(nnx.Module):
     inner = heads * dim_head
     self.norm = layers.GroupNorm(channels, norm_groups, eps=1e-6, **kw)
     if use_linear_projection:
-      self.proj_in = layers.Dense(channels, inner, axes=("embed", "heads"), **kw)
-      self.proj_out = layers.Dense(inner, channels, axes=("heads", "embed"), **kw)
+      # In and out of the residual stream of the transformer layers: model width on both sides
+      # (not "heads", which the tensor axis splits: the stream stays whole on every device).
+      self.proj_in = layers.Dense(channels, inner, axes=("embed", "embed"), **kw)
+      self.proj_out = layers.Dense(inner, channels, axes=("embed", "embed"), **kw)
     else:
       self.proj_in = layers.Conv2d(channels, inner, 1, padding=0, **kw)
       self.proj_out = layers.Conv2d(inner, channels, 1, padding=0, **kw)
