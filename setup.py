@@ -33,6 +33,7 @@ setup(
         "dm-pix>=0.4.3",
         "numpy>=1.26",
         "scipy>=1.11",
+        "h5py>=3.10",  # Hypersim's HDF5 files (datasets/hypersim).
         "pillow>=10.0",
         "matplotlib>=3.8",
         "absl-py>=2.1",

@@ -3,7 +3,7 @@
     python -m dense_diffusion.main train --config configs/marigold.py --workdir runs/marigold
     python -m dense_diffusion.main train --config configs/marigold.py:real=1 \
         --config.model.pretrained_unet=weights/sd2 --config.model.vae.pretrained=weights/sd2 \
-        --config.input.data_dir=/data/tfds --workdir runs/marigold_nyu
+        --config.input.data_dir=/data/tfds --workdir runs/marigold_hypersim_vkitti
 
 The recipe: an SD-2 UNet on VAE latents, its input widened from 4 to 8 channels (the image
 latent beside the noisy answer latent: the pretrained `conv_in` kernel duplicated and halved,
@@ -14,9 +14,11 @@ and depth ensembles aligned by scale and shift. The frozen VAE encodes the image
 RGB-encoded answer inside the train step and decodes the sampled latents.
 
 `arg`: `real` (0: depth and normals on synthetic_scenes, small UNet, trains on the CPU;
-1: NYUv2 depth and an SD-2 UNet from weights given by path), `res` (image size), `latent`
-(1: the VAE's latents, Marigold; 0: the same recipe on pixels; the only key in which the two
-runs differ), `steps` (DDIM steps at test time), `ensemble` (members per test prediction).
+1: Marigold's data, depth on Hypersim and Virtual KITTI 2 sampled 9 : 1, evaluated on NYUv2,
+and an SD-2 UNet from weights given by path; data/README.md prepares the three sets), `res`
+(image size), `latent` (1: the VAE's latents, Marigold; 0: the same recipe on pixels; the only
+key in which the two runs differ), `steps` (DDIM steps at test time), `ensemble` (members per
+test prediction).
 """
 from configs import demo
 from configs import generalist_pixel128
@@ -28,9 +30,12 @@ def get_config(arg=None):
   if arg.real:
     c = generalist_pixel128.get_config(f"res={arg.res or 128}")
     c.tasks = ("depth",)
-    # NYUv2 stands in for Marigold's Hypersim + Virtual KITTI (not in TFDS); depth
-    # normalised per image, evaluated after scale-and-shift alignment.
-    c.input.entries = [readers.nyu_depth_v2(c.model.unet["sample_size"], affine_invariant=True)]
+    res = c.model.unet["sample_size"]
+    # Marigold's training mixture: Hypersim + Virtual KITTI 2 sampled 9 : 1, depth normalised
+    # per image; evaluated zero-shot on NYUv2 after scale-and-shift alignment.
+    c.input.entries = readers.marigold_depth_mixture(res, affine_invariant=True)
+    c.input.shuffle_buffer = 2_000  # per entry; a Hypersim example holds ~2.5 MB while shuffled.
+    c.eval.entries = [readers.nyu_depth_v2(res, affine_invariant=True)]
     c.model.vae.dtype = "bfloat16"  # frozen VAE at half precision on accelerators.
     c.model.image_encoder = None  # Marigold conditions on the image latent alone.
     c.optimizer.lr = 3e-5  # Marigold's learning rate.
@@ -42,7 +47,7 @@ def get_config(arg=None):
             max_depth=readers.SYNTHETIC_MAX_DEPTH, affine_invariant=True)),
         readers.synthetic_scenes("normals", config=f"res{arg.res or 32}")]
     c.task_loss_weights = {}
-    c.model.unet["num_class_embeds"] = len(c.tasks)
+    demo.task_as_class_label(c)  # the conditioning this recipe was measured with.
     c.model.vae.config = demo.SYNTHETIC_VAE
     c.model.allow_frozen_fresh = ("vae",)  # a random frozen VAE: the latent path as plumbing.
     c.model.zero_init_output = False  # v-prediction: a zero output is not "no answer".

@@ -18,19 +18,28 @@ its decoder features feed a dense head per task (the `vpd` paradigm's heads and 
 paradigms/backbone.py, without cross-attention maps or class prompts; `pred` and `loss` do not
 apply).
 
-`arg`: `real` (0: the small synthetic_scenes set-up of configs/demo.py; 1: the real-data,
-SD2-size set-up of configs/generalist_pixel128.py), `res` (image size), `pred` (sample |
-v_prediction), `latent` (0: pixels, 1: the VAE's latents; the only key in which the two runs
-differ), `loss` (prediction | image), `head` (0 | 1).
+`arg`: `real` (0: the small synthetic_scenes set-up of configs/demo.py; 1: the SD2-size
+set-up of configs/generalist_pixel128.py on GenPercept's depth data, Marigold's mixture of
+Hypersim and Virtual KITTI 2 sampled 9 : 1, evaluated on NYUv2), `res` (image size), `pred`
+(sample | v_prediction), `latent` (0: pixels, 1: the VAE's latents; the only key in which the
+two runs differ), `loss` (prediction | image), `head` (0 | 1).
 """
 from configs import demo
 from configs import generalist_pixel128
+from dense_diffusion.datasets import readers
 
 
 def get_config(arg=None):
   arg = demo.parse_arg(arg, real=0, res=0, pred="sample", latent=0, loss="prediction", head=0)
   if arg.real:
     c = generalist_pixel128.get_config(f"res={arg.res or 128}")
+    res = c.model.unet["sample_size"]
+    c.tasks = ("depth",)
+    # GenPercept's depth data: Marigold's mixture (Hypersim + Virtual KITTI 2, 9 : 1), depth
+    # normalised per image; evaluated zero-shot on NYUv2 after scale-and-shift alignment.
+    c.input.entries = readers.marigold_depth_mixture(res, affine_invariant=True)
+    c.input.shuffle_buffer = 2_000  # per entry; a Hypersim example holds ~2.5 MB while shuffled.
+    c.eval.entries = [readers.nyu_depth_v2(res, affine_invariant=True)]
     c.model.vae.dtype = "bfloat16"  # frozen VAE at half precision on accelerators.
     # At 480x640, 2 examples per 80 GB GPU fit (55 GiB in XLA's buffer assignment), 4 do not
     # (92 GiB): set batch_size to 2 x devices there (docs/training.md, "Memory on one device").
@@ -65,5 +74,6 @@ def _custom_head(c) -> None:
   c.model.input_residual = False  # the heads answer directly.
   c.model.zero_init_output = False
   c.model.image_encoder = None  # the image enters through the UNet's input alone.
-  # The backbone pass has no task class label: the heads are per task.
-  c.model.unet = {k: v for k, v in dict(c.model.unet).items() if k != "num_class_embeds"}
+  # The backbone pass adds no task to the timestep embedding: the heads are per task.
+  c.model.unet = demo.without_task_embedding(c.model.unet)
+  c.model.task_token_init_std = 0.02  # the tokens this recipe was measured with.

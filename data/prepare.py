@@ -3,7 +3,7 @@
     python data/prepare.py ade20k --manual_dir=/data/raw/ade --data_dir=~/tensorflow_datasets
     python data/prepare.py synthetic_scenes/res128 --data_dir=~/tensorflow_datasets
 
-Our builders (synthetic_scenes, ade20k, sidd, rain, lol) are registered by importing
+Our builders (synthetic_scenes, ade20k, sidd, rain, lol, hypersim, vkitti2) are registered by importing
 `dense_diffusion.datasets`; TFDS's own builders (nyu_depth_v2, coco/2017_panoptic) work too.
 This script stands in for `tfds build`, whose CLI imports apache_beam (not a dependency here).
 """

@@ -31,3 +31,8 @@ class UnknownNameError(UserError, KeyError):
 
 class MissingError(UserError, FileNotFoundError):
   """A workdir, checkpoint, dataset or input file that is not where the user said."""
+
+
+class DivergedError(ConfigError, FloatingPointError):
+  """Training met a non-finite loss or gradient under `nonfinite='stop'`: the remedy is a config
+  value (learning rate, clipping, the non-finite policy), so it is told in one line."""

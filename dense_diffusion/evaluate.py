@@ -41,6 +41,7 @@ from dense_diffusion import errors
 from dense_diffusion import sharding
 from dense_diffusion import tasks as tasks_lib
 from dense_diffusion import workdir as workdir_lib
+from dense_diffusion.datasets import prepare
 from dense_diffusion.experiment import config as config_lib
 
 METRICS_FILE = workdir_lib.METRICS_FILE
@@ -75,6 +76,9 @@ class Evaluator:
     self.paths = workdir_lib.WorkdirPaths(workdir)  # local or gs://
     eval_config = config.eval
     entries = [dict(e) for e in (eval_config.get("entries") or config.input.entries)]
+    # The built-in synthetic_scenes is prepared if missing (progress shown); a missing real
+    # dataset stops here with one line, before any evaluation work.
+    prepare.ensure_prepared(entries, config.input.get("data_dir"))
     entry_tasks = config_lib.entry_tasks(entries)
     counts = collections.Counter(t.name for t in entry_tasks)
     self.entries = [
@@ -93,18 +97,17 @@ class Evaluator:
 
   def _composites(self) -> list[_Composite]:
     """Every composite task whose parts all have entries of one dataset (and can build it)."""
-    by_dataset: dict[str, dict[str, _Entry]] = collections.defaultdict(dict)
+    by_dataset: dict[str, list[_Entry]] = collections.defaultdict(list)
     for item in self.entries:
-      by_dataset[item.entry["dataset"]].setdefault(item.task.name, item)
+      by_dataset[item.entry["dataset"]].append(item)
     found = []
     for name in tasks_lib.composites():
-      cls = tasks_lib.base.TASKS.get(name)
       for dataset, items in by_dataset.items():
-        if not set(cls.parts) <= set(items):
-          continue
-        task = cls.from_parts({p: items[p].task for p in cls.parts})
+        task = tasks_lib.compose(name, [item.task for item in items])
         if task is not None:
-          found.append(_Composite(name, dataset, task, {p: items[p].name for p in cls.parts}))
+          key = {item.task.name: item.name for item in reversed(items)}  # the first entry's
+          found.append(_Composite(name, dataset, task, {
+              p: key[t] for p, t in task.part_names().items()}))
     counts = collections.Counter(c.name for c in found)
     for c in found:
       if counts[c.name] > 1:
@@ -251,6 +254,9 @@ def evaluate_latest(config: Any, workdir: str) -> dict:
   """Evaluates the latest checkpoint of `workdir` (config: given, or the run's config.json)."""
   from dense_diffusion import experiment as experiment_lib  # pylint: disable=g-import-not-at-top
   config = config if config is not None else config_lib.load(workdir)
+  # Before the model is built: a dataset that is missing is prepared, or named, first.
+  prepare.ensure_prepared(config.eval.get("entries") or config.input.entries,
+                          config.input.get("data_dir"))
   exp = experiment_lib.Experiment(config)
   step, state = exp.restore_latest(workdir)
   with jax.set_mesh(exp.mesh):

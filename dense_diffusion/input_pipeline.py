@@ -16,12 +16,15 @@ the entry's task object (`tasks.from_entry`: `target` = `task.encode(answer)`, `
 Before preprocessing, every example is checked: every image feature must decode and every image
 and label map (rank >= 2) must share one height and width. A bad example is reported with the
 dataset, split and example key; `on_bad_example="fail"` raises, `"skip"` drops, logs and counts
-it (`bad_examples()`).
+it (`bad_examples()`). An entry's `expect_metadata` (what its task options assume of the
+dataset's TFDS metadata: a pseudo-labelled set records the options its labels are in) is
+checked when the dataset is opened; a dataset that does not fit is a one-line ConfigError.
 """
 from __future__ import annotations
 
 import collections
 import io
+import json
 import math
 import threading
 from typing import Any, Iterable, Mapping, Sequence
@@ -40,7 +43,8 @@ ON_BAD_EXAMPLE = ("fail", "skip")
 EVAL_PREFIX = tasks_lib.LABEL_PREFIX  # keys kept by the eval stream besides image/target/task/mask
 
 _ENTRY_DEFAULTS = {"split": "train", "weight": 1.0, "pp": "", "data_dir": None,
-                   "check_keys": None, "features": None, "task_options": None}
+                   "check_keys": None, "features": None, "task_options": None,
+                   "expect_metadata": None}
 
 
 class BadExampleError(ValueError):
@@ -75,6 +79,38 @@ def _as_entry(entry: Any) -> dict:
     raise errors.ConfigError(f"input entry for {entry['dataset']} has unknown keys "
                              f"{sorted(unknown)}")
   return {**_ENTRY_DEFAULTS, **entry}
+
+
+def _json(value: Any) -> Any:
+  """`value` as JSON holds it (tuples as lists, ConfigDicts as dicts)."""
+  value = value.to_dict() if hasattr(value, "to_dict") else value
+  return json.loads(json.dumps(value))
+
+
+def _missing_metadata(expected: Any, found: Any, path: str) -> list[str]:
+  """The places where `found` lacks or differs from `expected` (dicts: only the keys
+  `expected` has)."""
+  if isinstance(expected, dict):
+    if not isinstance(found, dict):
+      return [f"{path} is {found!r}, expected {expected!r}"]
+    return [m for k, v in expected.items()
+            for m in _missing_metadata(v, found.get(k), f"{path}.{k}" if path else k)]
+  return [] if expected == found else [f"{path} is {found!r}, expected {expected!r}"]
+
+
+def check_metadata(entry: dict, builder: Any) -> None:
+  """The entry's `expect_metadata` (what its task options assume of the dataset, e.g. the
+  options a pseudo-labelled set's labels were made in) against the dataset's metadata."""
+  expected = _json(entry.get("expect_metadata") or {})
+  if not expected:
+    return
+  found = _json(dict(builder.info.metadata or {}))
+  wrong = _missing_metadata(expected, found, "")
+  if wrong:
+    raise errors.ConfigError(
+        f"input entry {_entry_name(entry)} does not fit the dataset in {builder.data_dir}: its "
+        f"metadata {'; '.join(wrong)} (make the entry from the dataset itself, e.g. "
+        "readers.pseudo_labelled(task, path=...))")
 
 
 def encode_answer(task: tasks_lib.Task, name: str):
@@ -319,12 +355,14 @@ def get_train_dataset(entries: Iterable[Any], task_names: Sequence[str], batch_s
     if entry["weight"] <= 0:
       raise errors.ConfigError(f"entry {_entry_name(entry)} has weight {entry['weight']}")
     entry_seed = seed * 1000 + i
-    ds, _ = read_split(entry["dataset"], entry["split"],
-                       data_dir=entry["data_dir"] or data_dir, process_index=process_index,
-                       process_count=process_count, shuffle_files=True, seed=entry_seed,
-                       on_bad_example=on_bad_example, check_keys=entry["check_keys"],
-                       features=entry["features"], drop_remainder=True,
-                       shuffle_buffer=shuffle_buffer, repeat=True)
+    ds, builder = read_split(entry["dataset"], entry["split"],
+                             data_dir=entry["data_dir"] or data_dir,
+                             process_index=process_index, process_count=process_count,
+                             shuffle_files=True, seed=entry_seed,
+                             on_bad_example=on_bad_example, check_keys=entry["check_keys"],
+                             features=entry["features"], drop_remainder=True,
+                             shuffle_buffer=shuffle_buffer, repeat=True)
+    check_metadata(entry, builder)
     ds = _add_rng(ds, entry_seed)
     ds = ds.map(pp_lib.get_preprocess_fn(entry["pp"]), num_parallel_calls=parallel,
                 deterministic=True)
@@ -385,6 +423,7 @@ def get_eval_dataset(entry: Any, task_names: Sequence[str], batch_size: int, *,
                            process_index=process_index, process_count=process_count,
                            on_bad_example=on_bad_example, check_keys=entry["check_keys"],
                            features=entry.get("eval_features") or entry["features"])
+  check_metadata(entry, builder)
   ds = _add_rng(ds, 0)
   parallel = num_parallel_calls or tf.data.AUTOTUNE
   ds = ds.map(pp_lib.get_preprocess_fn(entry.get("pp_eval") or entry["pp"]),

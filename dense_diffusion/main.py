@@ -8,6 +8,9 @@ Commands (a registry, not an if-chain; each command module is imported only when
             and summary JSON, a markdown table, the worst cases)
   predict   --workdir DIR --task T --input IMG_OR_DIR --output DIR: answers for your images
             (or --pretrained MARIGOLD_FOLDER instead of --workdir and --task)
+  pseudo-label --input IMAGES --teacher TASK=SOURCE[,TASK=SOURCE ...] --output DATA_DIR
+            [--dataset NAME]: the images labelled by teachers (runs' workdirs or Marigold-format
+            pipeline folders) as the TFDS set pseudo_labelled/NAME (resumable; DMP's training data)
   demo      the README's main job (see dense_diffusion/demo.py)
   convert   --from diffusers --src DIR --dst DIR: converted weights -> orbax checkpoint
             (--lora FILE: a diffusers / peft LoRA file folded into the converted UNet)
@@ -24,9 +27,11 @@ traceback as well. Any other exception is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
+import faulthandler
 import os
 import pathlib
 import re
+import signal
 import sys
 import traceback
 
@@ -65,26 +70,33 @@ flags.DEFINE_string("lora", None, "convert: a diffusers / peft LoRA .safetensors
                     "into the converted UNet.")
 flags.DEFINE_string("task", None, "predict: the task to predict (one the run was trained on, or "
                     "panoptic when it had semantic and instance).")
-flags.DEFINE_string("input", None, "predict: an image file or a folder of images.")
+flags.DEFINE_string("input", None, "predict: an image file or a folder of images; "
+                    "pseudo-label: a folder of images (searched recursively).")
 flags.DEFINE_string("output", None, "predict: folder for the predictions; eval --protocol: "
-                    "folder for the report (default: WORKDIR/eval/PROTOCOL).")
-flags.DEFINE_integer("batch_size", None, "predict / eval --protocol: images per batch (default: "
-                     "eval.batch_size).")
-flags.DEFINE_integer("steps", None, "predict: sampler steps (default: the run's config, or the "
+                    "folder for the report (default: WORKDIR/eval/PROTOCOL); pseudo-label: the "
+                    "TFDS data_dir to write the set into.")
+flags.DEFINE_integer("batch_size", None, "predict / eval --protocol / pseudo-label: images per "
+                     "batch (default: eval.batch_size).")
+flags.DEFINE_multi_string("teacher", None, "pseudo-label: TASK=SOURCE, the teacher of a task (a "
+                          "trained run's workdir or a Marigold-format pipeline folder); repeat "
+                          "the flag or join several with commas.")
+flags.DEFINE_integer("steps", None, "predict / pseudo-label: sampler steps (default: the run's config, or the "
                      "pretrained folder's default_denoising_steps); study: training steps per "
                      "arm (default: the study's scale).")
 flags.DEFINE_string("pretrained", None, "predict: a diffusers Marigold-format pipeline folder "
                     "(depth / normals / intrinsics, E2E-FT fine-tunes) to predict with instead of "
                     "a trained run's --workdir.")
-flags.DEFINE_integer("ensemble_size", 1, "predict / eval --pretrained: predictions combined per "
-                     "image.")
+flags.DEFINE_integer("ensemble_size", 1, "predict / eval --pretrained, pseudo-label's pipeline "
+                     "teachers: predictions combined per image.")
 flags.DEFINE_string("protocol", None, "eval: the benchmark's protocol (nyu_eigen, kitti_eigen, "
                     "kitti_garg, eth3d, scannet, diode, ade20k, coco_panoptic, rain100, sidd, lol, "
                     "normals_pixel, normals_image); docs/evaluation.md.")
 flags.DEFINE_string("dataset", None, "eval --protocol: a folder in the layout of Marigold's "
                     "evaluation sets (RGB files, answer files, a filename list), or a dataset "
                     "reader's name (nyu_depth_v2, ade20k, coco_panoptic, sidd, rain, lol, "
-                    "synthetic_scenes/CONFIG); default for --workdir: the run's own entry.")
+                    "synthetic_scenes/CONFIG); default for --workdir: the run's own entry. "
+                    "pseudo-label: the set's NAME, pseudo_labelled/NAME (default: the --input "
+                    "folder's name).")
 flags.DEFINE_string("alignment", None, "eval --protocol, depth: override the protocol's "
                     "alignment (scale_shift, scale_shift_disparity, scale, none).")
 flags.DEFINE_string("split", None, "eval --protocol with a dataset reader: the split (default: "
@@ -93,8 +105,9 @@ flags.DEFINE_string("filename_list", None, "eval --dataset FOLDER: the filename 
                     "FOLDER/filename_list.txt or the folder's only .txt file).")
 flags.DEFINE_float("depth_scale", 1000.0, "eval --dataset FOLDER: integer depth PNGs hold "
                    "metres * depth_scale (1000: millimetres; KITTI: 256).")
-flags.DEFINE_integer("processing_resolution", None, "eval / predict --pretrained: the longer "
-                     "side the pipeline works at (default: the folder's).")
+flags.DEFINE_integer("processing_resolution", None, "eval / predict --pretrained, pseudo-label's "
+                     "pipeline teachers: the longer side the pipeline works at (default: the "
+                     "folder's).")
 flags.DEFINE_integer("max_examples", None, "eval --protocol: stop after this many images.")
 flags.DEFINE_string("topology", None, "compile: the TPU slice to compile for (v5e-16, v5p-8, "
                     "v4-8, v6e-8, ...); needs the [tpu-aot] extra (libtpu).")
@@ -200,6 +213,16 @@ def _predict(_) -> int | None:
                      batch_size=FLAGS.batch_size, steps=FLAGS.steps,
                      pretrained=FLAGS.pretrained, ensemble_size=FLAGS.ensemble_size,
                      processing_resolution=FLAGS.processing_resolution)
+
+
+@COMMANDS.register("pseudo-label")
+def _pseudo_label(_) -> int | None:
+  _require("pseudo-label", "input", "teacher", "output")
+  from dense_diffusion import pseudo_label
+  return pseudo_label.run(FLAGS.input, FLAGS.teacher, FLAGS.output, dataset=FLAGS.dataset,
+                          batch_size=FLAGS.batch_size, steps=FLAGS.steps,
+                          ensemble_size=FLAGS.ensemble_size,
+                          processing_resolution=FLAGS.processing_resolution)
 
 
 @COMMANDS.register("compile")
@@ -407,7 +430,18 @@ def parse_flags(argv: list[str]) -> list[str]:
   return remaining
 
 
+def _dump_stacks_on_sigusr1() -> None:
+  """`kill -USR1 PID` prints every thread's Python stack on stderr and the command goes on.
+
+  A command that seems stuck (a test's timeout, a run on a cluster) shows where each thread
+  waits instead of only "timed out"; the test suite's subprocess helper sends it before a kill.
+  """
+  if hasattr(signal, "SIGUSR1"):  # not on Windows
+    faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
+
+
 def run() -> None:
+  _dump_stacks_on_sigusr1()
   app.run(main, flags_parser=parse_flags)
 
 

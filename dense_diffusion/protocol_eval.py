@@ -21,6 +21,7 @@ import numpy as np
 
 from dense_diffusion import errors
 from dense_diffusion import tasks as tasks_lib
+from dense_diffusion.datasets import prepare
 from dense_diffusion.evaluate import chunks
 
 
@@ -224,6 +225,7 @@ def run_protocol(protocol: str, *, workdir: Optional[str] = None,
     if dataset is not None:
       entries, where = eval_tfds.reader_entries(dataset, proto.task), f"dataset {dataset!r}"
     entry = eval_tfds.pick_entry(entries, proto.task, where)
+    prepare.ensure_prepared([entry], data_dir)  # synthetic_scenes: made if missing
     examples = eval_tfds.examples(entry, task, split=split, data_dir=data_dir)
   batch = 1  # a pipeline call answers one image (of its own size)
   if pretrained is None:

@@ -21,6 +21,7 @@ import jax
 import numpy as np
 
 from dense_diffusion import checkpointing
+from dense_diffusion import errors
 from dense_diffusion import evaluate
 from dense_diffusion import experiment as experiment_lib
 from dense_diffusion import sharding
@@ -83,10 +84,10 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
   paths.root.mkdir(parents=True, exist_ok=True)
   # Before the XLA backend starts: preparing data first keeps its threads and memory out of the
   # way of the synthetic builder's rendering workers.
-  prepare.ensure_prepared(config.input.entries, config.input.get("data_dir"))
+  prepare.ensure_prepared([*config.input.entries, *(config.eval.get("entries") or [])],
+                          config.input.get("data_dir"))
   experiment_lib.save_config(config, paths.root)
   exp = experiment_lib.Experiment(config)
-  total_steps = int(config.total_steps)
   print(f"devices: {jax.device_count()} ({jax.devices()[0].platform}), mesh "
         f"{dict(exp.mesh.shape)}, processes {jax.process_count()}; params: "
         f"{sharding.describe(exp.state.params)}", flush=True)
@@ -144,19 +145,43 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
       data_ckpt.write(data_prefix(step))
       _prune_data_checkpoints(data_dir, keep=checkpointer.steps() + [step])
 
-  evaluator = evaluate.Evaluator(config, exp, paths.root)
+  def next_batch():
+    return exp.device_batch(next(data_iter))
+
+  try:
+    return _train_loop(config, exp, paths.root, checkpointer, next_batch, save, writer,
+                       start_step)
+  finally:
+    # Also when the loop raises (a non-finite loss, a bug, Ctrl-C): the asynchronous save still
+    # in flight is committed and the input iterator released while the interpreter is whole.
+    # Before, the exception left both to the interpreter's exit: the save's background thread
+    # failed ("cannot schedule new futures after shutdown": that checkpoint was lost), then the
+    # main thread hung forever in the final garbage collection, destroying the tf.data
+    # iterator and the checkpoint manager whose threads were gone (tests/test_train.py::
+    # test_nonfinite_stop under load; the stack dump showed only "Garbage-collecting").
+    data_iter = data_ckpt = dataset = None  # the closures above hold them: drop them now
+    checkpointer.close()
+    writer.flush()
+
+
+def _train_loop(config: Any, exp: experiment_lib.Experiment, workdir: epath.Path,
+                checkpointer: checkpointing.Checkpointer, next_batch, save, writer,
+                start_step: int) -> dict:
+  """Steps from `start_step` to `config.total_steps`: logs, saves (`save(step, force)`),
+  evaluates every `eval_every` steps and at the end; stops early after saving on SIGTERM.
+  Returns the final evaluation's metrics ({} after a pre-emption)."""
+  evaluator = evaluate.Evaluator(config, exp, workdir)
+  total_steps = int(config.total_steps)
   nonfinite_policy = config.get("nonfinite", "stop")  # checked by experiment.check_config
   log_every = int(config.log_every)
+  eval_every = int(config.get("eval_every", 0) or 0)
   pending: list[dict] = []
   last_log_time, last_log_step = time.time(), start_step
   first_step_time = None
-  eval_every = int(config.get("eval_every", 0) or 0)
-  final_metrics: dict = {}
   with _Preemption() as preemption, jax.set_mesh(exp.mesh):
     step = start_step
     while step < total_steps:
-      batch = exp.device_batch(next(data_iter))
-      exp.state, metrics = exp.train_step(exp.state, exp.frozen, batch)
+      exp.state, metrics = exp.train_step(exp.state, exp.frozen, next_batch())
       step += 1
       pending.append(metrics)
       if first_step_time is None:
@@ -175,15 +200,10 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
         where = "" if jax.process_count() == 1 else " (to at least one process)"
         print(f"SIGTERM{where} at step {step}: saving a checkpoint and exiting", flush=True)
         save(step, force=True)
-        checkpointer.close()
-        writer.flush()
         return {}
     save(total_steps, force=True)
     checkpointer.wait()
-    final_metrics = evaluator.run(exp.state, total_steps, writer)
-  checkpointer.close()
-  writer.flush()
-  return final_metrics
+    return evaluator.run(exp.state, total_steps, writer)
 
 
 def _prune_data_checkpoints(data_dir: epath.Path, keep: list[int]) -> None:
@@ -211,7 +231,7 @@ def _log_train(writer, exp: experiment_lib.Experiment, pending: list[dict], step
   state_flags = jax.device_get((exp.state.nonfinite_steps, exp.state.first_nonfinite_step))
   nonfinite, first_bad = int(state_flags[0]), int(state_flags[1])
   if first_bad >= 0 and nonfinite_policy == "stop":
-    raise FloatingPointError(
+    raise errors.DivergedError(
         f"non-finite loss or gradient at step {first_bad + 1} (its update was not applied); "
         "lower optimizer.lr or raise optimizer.grad_clip_norm, check the inputs, or set "
         "config.nonfinite='skip' to drop such steps and go on")

@@ -9,7 +9,7 @@ import pytest
 from dense_diffusion import tasks
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "dense_diffusion"
-DRIVERS = ("train.py", "evaluate.py", "predict.py", "demo.py")
+DRIVERS = ("train.py", "evaluate.py", "predict.py", "demo.py", "pseudo_label.py")
 
 
 def _imports(path: pathlib.Path) -> set[str]:

@@ -12,6 +12,7 @@ import sys
 
 import pytest
 
+import subprocess_env
 from subprocess_env import xla_flags
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -83,21 +84,18 @@ TRACEBACK_ARGS = ("train", *TINY, "--config.no_such_key=1", "--traceback")
 
 def _run(args) -> subprocess.CompletedProcess:
   env = dict(os.environ, XLA_FLAGS=xla_flags(), TF_CPP_MIN_LOG_LEVEL="2")
-  return subprocess.run([sys.executable, "-m", "dense_diffusion.main", *args], cwd=REPO, env=env,
-                        text=True, capture_output=True, timeout=TIMEOUT)
+  return subprocess_env.run([sys.executable, "-m", "dense_diffusion.main", *args], cwd=REPO,
+                            env=env, capture_output=True, timeout=TIMEOUT)
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, synthetic_data_dir):
   """(name -> (expected substrings, CompletedProcess)) of every case, and of the --traceback one."""
   # The tiny config's data, prepared before (so no case prints the preparation's progress).
-  data = tmp_path_factory.mktemp("tfds")
+  data = synthetic_data_dir
   configs = tmp_path_factory.mktemp("configs")
   for name, line in BAD_CONFIGS.items():
     (configs / f"{name}.py").write_text(CONFIG_TEMPLATE.format(line=line, data=str(data)))
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  import dense_diffusion.datasets  # noqa: F401  pylint: disable=g-import-not-at-top
-  tfds.builder("synthetic_scenes/tiny32", data_dir=str(data)).download_and_prepare()
   paths = {"{workdir}": str(tmp_path_factory.mktemp("workdir")),
            "{empty}": str(tmp_path_factory.mktemp("empty")), "{configs}": str(configs),
            "{data}": str(data)}

@@ -5,7 +5,6 @@ import json
 import os
 import pathlib
 import re
-import subprocess
 import sys
 import textwrap
 
@@ -14,6 +13,7 @@ import pytest
 
 from dense_diffusion import aot
 from dense_diffusion import errors
+import subprocess_env
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -28,8 +28,8 @@ def _compile(*args, cwd=REPO):
   env = dict(os.environ, PYTHONPATH=str(REPO))
   env.pop("JAX_PLATFORMS", None)
   env.pop("XLA_FLAGS", None)  # the test suite's XLA:CPU flags mean nothing to the TPU compiler
-  return subprocess.run([sys.executable, "-m", "dense_diffusion.main", "compile", *args],
-                        cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+  return subprocess_env.run([sys.executable, "-m", "dense_diffusion.main", "compile", *args],
+                            cwd=cwd, env=env, capture_output=True, timeout=900)
 
 
 def test_topology_names():

@@ -1,8 +1,8 @@
 """The README's main job runs end to end and its round trips are exact on clean encodings."""
-import subprocess
 import sys
 
 from dense_diffusion import demo
+import subprocess_env
 
 
 def test_demo_run_writes_grid_and_exact_clean_round_trips(tmp_path, capsys):
@@ -23,7 +23,7 @@ def test_demo_run_writes_grid_and_exact_clean_round_trips(tmp_path, capsys):
 
 
 def test_main_rejects_unknown_command():
-  result = subprocess.run([sys.executable, "-m", "dense_diffusion.main", "trian"],
-                          capture_output=True, text=True, timeout=120)
+  result = subprocess_env.run([sys.executable, "-m", "dense_diffusion.main", "trian"],
+                              capture_output=True, timeout=120)
   assert result.returncode != 0
   assert "unknown command 'trian'" in result.stderr and "demo" in result.stderr

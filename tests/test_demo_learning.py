@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 from dense_diffusion import evaluate
+import subprocess_env
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TIMEOUT = 900  # seconds the training subprocess may take before the test gives up on it.
@@ -41,7 +42,7 @@ FALLING_LOSS_TASKS = ("depth", "normals", "semantic", "instance", "shading", "lo
 
 
 @pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
+def demo_run(tmp_path_factory, synthetic_res32_data_dir):
   """(metrics at initialisation, metrics after STEPS, training log, workdir) of the demo config.
 
   `main train` in a subprocess with XLA's default compilation (conftest.py makes the test
@@ -49,19 +50,18 @@ def demo_run(tmp_path_factory):
   thresholds were measured with) on one CPU device.
   """
   workdir = tmp_path_factory.mktemp("demo_run")
-  data_dir = tmp_path_factory.mktemp("tfds")
+  data_dir = synthetic_res32_data_dir  # the session's, prepared once
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
   env.pop("XLA_FLAGS", None)
 
   def train(total_steps):
-    proc = subprocess.run(
+    proc = subprocess_env.run(
         [sys.executable, "-m", "dense_diffusion.main", "train", "--config", "configs/demo.py",
          f"--workdir={workdir}", f"--config.input.data_dir={data_dir}",
          f"--config.total_steps={total_steps}", "--config.log_every=20",
          "--config.checkpoint_every=1000", "--config.eval.max_examples=16",
          "--config.eval.batch_size=16"],
-        cwd=REPO, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        timeout=TIMEOUT)
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=TIMEOUT)
     assert proc.returncode == 0, proc.stdout[-5000:]
     return proc.stdout
 

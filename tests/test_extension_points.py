@@ -93,7 +93,7 @@ def _command(*argv: str) -> int:
 
 
 def test_a_task_registered_here_trains_evaluates_and_predicts(negative_task, tmp_path,
-                                                              monkeypatch):
+                                                              monkeypatch, synthetic_data_dir):
   config_file = tmp_path / "negative.py"
   config_file.write_text(
       "from configs import tiny\n"
@@ -102,7 +102,7 @@ def test_a_task_registered_here_trains_evaluates_and_predicts(negative_task, tmp
       "  c = tiny.get_config(arg)\n"
       "  c.tasks = ('negative',)\n"
       "  c.input.entries = [readers.synthetic_scenes('negative', config='tiny32')]\n"
-      f"  c.input.data_dir = {str(tmp_path / 'tfds')!r}\n"
+      f"  c.input.data_dir = {synthetic_data_dir!r}\n"
       "  c.total_steps = 4\n"
       "  return c\n")
   monkeypatch.chdir(REPO)  # `configs` imports from the repository root

@@ -158,11 +158,11 @@ def test_the_latent_mistakes_are_one_line():
     experiment.Experiment(config)
 
 
-def test_a_latent_run_trains_evaluates_and_predicts(tmp_path):
+def test_a_latent_run_trains_evaluates_and_predicts(tmp_path, synthetic_data_dir):
   from PIL import Image
   from dense_diffusion import predict, train
   config = tiny.get_config()
-  config.input.data_dir = str(tmp_path / "tfds")
+  config.input.data_dir = synthetic_data_dir
   config.model.latent = True
   config.model.vae.config = demo.SYNTHETIC_VAE
   config.model.allow_frozen_fresh = ["vae"]  # a random VAE, kept frozen: said explicitly.

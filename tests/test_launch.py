@@ -24,6 +24,7 @@ from dense_diffusion.launch import tpu_pod
 from dense_diffusion.launch.sweep import chain, product, sweep, zip_
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+TIMEOUT = 60  # seconds a launcher script (a dry run, or fake processes) may take
 DEMO = "configs/demo.py"
 
 # A 4-point sweep whose values need quoting: spaces, commas, quotes, $ and backticks, tuples.
@@ -230,7 +231,7 @@ def test_tpu_pod_script(tmp_path):
        "--preemptible", "--repo=https://example.com/dd.git", "--branch=main",
        "--worker-setup=gcloud storage cp -r gs://b/weights .", "--",
        "configs/generalist_pixel128.py", "gs://b/runs/x", *overrides],
-      capture_output=True, text=True, check=True).stdout
+      capture_output=True, text=True, check=True, timeout=TIMEOUT).stdout
   commands = [shlex.split(l) for l in out.splitlines() if not l.startswith("#")]
   assert [c[4] for c in commands] == ["describe", "create", "ssh", "ssh"]  # no scp: it clones
   create, setup, train = commands[1], commands[2], commands[3]
@@ -250,7 +251,7 @@ def test_tpu_pod_script(tmp_path):
                        (["configs/demo.py", "gs://b/x"], "after --"),
                        (["--accelerator-type=v9-8", "--", "c", "gs://b/x"], "give --version")):
     failed = subprocess.run(["bash", str(REPO / "launch/tpu_pod.sh"), "--dry-run", *bad],
-                            capture_output=True, text=True)
+                            capture_output=True, text=True, timeout=TIMEOUT)
     assert failed.returncode == 2 and message in failed.stderr, failed.stderr
 
 
@@ -270,7 +271,7 @@ def test_slurm_dry_run_of_a_sweep(tmp_path, monkeypatch):
     # What srun then runs on every node: the sbatch script's own dry run of those arguments.
     node = subprocess.run(["bash", argv[4], "--dry-run", *argv[5:]], cwd=REPO, check=True,
                           capture_output=True, text=True,
-                          env=dict(os.environ, SLURM_GPUS_ON_NODE="8")).stdout
+                          env=dict(os.environ, SLURM_GPUS_ON_NODE="8"), timeout=TIMEOUT).stdout
     node = shlex.split(node)
     assert node[:3] == ["srun", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
     at = node.index("-m")
@@ -303,13 +304,13 @@ def test_local_dry_runs(tmp_path, monkeypatch):
     assert argv[:2] == ["launch/local.sh", DEMO]
     assert argv[2].startswith("runs/tricky/") and argv[3:] == TRICKY_FLAGS[number - 1]
     printed = subprocess.run(["bash", argv[0], "--dry-run", *argv[1:]], cwd=REPO, check=True,
-                             capture_output=True, text=True).stdout
+                             capture_output=True, text=True, timeout=TIMEOUT).stdout
     python, *rest = shlex.split(printed)
     assert rest == ["-m", "dense_diffusion.main", "train", f"--config={DEMO}",
                     f"--workdir={argv[2]}", *TRICKY_FLAGS[number - 1]]
   assert len({argv[2] for (argv,) in runs.values()}) == 4
   usage = subprocess.run(["bash", str(REPO / "launch/local.sh"), DEMO], capture_output=True,
-                         text=True)
+                         text=True, timeout=TIMEOUT)
   assert usage.returncode == 2 and "usage:" in usage.stderr
 
 
@@ -317,7 +318,7 @@ def test_multiprocess_dry_run():
   out = subprocess.run(["bash", str(REPO / "launch/multiprocess.sh"), "--dry-run",
                         "--port=4321", "--gpus-per-process=2", "2", DEMO, "runs/x",
                         "--config.input.data_dir=/a b"],
-                       capture_output=True, text=True, check=True).stdout.splitlines()
+                       capture_output=True, text=True, check=True, timeout=TIMEOUT).stdout.splitlines()
   assert len(out) == 2
   for i, line in enumerate(out):
     argv = shlex.split(line)

@@ -1,7 +1,15 @@
 """Marigold pipelines: our JAX pipelines against diffusers' on tiny random pipelines that diffusers
 built and saved (depth, normals, intrinsics; DDIM and LCM), the same `latents` in, the same
-`prediction` and `uncertainty` out; torch's resizing against ours; the depth alignment's cost
-function against diffusers'; the one-line errors."""
+`prediction` and `uncertainty` out; torch's resizing against ours; the one-line errors.
+
+Depth ensembles are the one place where we differ from diffusers, on purpose: diffusers
+evaluates its alignment objective in float32, which freezes every parameter of magnitude >= 0.5
+and makes the others' gradient rounding noise; ours keeps the frozen ones and evaluates the
+rest in float64 (marigold_processing's docstring, docs/evaluation.md). Where diffusers can move
+nothing (the quiet "depth" pipeline) the ensembles are diffusers'; elsewhere the tests check the
+same start, our objective no higher than diffusers' (written out here in float64), and that
+diffusers' pipeline, given our alignment parameters, answers what ours does."""
+import itertools
 import json
 
 import jax
@@ -9,6 +17,7 @@ import numpy as np
 import pytest
 
 from dense_diffusion import errors
+from dense_diffusion.diffusion import schedules
 from dense_diffusion.pipelines import (MarigoldDepthPipeline, MarigoldIntrinsicsPipeline,
                                        MarigoldNormalsPipeline)
 from dense_diffusion.pipelines import marigold_processing as processing
@@ -67,13 +76,16 @@ def _build(kind, tokenizer_dir, folder):
   common = dict(scheduler=scheduler, default_denoising_steps=4,
                 default_processing_resolution=RESOLUTION)
   if kind in ("depth", "lcm"):
-    # A quiet decoder keeps the depth maps near 0.5 (0.35..0.55 in these cases): diffusers'
-    # alignment then starts (min-max) from scales and shifts of magnitude >= 0.5, which BFGS'
-    # finite-difference step (1.5e-8) leaves unchanged in float32, so its gradient is exactly 0
-    # and the alignment is well defined. Maps that reach 0 make that gradient float32 rounding
-    # noise (see test_depth_alignment_cost_is_diffusers_cost).
-    pipe = diffusers.MarigoldDepthPipeline(**_components(tokenizer_dir, 1, 0, decoder_gain=0.2),
-                                           prediction_type="depth", **common)
+    # "depth": a quiet decoder keeps the depth maps near 0.5 (0.35..0.55 in these cases):
+    # diffusers' alignment then starts (min-max) from scales and shifts of magnitude >= 0.5,
+    # which BFGS' finite-difference step (1.5e-8) leaves unchanged in float32, so its gradient is
+    # exactly 0 and the alignment is well defined (ours keeps them too: the same ensembles).
+    # "lcm": the random decoder as it is, maps from ~0.1 to ~0.7, whose alignment starts from
+    # shifts below 0.5, which diffusers moves by float32 rounding noise (issue 28's case; its
+    # ensembles are tested with this pipeline under DDIM too, `_as_ddim`).
+    pipe = diffusers.MarigoldDepthPipeline(
+        **_components(tokenizer_dir, 1, 0, decoder_gain=0.2 if kind == "depth" else 1.0),
+        prediction_type="depth", **common)
   elif kind == "normals":
     # Normals mostly facing the camera, as real ones: with the random decoder's raw output,
     # some pixels decode to vectors of length ~0.02 (or members / bilinear neighbours point in
@@ -106,25 +118,38 @@ def pipes(tmp_path_factory):
   return out
 
 
-def _images(n, seed=0):
+def _images(n, seed=0, size=SIZE, float_images=False):
+  """n random RGB images [H, W, 3]: uint8, or float32 in [0, 1]."""
   rng = np.random.default_rng(seed)
-  return [(rng.random(SIZE + (3,)) * 255).astype(np.uint8) for _ in range(n)]
+  if float_images:
+    return [rng.random(size + (3,), dtype=np.float32) for _ in range(n)]
+  return [(rng.random(size + (3,)) * 255).astype(np.uint8) for _ in range(n)]
 
 
-def _run_both(pipes, kind, steps, ensemble, match, n_images=1, seed=0, **kwargs):
-  """Same images and latents through both; returns (diffusers output, ours)."""
+def _callers(pipes, kind, steps, ensemble, match, n_images=1, seed=0, size=SIZE,
+             float_images=False, **kwargs):
+  """(diffusers' call, ours) on the same images and latents, as functions of no argument.
+  uint8 images go to diffusers as PIL images, float ones as one NCHW tensor (diffusers reads a
+  numpy array's last two axes as its size)."""
   ref, ours, _ = pipes[kind]
-  arrays = _images(n_images, seed)
-  channels = 4 * ours.n_targets
+  arrays = _images(n_images, seed, size, float_images)
+  latent_hw = tuple(-(-side // 8) for side in processing.max_edge_size(*size, RESOLUTION))
   latents = np.random.default_rng(seed + 100).standard_normal(
-      (n_images * ensemble, channels) + LATENT_HW).astype(np.float32)
+      (n_images * ensemble, 4 * ours.n_targets) + latent_hw).astype(np.float32)
   common = dict(num_inference_steps=steps, ensemble_size=ensemble,
                 processing_resolution=RESOLUTION, match_input_resolution=match,
                 output_uncertainty=ensemble > 1, batch_size=BATCH, **kwargs)
-  want = ref([PIL_Image.fromarray(a) for a in arrays], latents=torch.from_numpy(latents), **common)
-  got = ours(arrays if n_images > 1 else arrays[0], latents=latents.transpose(0, 2, 3, 1),
-             **common)
-  return want, got
+  theirs = (torch.from_numpy(np.stack(arrays).transpose(0, 3, 1, 2).copy()) if float_images
+            else [PIL_Image.fromarray(a) for a in arrays])
+  return (lambda: ref(theirs, latents=torch.from_numpy(latents), **common),
+          lambda: ours(arrays if n_images > 1 else arrays[0],
+                       latents=latents.transpose(0, 2, 3, 1), **common))
+
+
+def _run_both(*args, **kwargs):
+  """Same images and latents through both; returns (diffusers output, ours)."""
+  run_ref, run_ours = _callers(*args, **kwargs)
+  return run_ref(), run_ours()
 
 
 def _assert_same(want, got, uncertainty):
@@ -141,6 +166,68 @@ def _assert_same(want, got, uncertainty):
   return diff, u_diff
 
 
+def _alignment_objective(members, param, reduction="median", regularizer_strength=0.02):
+  """diffusers' alignment objective (`ensemble_depth`'s cost_fn) written out in float64, at the
+  parameters as both pipelines apply them (cast to float32). members f[E, H, W]; param: E
+  scales, then E shifts (none for scale-only alignment)."""
+  depth = np.asarray(members, np.float64)
+  count = depth.shape[0]
+  param = np.asarray(param, np.float32).astype(np.float64)
+  scale, shift = param[:count], (param[count:] if param.size > count else np.zeros(count))
+  aligned = depth * scale[:, None, None] + shift[:, None, None]
+  cost = sum(np.sqrt(np.mean(np.square(aligned[i] - aligned[j])))
+             for i, j in itertools.combinations(range(count), 2))
+  reduced = (aligned.mean(axis=0) if reduction == "mean"
+             else np.sort(aligned, axis=0)[(count - 1) // 2])
+  return cost + regularizer_strength * (abs(reduced.min()) + abs(1.0 - reduced.max()))
+
+
+def _alignments(monkeypatch, run, replay=None):
+  """run() with scipy.optimize.minimize recorded: returns (run's output, one (members f[E, H, W]
+  or None, x0, result) per alignment). With `replay` (results), minimize answers those in
+  order instead of optimising."""
+  import scipy.optimize  # pylint: disable=import-outside-toplevel
+  original = scipy.optimize.minimize
+  calls = []
+
+  def spy(fun, x0, **kwargs):
+    result = replay[len(calls)] if replay is not None else original(fun, x0, **kwargs)
+    depth = getattr(fun, "keywords", {}).get("depth")  # diffusers' partial(cost_fn, depth=...)
+    calls.append((None if depth is None else depth.numpy()[:, 0], np.array(x0), result))
+    return result
+
+  with monkeypatch.context() as patch:
+    patch.setattr(scipy.optimize, "minimize", spy)
+    return run(), calls
+
+
+def _check_depth_ensemble(monkeypatch, pipes, kind, steps, ensemble, match, reduction="median",
+                          **kwargs):
+  """A depth ensemble against diffusers' (see the module docstring): the same alignment start;
+  our alignment's objective no higher than diffusers' (written out in float64, on diffusers'
+  members); and diffusers' pipeline, given our alignment parameters in place of its BFGS
+  result, answers our prediction and uncertainty. Returns the numbers to print."""
+  run_ref, run_ours = _callers(pipes, kind, steps, ensemble, match,
+                               ensembling_kwargs={"reduction": reduction}, **kwargs)
+  want, theirs = _alignments(monkeypatch, run_ref)
+  got, ours = _alignments(monkeypatch, run_ours)
+  given_ours, _ = _alignments(monkeypatch, run_ref, replay=[result for _, _, result in ours])
+  assert len(theirs) == len(ours) == got.prediction.shape[0]  # one alignment per image
+  objectives, movable = [], 0
+  for (members, start, result_theirs), (_, start_ours, result_ours) in zip(theirs, ours):
+    np.testing.assert_allclose(start_ours, start, rtol=1e-4, atol=1e-5)
+    movable += int(np.sum(np.abs(start) < 0.5))
+    values = [_alignment_objective(members, x, reduction)
+              for x in (start, result_theirs.x, result_ours.x)]
+    assert values[2] <= min(values[:2]) + 1e-5, f"objective start, diffusers, ours: {values}"
+    objectives.append(np.round(values, 5).tolist())
+  raw = float(np.abs(got.prediction - want.prediction).max())
+  if not movable:  # diffusers can move no parameter (see the module docstring): the same depth
+    _assert_same(want, got, ensemble > 1)
+  return dict(objective_start_diffusers_ours=objectives, movable=movable, raw_difference=raw,
+              given_our_alignment=_assert_same(given_ours, got, ensemble > 1))
+
+
 CASES = [(1, 1, True), (4, 1, False), (4, 3, True), (1, 3, False)]  # steps, ensemble, match
 
 
@@ -150,6 +237,31 @@ def test_depth_matches_diffusers(pipes, steps, ensemble, match):
   expect = SIZE if match else (34, 48)
   assert got.prediction.shape == (1,) + expect + (1,)
   print("depth", steps, ensemble, match, _assert_same(want, got, ensemble > 1))
+
+
+def _as_ddim(monkeypatch, pipe_triple):
+  """(diffusers', ours, folder) with both schedulers replaced by a DDIMScheduler (ours read from
+  its config as `from_pretrained` reads scheduler_config.json), for this test only."""
+  ref, ours, folder = pipe_triple
+  ddim = diffusers.DDIMScheduler(**DDIM)
+  monkeypatch.setattr(ref, "scheduler", ddim)
+  monkeypatch.setattr(ours, "scheduler",
+                      schedules.from_diffusers_config(json.loads(ddim.to_json_string())))
+  return ref, ours, folder
+
+
+@pytest.mark.parametrize("scheduler,steps,size,ensemble,reduction", [
+    ("lcm", 1, SIZE, 3, "median"), ("lcm", 1, (29, 41), 3, "mean"),
+    ("ddim", 4, SIZE, 3, "median"), ("ddim", 4, (29, 41), 3, "median")])
+def test_depth_ensembles_of_float_images_at_odd_sizes(pipes, monkeypatch, scheduler, steps, size,
+                                                      ensemble, reduction):
+  """Float images in [0, 1] (issue 28's report: ensembles up to 0.15 away from diffusers'), maps
+  that come near 0 (the "lcm" pipeline's decoder), LCM with 1 step and DDIM with 4, sizes whose
+  processing size needs padding (34 x 48 and 33 x 48, the latent shape of the other tests)."""
+  pipe = pipes["lcm"] if scheduler == "lcm" else _as_ddim(monkeypatch, pipes["lcm"])
+  print(scheduler, steps, size, ensemble, reduction,
+        _check_depth_ensemble(monkeypatch, {scheduler: pipe}, scheduler, steps, ensemble, True,
+                              reduction, size=size, float_images=True))
 
 
 @pytest.mark.parametrize("steps,ensemble,match", CASES)
@@ -239,10 +351,9 @@ def test_resize_matches_torch():
 
 
 def test_depth_alignment_cost_is_diffusers_cost(monkeypatch):
-  """The function BFGS minimises is diffusers' (checked at the start and at shifted parameters),
-  for members that reach 0 and 1: there, parameters below 0.5 in magnitude move by BFGS'
-  finite-difference step (1.5e-8) in float32, so the gradient is float32 rounding and the
-  optimum depends on summation order (see the docstring of marigold_processing)."""
+  """The function BFGS minimises is diffusers' (checked at the start and at shifted parameters,
+  to 1e-6: ours is evaluated in float64, diffusers' in float32), from the same start, for members
+  that reach 0 and 1."""
   import scipy.optimize  # pylint: disable=import-outside-toplevel
   captured = []
   original = scipy.optimize.minimize
@@ -268,6 +379,101 @@ def test_depth_alignment_cost_is_diffusers_cost(monkeypatch):
       x = x_ours + shift * rng.standard_normal(x_ours.shape)
       assert abs(ours(x) - theirs(x)) < 1e-6, (ours(x), theirs(x))
       print("cost", reduction, shift, ours(x), abs(ours(x) - theirs(x)))
+
+
+@pytest.mark.parametrize("low,high,reduction,shift_invariant", [
+    (0.35, 0.55, "median", True),    # maps away from 0: every start parameter >= 0.5
+    (0.0, 1.0, "median", True),      # maps reaching 0: shifts below 0.5
+    (0.0, 1.0, "mean", True),
+    (0.0, 1.0, "median", False)])    # scale-invariant only: every scale >= 1
+def test_depth_alignment_moves_what_diffusers_can_move(monkeypatch, low, high, reduction,
+                                                       shift_invariant):
+  """The cause of the difference, on members both get bit for bit. diffusers casts the
+  parameters to float32, where BFGS' finite-difference step (2**-26, relative above 1) is lost
+  on every parameter of magnitude >= 0.5 (every scale, >= 1 for maps in [0, 1], and the large
+  shifts): BFGS never moves them, and ours keeps them too. Where that is all of them, both
+  answer the start: the same depth. Otherwise diffusers moves the small shifts along a gradient
+  of float32 rounding noise, ours along the objective's (float64): ours ends lower on the
+  objective (written out in float64) and barely moves when every member changes by one float32
+  ulp, where diffusers' result can jump. Given our parameters, diffusers' `ensemble_depth`
+  answers what ours does."""
+  rng = np.random.default_rng(7)
+  count = 4 if reduction == "median" else 3
+  base = rng.random((1, 20, 24, 1))
+  gains = rng.uniform(0.6, 1.2, (count, 1, 1, 1))
+  offsets = rng.uniform(-0.15, 0.15, (count, 1, 1, 1))
+  members = base * gains + offsets + 0.05 * rng.standard_normal((count, 20, 24, 1))
+  # Into [low, high] by one affine map for all (no clipping: ties at the clip values would make
+  # the regulariser's min / max pixel, hence its gradient, a toss-up for both).
+  members = low + (high - low) * (members - members.min()) / (members.max() - members.min())
+  members = members.astype(np.float32)
+  kwargs = dict(shift_invariant=shift_invariant, reduction=reduction, output_uncertainty=True)
+
+  def theirs(x, replay=None):
+    run = lambda: diffusers.MarigoldDepthPipeline.ensemble_depth(  # noqa: E731
+        torch.from_numpy(x.transpose(0, 3, 1, 2).copy()), **kwargs)
+    (depth, uncertainty), calls = _alignments(monkeypatch, run, replay)
+    return depth.numpy().transpose(0, 2, 3, 1), uncertainty.numpy().transpose(0, 2, 3, 1), calls
+
+  want, want_uncertainty, [(fitted, start, result_theirs)] = theirs(members)
+  (got, got_uncertainty), [(_, start_ours, result_ours)] = _alignments(
+      monkeypatch, lambda: processing.ensemble_depth(members, **kwargs))
+  np.testing.assert_array_equal(start_ours, start)
+  frozen = np.abs(start) >= 0.5
+  np.testing.assert_array_equal(result_theirs.x[frozen], start[frozen])  # the cause
+  np.testing.assert_array_equal(result_ours.x[frozen], start[frozen])
+  values = [_alignment_objective(fitted, x, reduction)
+            for x in (start, result_theirs.x, result_ours.x)]
+  if frozen.all():
+    np.testing.assert_array_equal(result_ours.x, start)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(got_uncertainty, want_uncertainty)
+  else:
+    assert values[2] < min(values[0] - 1e-3, values[1]), f"start, diffusers, ours: {values}"
+  given_ours, given_ours_uncertainty, _ = theirs(members, replay=[result_ours])
+  np.testing.assert_allclose(got, given_ours, atol=1e-6)
+  np.testing.assert_allclose(got_uncertainty, given_ours_uncertainty, atol=1e-6)
+  nudged = np.nextafter(members, np.where(rng.random(members.shape) < 0.5, np.float32(-1),
+                                          np.float32(2)))
+  assert nudged.dtype == np.float32 and np.all(nudged != members)
+  again, _ = processing.ensemble_depth(nudged, **kwargs)
+  theirs_again, _, _ = theirs(nudged)
+  print("frozen", int(frozen.sum()), "of", frozen.size, "objective start, diffusers, ours",
+        np.round(values, 5), "after a 1-ulp nudge ours moves", float(np.abs(again - got).max()),
+        "diffusers'", float(np.abs(theirs_again - want).max()))
+  assert np.abs(again - got).max() < 1e-4
+
+
+def test_depth_alignment_objective_over_random_member_sets(monkeypatch):
+  """Random member sets (2..4 members, maps away from 0 or reaching it, both reductions): ours
+  never ends above the start on diffusers' objective, and below or at diffusers' end in all but
+  a few: both move the same shifts from the same start for two BFGS iterations, ours along the
+  objective's gradient, diffusers' along float32 rounding noise, and which of two such short
+  descents gets lower is not guaranteed."""
+  rng = np.random.default_rng(0)
+  rows = []
+  for _ in range(16):  # diffusers' torch loop is the slow part (~0.1 s a set)
+    count, height, width = (int(n) for n in rng.integers((2, 8, 8), (5, 20, 20)))
+    members = (rng.random((1, height, width, 1)) * rng.uniform(0.5, 1.5, (count, 1, 1, 1))
+               + rng.uniform(-0.3, 0.3, (count, 1, 1, 1))
+               + rng.uniform(0.01, 0.1) * rng.standard_normal((count, height, width, 1)))
+    low, high = (0.0, 1.0) if rng.random() < 0.5 else np.sort(rng.uniform(0.0, 1.0, 2))
+    members = low + (high - low) * (members - members.min()) / (members.max() - members.min())
+    members = members.astype(np.float32)
+    reduction = "mean" if rng.random() < 0.3 else "median"
+    _, [(fitted, start, theirs)] = _alignments(
+        monkeypatch, lambda: diffusers.MarigoldDepthPipeline.ensemble_depth(  # noqa: B023
+            torch.from_numpy(members.transpose(0, 3, 1, 2).copy()), reduction=reduction))
+    _, [(_, _, ours)] = _alignments(
+        monkeypatch, lambda: processing.ensemble_depth(members, reduction=reduction))  # noqa: B023
+    rows.append([_alignment_objective(fitted, x, reduction) for x in (start, theirs.x, ours.x)])
+  start, theirs, ours = np.array(rows).T
+  not_above = int(np.sum(ours <= theirs + 1e-9))
+  print(f"ours at or below diffusers in {not_above} of {len(rows)}; objective medians start "
+        f"{np.median(start):.4f} diffusers {np.median(theirs):.4f} ours {np.median(ours):.4f}; "
+        f"largest excess over diffusers {np.max(ours - theirs):.4f}")
+  assert np.all(ours <= start + 1e-9)
+  assert not_above >= len(rows) - 2
 
 
 def test_mistakes_are_one_line_config_errors(pipes, tmp_path):

@@ -79,14 +79,14 @@ def kernel_manager(kernel_dir: pathlib.Path):
 
 
 @pytest.fixture(scope="module")
-def executed(tmp_path_factory):
+def executed(tmp_path_factory, synthetic_res32_data_dir):
   """(executed notebook, its working directory): the notebook run once for every test here."""
   base = tmp_path_factory.mktemp("notebook")
   cwd = base / "cwd"
   cwd.mkdir()
   nb = nbformat.read(NOTEBOOK, as_version=4)
   inject_parameters(nb, TOTAL_STEPS=STEPS, WORKDIR="runs/nb", EVAL_EXAMPLES=8,
-                    DATA_DIR=str(base / "tfds"), CONFIG_OVERRIDES=FAST_RUN,
+                    DATA_DIR=synthetic_res32_data_dir, CONFIG_OVERRIDES=FAST_RUN,
                     PREDICT_TASKS=PREDICT_TASKS)
   env = dict(os.environ)
   env.update(TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1",
@@ -167,7 +167,7 @@ def test_training_reached_the_step_count_and_evaluated_every_task(executed):
   config = json.loads((run / "config.json").read_text())  # the overrides reached the run
   assert config["total_steps"] == STEPS and config["eval"]["max_examples"] == 8
   assert config["model"]["unet"]["block_out_channels"] == [16]
-  assert config["input"]["data_dir"].endswith("tfds")
+  assert config["input"]["data_dir"] == os.environ["TFDS_DATA_DIR"]  # the session's
 
 
 def test_images_written_and_shown_inline(executed):

@@ -26,8 +26,9 @@ EMA_OFFSET = 0.01
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> pathlib.Path:
-  """A tiny run's folder: config.json and a checkpoint at step 3 whose EMA differs from params.
+def run_dir(tmp_path_factory, synthetic_data_dir) -> pathlib.Path:
+  """A tiny run's folder: config.json and a checkpoint at step 3 whose EMA differs from params;
+  its data_dir is the session's, where synthetic_scenes/tiny32 is prepared.
 
   No optimizer step is taken: compiling the tiny model's backward pass costs more than this
   file's whole time budget on a 2-core CPU, and prediction only reads the saved state.
@@ -36,6 +37,7 @@ def run_dir(tmp_path_factory) -> pathlib.Path:
   config = tiny.get_config()
   config.tasks = TASKS
   config.input.entries = readers.synthetic_mixture(TASKS, config="tiny32")
+  config.input.data_dir = synthetic_data_dir
   config.batch_size = 2
   config.eval.batch_size = 2
   config.diffusion.num_inference_steps = 1
@@ -393,3 +395,55 @@ def test_eval_protocol_defaults_to_the_runs_own_entry(run_dir, identity_model, t
   per_image = json.loads((tmp_path / "per_image.json").read_text())
   assert [r["name"] for r in per_image] == [f"synthetic_scenes/tiny32/{i}" for i in range(3)]
   assert (tmp_path / "worst.png").exists() and (tmp_path / "summary.md").exists()
+
+
+def _copy_run(run_dir: pathlib.Path, dst: pathlib.Path, **config_changes) -> pathlib.Path:
+  """A copy of the run's folder whose config.json has `config_changes` (dotted keys)."""
+  import shutil  # pylint: disable=import-outside-toplevel
+  shutil.copytree(run_dir, dst)
+  config = experiment.load_config(str(dst))
+  for key, value in config_changes.items():
+    *parents, leaf = key.split(".")
+    node = config
+    for name in parents:
+      node = node[name]
+    node[leaf] = value
+  experiment.save_config(config, dst)
+  return dst
+
+
+def test_main_eval_prepares_the_builtin_data_it_needs(run_dir, tmp_path, capsys):
+  """`main eval --workdir RUN` with an empty data_dir: synthetic_scenes is prepared on the way
+  (as `main train` does), then every task is scored."""
+  empty = tmp_path / "empty_tfds"
+  run = _copy_run(run_dir, tmp_path / "run", **{"input.data_dir": str(empty),
+                                                "eval.max_examples": 2})
+  argv = cli.parse_flags(["main", "eval", f"--workdir={run}"])
+  try:
+    assert cli.main(argv) == 0
+  finally:
+    cli.FLAGS.unparse_flags()
+  out = capsys.readouterr().out
+  assert "preparing synthetic_scenes/tiny32" in out and "prepared synthetic_scenes" in out
+  assert (empty / "synthetic_scenes" / "tiny32").is_dir()
+  metrics = json.loads((run / "eval_metrics.json").read_text())
+  assert set(metrics["3"]) >= set(TASKS) | {"panoptic"}
+  assert all(metrics["3"][t]["num_examples"] == 2 for t in TASKS)
+
+
+def test_main_eval_names_a_missing_real_dataset_in_one_line(run_dir, tmp_path, capsys):
+  """A real dataset that is not prepared: one line naming it, the data_dir looked in and where
+  the docs say how to prepare it; exit status 2, before the model is built."""
+  empty = tmp_path / "empty_tfds"
+  run = _copy_run(run_dir, tmp_path / "run", **{
+      "input.data_dir": str(empty), "eval.entries": [readers.ade20k(resolution=32)]})
+  argv = cli.parse_flags(["main", "eval", f"--workdir={run}"])
+  try:
+    assert cli.main(argv) == 2
+  finally:
+    cli.FLAGS.unparse_flags()
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1, err
+  assert err.startswith("error: dataset ade20k is not prepared in ")
+  assert str(empty) in err and "data/README.md" in err and "data/prepare.py" in err
+  assert not (run / "eval_metrics.json").exists()

@@ -27,7 +27,7 @@ from test_text_encoder import _write_tiny_vocab  # noqa: E402  pylint: disable=w
 
 RES = 32
 CROSS = 16  # the text encoder's width = the UNet's cross_attention_dim, as in SD.
-TASKS = ("semantic",)  # ADE20K: a class task, the hardest for the encodings.
+TASKS = ("semantic_ade20k",)  # ADE20K: a class task, the hardest for the encodings.
 CONFIGS = {"generalist_pixel128": (generalist_pixel128, f"res={RES},batch=4"),
            "onestep_real": (onestep, f"real=1,res={RES}"),
            "dmp_real": (dmp, f"real=1,res={RES}")}
@@ -98,10 +98,13 @@ def _shrunk(name, folder, data_dir):
   c = module.get_config(arg)
   c.tasks = TASKS
   c.input.entries = [readers.ade20k(RES)]
+  c.eval.entries = [readers.ade20k(RES)]  # evaluated on what it trains (onestep's is NYUv2).
   c.input.data_dir = str(data_dir)
   c.input.shuffle_buffer = 4
   c.model.pretrained_unet = str(folder)
   c.model.text_encoder = str(folder)
+  if c.model.latent:  # dmp real=1 works in SD's latent space: the pipeline's VAE.
+    c.model.vae.pretrained = str(folder)
   c.model.dtype = "float32"  # bf16 is for accelerators; the CPU runs it slowly.
   assert c.model.remat  # kept: training recomputes the blocks, the sampler runs them plainly.
   if c.model.get("image_encoder"):
@@ -137,9 +140,9 @@ def test_real_config_trains_evaluates_and_predicts(name, sd2_folder, data_dir, t
   image = tmp_path / "photo.png"
   Image.fromarray(np.random.default_rng(1).integers(0, 256, (24, 36, 3), np.uint8)).save(image)
   summary = predict.Predictor(str(tmp_path / "run"), batch_size=1).run(
-      "semantic", [image], tmp_path / "out", log=lambda s: None)
+      "semantic_ade20k", [image], tmp_path / "out", log=lambda s: None)
   assert summary.written == 1
-  answer = Image.open(tmp_path / "out" / "photo_semantic.png")
+  answer = Image.open(tmp_path / "out" / "photo_semantic_ade20k.png")
   assert answer.size == (36, 24)
   saved = json.loads((tmp_path / "run" / "config.json").read_text())
   assert saved["model"]["pretrained_unet"] == str(folder)

@@ -1,7 +1,5 @@
 """Mesh construction, logical-axis rules, and real sharding on 8 fake CPU devices (subprocess)."""
 import os
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -9,6 +7,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from dense_diffusion import sharding
+import subprocess_env
 
 
 class _FakeMesh:
@@ -137,6 +136,6 @@ _EIGHT_DEVICES = textwrap.dedent("""
 
 def test_real_sharding_on_eight_fake_devices():
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  result = subprocess.run([sys.executable, "-c", _EIGHT_DEVICES], capture_output=True,
-                          text=True, env=env, timeout=300)
+  result = subprocess_env.run(subprocess_env.python_script(_EIGHT_DEVICES), capture_output=True,
+                              env=env, timeout=300)
   assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]

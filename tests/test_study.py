@@ -28,13 +28,13 @@ def get_sweep():
 
 
 @pytest.fixture(scope="module")
-def study_run(tmp_path_factory):
+def study_run(tmp_path_factory, synthetic_data_dir):
   base = tmp_path_factory.mktemp("study")
   path = base / "tiny_study.py"
   path.write_text(STUDY)
   lines = []
   paths = studies.run(str(path), str(base / "runs"), overrides={
-      "input.data_dir": str(base / "tfds")}, out=lines.append)
+      "input.data_dir": synthetic_data_dir}, out=lines.append)
   return base, path, paths, lines
 
 
@@ -71,10 +71,10 @@ def test_table_csv_and_pictures_hold_each_arms_metrics(study_run):
   assert "| *trivial baseline* |" in table and "| *ceiling: pixels* |" in table
 
 
-def test_a_second_run_skips_finished_arms(study_run):
+def test_a_second_run_skips_finished_arms(study_run, synthetic_data_dir):
   base, path, _, _ = study_run
   lines = []
-  studies.run(str(path), str(base / "runs"), overrides={"input.data_dir": str(base / "tfds")},
+  studies.run(str(path), str(base / "runs"), overrides={"input.data_dir": synthetic_data_dir},
               ceilings=False, out=lines.append)
   assert sum("done already" in line for line in lines) == 2
 

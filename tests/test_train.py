@@ -16,6 +16,7 @@ import time
 import numpy as np
 import pytest
 
+import subprocess_env
 from subprocess_env import xla_flags
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -24,13 +25,12 @@ TIMEOUT = 300  # seconds a subprocess may take before the test gives up on it.
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-  base = tmp_path_factory.mktemp("train")
+def env(synthetic_data_dir):
   out = dict(os.environ)
   # One CPU device whatever the caller set; the session's compilation cache (conftest.py) lets
   # every run after the first here read the train step instead of compiling it.
   out.update(XLA_FLAGS=xla_flags(), TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
-  out["_DD_DATA_DIR"] = str(base / "tfds")
+  out["_DD_DATA_DIR"] = synthetic_data_dir  # the session's, with tiny32 prepared
   return out
 
 
@@ -42,8 +42,8 @@ def command(env, workdir, *overrides):
 
 
 def run(env, workdir, *overrides, check=True):
-  proc = subprocess.run(command(env, workdir, *overrides), cwd=REPO, env=env, text=True,
-                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=TIMEOUT)
+  proc = subprocess_env.run(command(env, workdir, *overrides), cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=TIMEOUT)
   if check and proc.returncode:
     raise AssertionError(f"train exited {proc.returncode}:\n{proc.stdout[-5000:]}")
   return proc
@@ -122,7 +122,7 @@ def test_sigterm_then_sigkill_then_fallback_resume(env, reference_run, tmp_path)
   proc, log = start(env, workdir)
   wait_for(lambda: complete_steps(workdir), proc)
   proc.send_signal(signal.SIGTERM)
-  assert proc.wait(TIMEOUT) == 0
+  assert subprocess_env.wait(proc, TIMEOUT, log) == 0
   log.close()
   out = pathlib.Path(str(workdir) + ".log").read_text()
   found = re.search(r"SIGTERM at step (\d+): saving", out)
@@ -136,7 +136,7 @@ def test_sigterm_then_sigkill_then_fallback_resume(env, reference_run, tmp_path)
   proc, log = start(env, workdir)
   wait_for(lambda: complete_steps(workdir)[-1] > term_step, proc)
   proc.kill()
-  proc.wait(TIMEOUT)
+  subprocess_env.wait(proc, TIMEOUT, log)
   log.close()
   out = pathlib.Path(str(workdir) + ".log").read_text()
   assert f"resumed from the checkpoint at step {term_step}" in out
@@ -178,8 +178,12 @@ def test_nonfinite_stop(env, reference_run, tmp_path):
   bad_step = int(found.group(1))
   assert 2 <= bad_step <= TOTAL
   assert "nonfinite='skip'" in proc.stdout
-  # Stops at the first log after the bad step (log_every=1): no checkpoint past it.
-  assert all(s < bad_step for s in complete_steps(tmp_path / "stop"))
+  # One line, exit status 2 (the remedy is a config value), no traceback.
+  assert proc.returncode == 2 and "error: non-finite loss" in proc.stdout, proc.stdout[-3000:]
+  assert "Traceback" not in proc.stdout, proc.stdout[-3000:]
+  # Stops at the first log after the bad step (log_every=1): no checkpoint past it, and every
+  # one before it complete (an asynchronous save in flight when it stopped is committed).
+  assert complete_steps(tmp_path / "stop") == list(range(2, bad_step, 2))[-3:]
 
 
 NAN_CONFIG = """
@@ -202,8 +206,8 @@ def test_nonfinite_skip_goes_on_without_updates(env, reference_run, tmp_path):
   config.write_text(NAN_CONFIG)
   args = command(env, tmp_path / "skip", "--config.nonfinite=skip", "--config.total_steps=4")
   args[args.index("configs/tiny.py")] = str(config)
-  proc = subprocess.run(args, cwd=REPO, env=env, text=True, stdout=subprocess.PIPE,
-                        stderr=subprocess.STDOUT, timeout=TIMEOUT)
+  proc = subprocess_env.run(args, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, timeout=TIMEOUT)
   assert proc.returncode == 0, proc.stdout[-5000:]
   assert "4 non-finite steps skipped" in proc.stdout
   assert (tmp_path / "skip" / "eval_metrics.json").exists()  # it went on to the end.

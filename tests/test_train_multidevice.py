@@ -7,12 +7,12 @@ import json
 import os
 import pathlib
 import subprocess
-import sys
 import textwrap
 
 import numpy as np
 import pytest
 
+import subprocess_env
 from subprocess_env import xla_flags
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -105,8 +105,8 @@ SCRIPT = textwrap.dedent("""
 def result():
   env = dict(os.environ, XLA_FLAGS=xla_flags(8),
              TF_CPP_MIN_LOG_LEVEL="2", JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=REPO, env=env, text=True,
-                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=600)
+  proc = subprocess_env.run(subprocess_env.python_script(SCRIPT), cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=900)
   lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
   assert proc.returncode == 0 and lines, proc.stdout[-5000:]
   return json.loads(lines[-1][len("RESULT "):])

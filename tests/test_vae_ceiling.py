@@ -24,11 +24,11 @@ EXACT_PSNR = ("albedo", "denoise", "derain", "lowlight")
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, synthetic_data_dir):
   base = tmp_path_factory.mktemp("vae")
   config = synthetic_vae.get_config("steps=4")
   config.entries = readers.synthetic_mixture(TASKS, config="tiny32")
-  config.data_dir = str(base / "tfds")
+  config.data_dir = synthetic_data_dir
   config.batch_size = 4
   config.log_every = 2
   config.ceiling_examples = 8

@@ -79,6 +79,11 @@ class ExampleValidator:
       reason = f"image/label sizes differ: {sizes}"
     if not reason:
       return True
+    return self.reject(split, key, reason)
+
+  def reject(self, split: str, key: str, reason: str) -> bool:
+    """Reports a bad example found by a builder's own checks (a missing or unreadable file):
+    raises BadExampleError ("fail") or logs and records it ("skip"); returns False."""
     msg = f"bad example in dataset {self.dataset!r} split {split!r} key {key!r}: {reason}"
     if self.on_bad_example == "fail":
       raise BadExampleError(msg)

@@ -34,13 +34,14 @@ def ensure_prepared(entries: Iterable[Any], data_dir: str | None) -> None:
   """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   import dense_diffusion.datasets  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
-  names = sorted({e["dataset"] for e in entries})
+  # An entry's own data_dir wins over the run's (a pseudo-labelled set made elsewhere).
+  wanted = sorted({(e["dataset"], e.get("data_dir") or data_dir or "") for e in entries})
 
   def prepare_missing():
-    for name in names:
+    for name, where in wanted:
       try:
         with _quiet():  # TFDS warns about the missing files that is_prepared() looks for
-          builder = tfds.builder(name, data_dir=data_dir)
+          builder = tfds.builder(name, data_dir=where or None)
           prepared = builder.is_prepared()
       except tfds.core.registered.DatasetNotFoundError as e:
         raise errors.MissingError(f"dataset {name!r} is not a TFDS dataset known here "

@@ -130,11 +130,16 @@ UNET_CONFIG_KEYS: dict[str, tuple[Any, Callable[[Any], bool]]] = {
     # A learned embedding per class label, added to the timestep embedding (with
     # class_embed_type None, as diffusers does); the generalist passes the task index.
     "num_class_embeds": (None, _OPT_POSITIVE_INT),
+    # "projection": `class_embedding` is a TimestepEmbedding (linear_1 - silu - linear_2) from
+    # a vector of projection_class_embeddings_input_dim to the timestep embedding's width, added
+    # to it (num_class_embeds is then unused, as in diffusers); the generalist passes the task
+    # prompt's pooled embedding.
+    "class_embed_type": (None, _one_of(None, "projection")),
+    "projection_class_embeddings_input_dim": (None, _OPT_POSITIVE_INT),
     # Features not implemented: only the default is accepted.
     "encoder_hid_dim": (None, _one_of(None)),
     "encoder_hid_dim_type": (None, _one_of(None)),
     "dual_cross_attention": (False, _one_of(False)),
-    "class_embed_type": (None, _one_of(None)),
     "addition_embed_type": (None, _one_of(None)),
     "addition_time_embed_dim": (None, _one_of(None)),
     "addition_embed_type_num_heads": (64, _ANY_INT),
@@ -143,7 +148,6 @@ UNET_CONFIG_KEYS: dict[str, tuple[Any, Callable[[Any], bool]]] = {
     "time_embedding_act_fn": (None, _one_of(None)),
     "timestep_post_act": (None, _one_of(None)),
     "time_cond_proj_dim": (None, _one_of(None)),
-    "projection_class_embeddings_input_dim": (None, _one_of(None)),
     "attention_type": ("default", _one_of("default")),
     "class_embeddings_concat": (False, _one_of(False)),
     "cross_attention_norm": (None, _one_of(None)),
@@ -175,7 +179,43 @@ def normalize_config(config: Mapping[str, Any]) -> dict[str, Any]:
       raise ValueError(f"UNet config: {key}={value!r} is not supported; accepted: {check.desc}")
     out[key] = value
   _check_lengths(out)
+  if out["class_embed_type"] == "projection":
+    if not out["projection_class_embeddings_input_dim"]:
+      raise ValueError("UNet config: class_embed_type='projection' needs "
+                       "projection_class_embeddings_input_dim (the width of the vectors it "
+                       "projects)")
+    if out["num_class_embeds"] is not None:
+      # diffusers ignores it silently; a config asking for both means one of them by mistake.
+      raise ValueError("UNet config: num_class_embeds is unused with class_embed_type="
+                       "'projection' (the class embedding projects vectors): remove one")
   return out
+
+
+def class_conditioning(c: Mapping[str, Any]) -> Optional[str]:
+  """What the UNet's `class_labels` are for a normalized config: "labels" (i32[B] indices of
+  `num_class_embeds`), "vectors" (f32[B, projection_class_embeddings_input_dim], projected by
+  class_embed_type "projection"), or None (the UNet takes no class_labels)."""
+  if c["class_embed_type"] == "projection":
+    return "vectors"
+  return "labels" if c["num_class_embeds"] is not None else None
+
+
+def make_class_embedding(c: Mapping[str, Any], time_dim: int, *, dtype=None,
+                         param_dtype=jnp.float32, rngs: nnx.Rngs) -> Optional[nnx.Module]:
+  """The `class_embedding` module of a normalized config (diffusers' layout and names), or None.
+
+  Labels: an embedding table initialised as torch's nn.Embedding, N(0, 1), as diffusers' UNet
+  gets it. Vectors: `TimestepEmbedding(projection_class_embeddings_input_dim, time_dim)` with
+  silu, whatever the config's act_fn (diffusers builds it with its default activation).
+  """
+  kind = class_conditioning(c)
+  if kind == "vectors":
+    return TimestepEmbedding(c["projection_class_embeddings_input_dim"], time_dim, act_fn="silu",
+                             dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+  if kind == "labels":
+    return layers.Embedding(c["num_class_embeds"], time_dim, axes=("classes", "embed"),
+                            init_std=1.0, param_dtype=param_dtype, rngs=rngs)
+  return None
 
 
 def _check_lengths(c: dict) -> None:
@@ -663,13 +703,7 @@ class UNet(nnx.Module):
     time_dim = c["time_embedding_dim"] or channels[0] * 4
     self.time_proj_dim = channels[0]
     self.time_embedding = TimestepEmbedding(channels[0], time_dim, act_fn=c["act_fn"], **kw)
-    if c["num_class_embeds"] is not None:
-      # torch's nn.Embedding initialisation, N(0, 1), as diffusers' UNet gets it.
-      self.class_embedding = layers.Embedding(c["num_class_embeds"], time_dim,
-                                              axes=("classes", "embed"), init_std=1.0,
-                                              param_dtype=param_dtype, rngs=rngs)
-    else:
-      self.class_embedding = None
+    self.class_embedding = make_class_embedding(c, time_dim, **kw)
     k_in = c["conv_in_kernel"]
     self.conv_in = layers.Conv2d(c["in_channels"], channels[0], k_in, padding=(k_in - 1) // 2,
                                  **kw)
@@ -728,6 +762,29 @@ class UNet(nnx.Module):
     run = checkpointed(REMAT_POLICIES.get(policy)())
     return (run, run_plainly) if scope == "block" else (run_plainly, run)
 
+  def _class_embed(self, class_labels, batch: int, dtype) -> jax.Array:
+    """The class embedding added to the timestep embedding ([B, time_dim], or 0 without one)."""
+    c = self.config
+    kind = class_conditioning(c)
+    if kind is None:
+      if class_labels is not None:
+        raise ValueError("class_labels given, but the UNet config has no class embedding "
+                         "(num_class_embeds or class_embed_type)")
+      return jnp.zeros((), dtype)
+    if kind == "labels":
+      if class_labels is None:
+        raise ValueError(f"this UNet has num_class_embeds={c['num_class_embeds']}: pass "
+                         "class_labels (i32[B])")
+      labels = jnp.broadcast_to(jnp.asarray(class_labels).reshape(-1), (batch,))
+      return self.class_embedding(labels)
+    width = c["projection_class_embeddings_input_dim"]
+    if class_labels is None or jnp.ndim(class_labels) != 2 or class_labels.shape[-1] != width:
+      got = None if class_labels is None else jnp.shape(class_labels)
+      raise ValueError(f"this UNet has class_embed_type='projection': pass class_labels as "
+                       f"f32[B, {width}] vectors, got {got}")
+    vectors = jnp.broadcast_to(jnp.asarray(class_labels), (batch, width)).astype(dtype)
+    return self.class_embedding(vectors)
+
   def __call__(self, sample: jax.Array, timesteps, encoder_hidden_states: jax.Array, *,
                class_labels: Optional[jax.Array] = None, return_features: bool = False,
                return_attention_maps: bool = False):
@@ -737,8 +794,10 @@ class UNet(nnx.Module):
       sample: [B, H, W, in_channels].
       timesteps: scalar or [B] (int or float).
       encoder_hidden_states: [B, L, cross_attention_dim] context tokens.
-      class_labels: i32[B] indices into the class embedding; required exactly when the config
-        has `num_class_embeds`.
+      class_labels: required exactly when the config has a class embedding
+        (`class_conditioning`): i32[B] indices into it (`num_class_embeds`), or
+        f32[B, projection_class_embeddings_input_dim] vectors (class_embed_type "projection",
+        e.g. a prompt's pooled text embedding).
       return_features: also return the decoder features.
       return_attention_maps: also return every cross-attention (`attn2`) module's attention
         probabilities, {diffusers module path, e.g.
@@ -760,14 +819,7 @@ class UNet(nnx.Module):
     t_emb = timestep_embedding(t, self.time_proj_dim, flip_sin_to_cos=c["flip_sin_to_cos"],
                                freq_shift=c["freq_shift"]).astype(dtype)
     temb = self.time_embedding(t_emb)
-    if self.class_embedding is not None:
-      if class_labels is None:
-        raise ValueError(f"this UNet has num_class_embeds={c['num_class_embeds']}: pass "
-                         "class_labels (i32[B])")
-      labels = jnp.broadcast_to(jnp.asarray(class_labels).reshape(-1), (b,))
-      temb = temb + self.class_embedding(labels).astype(temb.dtype)
-    elif class_labels is not None:
-      raise ValueError("class_labels given, but the UNet config has no num_class_embeds")
+    temb = temb + self._class_embed(class_labels, b, dtype).astype(temb.dtype)
     context = encoder_hidden_states.astype(dtype)
 
     x = sample.astype(dtype)

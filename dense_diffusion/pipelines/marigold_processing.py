@@ -1,7 +1,8 @@
 """Host-side pre- and post-processing of the Marigold pipelines (numpy, NHWC, float32).
 
 Everything here reproduces diffusers' `MarigoldImageProcessor` and the pipelines' ensembling
-with numpy instead of torch, so that the same input gives the same numbers:
+with numpy instead of torch, so that the same input gives the same numbers (all but the depth
+ensembles' alignment, below):
 
 - Resizing is torch's `F.interpolate` written out as taps per axis (input indices and weights
   per output pixel, applied separably, accumulated in float32 in tap order). The weights follow
@@ -16,26 +17,35 @@ with numpy instead of torch, so that the same input gives the same numbers:
   equivalent, so all five modes share this one mechanism.)
 - Padding replicates the last row / column up to a multiple of the VAE downsampling (torch's
   `F.pad(mode="replicate")` on the bottom and right).
-- Ensembling: depth aligns the members by scale (and shift) with scipy's BFGS on the same cost
-  diffusers minimises, evaluated in float32 like diffusers' torch code, then takes the median
-  (torch's lower median for even counts) or mean; normals take the member closest to the
-  normalised mean; intrinsics the median or mean. Uncertainties as diffusers (median absolute
-  deviation, unbiased standard deviation, mean angle / pi).
+- Ensembling: depth aligns the members by scale (and shift) with scipy's BFGS on the objective
+  diffusers minimises, from its start with its settings (evaluated as below), then takes the
+  median (torch's lower median for even counts) or mean and normalises as diffusers does;
+  normals take the member closest to the normalised mean; intrinsics the median or mean.
+  Uncertainties as diffusers (median absolute deviation, unbiased standard deviation, mean
+  angle / pi).
 
-Depth alignment caveat (diffusers' own numerics): BFGS differentiates the float32 cost by finite
-differences with an absolute step of 1.5e-8. A parameter of magnitude >= 0.5 does not change in
-float32 by that step, so when every starting scale and shift is that large (depth maps that keep
-away from 0) the gradient is exactly zero and both diffusers and we return the min-max start. A
-smaller parameter (a map whose minimum is near 0, common for real depth) moves by one float32 ulp,
-and the gradient is then float32 rounding of the cost: its value depends on the summation order
-of torch's SIMD / multi-threaded reductions (CPU and thread count), which numpy does not
-reproduce. There the alignment, hence the ensembled depth, can differ from diffusers' (by up to
-0.1 on synthetic members), as diffusers' own result differs between machines and thread counts.
+Depth alignment, the one place where we differ from diffusers, on purpose (docs/evaluation.md has
+the numbers). diffusers evaluates the objective in float32 at the parameters cast to float32,
+and BFGS differentiates it by finite differences with a step of 2**-26 (relative above 1). In
+float32 that step is lost on every parameter of magnitude >= 0.5: every scale (1 / (max - min)
+>= 1 for maps in [0, 1]) and the large shifts get a gradient of exactly 0 and never move. We keep
+those too, so where that is all of them (maps away from 0) the ensembles are diffusers'. A
+smaller shift moves by a float32 ulp or two (or not at all, by the parity of its last bit), and
+its gradient is dominated by the float32 rounding of the objective, which depends on the
+members' last bits and the summation order: diffusers' ensembled depth jumps (by 0.019 in the
+tests for one float32 ulp in every member) when the members change in their last bits, as the
+same network's members do between torch and JAX (1e-6). No reimplementation can reproduce that.
+We evaluate the objective of those shifts in float64: the same start, objective, optimiser and
+settings, a deterministic result that moves by < 1e-5 for such member changes, and a lower
+objective than diffusers' in the tests' cases (not in every member set: two BFGS iterations
+along two different gradients are two different descents). With reduction "mean" the shifts
+cancel in the normalised mean, so the prediction is diffusers' there too and only the
+uncertainty differs. Given the same parameters, the aligned, reduced and normalised depth and
+its uncertainty are diffusers' (float32, parameters cast to float32).
 """
 from __future__ import annotations
 
 import functools
-import itertools
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -336,10 +346,13 @@ def _depth_alignment(depth: np.ndarray, shift_invariant: bool, reduction: str,
                      ) -> Callable[[np.ndarray], np.ndarray]:
   """Fits per-member scale (and shift) with BFGS; returns the function applying them.
 
-  The cost is diffusers': the sum over member pairs of the RMS difference of the aligned maps,
-  plus `regularizer_strength` * (|min| + |1 - max|) of their reduction, evaluated in float32 with
-  the parameters cast to float32 (as torch does; BFGS' finite-difference gradient then sees the
-  same values).
+  The objective is diffusers': the sum over member pairs of the RMS difference of the aligned
+  maps, plus `regularizer_strength` * (|min| + |1 - max|) of their reduction; the start (min-max,
+  in float32), the optimiser (scipy's BFGS, finite-difference gradient) and its settings are
+  diffusers' too. Unlike diffusers it is evaluated in float64, with the start's parameters of
+  magnitude >= 0.5 rounded to float32 as diffusers rounds them (the module docstring says why).
+  The pairwise RMS comes from the members' means and covariances, computed once: an evaluation
+  then costs one pass over the pixels, for the regulariser's reduction.
   """
   import scipy.optimize  # pylint: disable=import-outside-toplevel
 
@@ -347,7 +360,7 @@ def _depth_alignment(depth: np.ndarray, shift_invariant: bool, reduction: str,
   fit_on = depth
   if max_res is not None and max(depth.shape[1:3]) > max_res:
     fit_on = resize_to_max_edge(depth, max_res, "nearest-exact")
-  flat = fit_on.reshape(members, -1)
+  flat = np.asarray(fit_on, _F32).reshape(members, -1)
   lo, hi = flat.min(axis=1), flat.max(axis=1)
   if shift_invariant:
     s0 = _F32(1.0) / np.maximum(hi - lo, _F32(1e-6))
@@ -355,26 +368,48 @@ def _depth_alignment(depth: np.ndarray, shift_invariant: bool, reduction: str,
   else:
     param0 = (_F32(1.0) / np.maximum(hi, _F32(1e-6))).astype(np.float64)
 
-  def align(maps: np.ndarray, param: np.ndarray) -> np.ndarray:
-    p = np.asarray(param).astype(_F32)
-    shape = (members,) + (1,) * (maps.ndim - 1)
+  # diffusers casts the parameters to float32, where BFGS' finite-difference step (2**-26,
+  # relative above 1) is lost on every parameter of magnitude >= 0.5, so BFGS never moves them.
+  # Those are seen in float32 here too (the same zero gradient); the others in float64, where
+  # diffusers' step would move them by a float32 ulp or two and their gradient be rounding noise.
+  in_float32 = np.abs(param0) >= 0.5
+
+  pixels = flat.T.astype(np.float64)            # [P, E]
+  mean = pixels.mean(axis=0)                    # [E]
+  centred = pixels - mean
+  cov = centred.T @ centred / pixels.shape[0]   # [E, E]
+  first, second = np.triu_indices(members, 1)   # member pairs, itertools.combinations' order
+  middle = (members - 1) // 2                   # torch's lower median
+  work = np.empty_like(pixels)
+
+  def split(param: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if shift_invariant:
-      s, t = np.split(p, 2)
-      return (maps * s.reshape(shape) + t.reshape(shape)).astype(_F32)
-    return (maps * p.reshape(shape)).astype(_F32)
+      return param[:members], param[members:]
+    return param, np.zeros(members)
 
   def cost(param: np.ndarray) -> float:
-    aligned = align(fit_on, param)
-    total = 0.0
-    for i, j in itertools.combinations(range(members), 2):
-      diff = aligned[i] - aligned[j]
-      total += float(np.sqrt(np.mean(np.square(diff), dtype=_F32)))
+    s, t = split(np.where(in_float32, param.astype(_F32), param))
+    # mean((a_i - a_j)^2) = var(s_i d_i - s_j d_j) + (mean(a_i) - mean(a_j))^2, a = s d + t.
+    scaled_cov = cov * np.outer(s, s)
+    variance = (scaled_cov[first, first] + scaled_cov[second, second]
+                - 2.0 * scaled_cov[first, second])
+    aligned_mean = s * mean + t
+    offset = aligned_mean[first] - aligned_mean[second]
+    total = float(np.sum(np.sqrt(np.maximum(variance, 0.0) + offset * offset)))
     if regularizer_strength > 0:
-      prediction, _ = _reduce(aligned, reduction, False)
-      err_near = float(np.abs(prediction.min()))
-      err_far = float(np.abs(_F32(1.0) - prediction.max()))
-      total += (err_near + err_far) * regularizer_strength
+      if reduction == "mean":
+        prediction = pixels @ s / members + t.mean()
+      else:  # in place in one buffer: ~2x faster than temporaries at 768 x 576 x 10
+        np.add(np.multiply(pixels, s, out=work), t, out=work)
+        work.partition(middle, axis=1)
+        prediction = work[:, middle]
+      total += (abs(prediction.min()) + abs(1.0 - prediction.max())) * regularizer_strength
     return total
+
+  def align(maps: np.ndarray, param: np.ndarray) -> np.ndarray:
+    """Diffusers' last step: float32 maps, float32 parameters, float32 arithmetic."""
+    s, t = (p.astype(_F32).reshape((members,) + (1,) * (maps.ndim - 1)) for p in split(param))
+    return (maps * s + t).astype(_F32) if shift_invariant else (maps * s).astype(_F32)
 
   result = scipy.optimize.minimize(cost, param0, method="BFGS", tol=tol,
                                    options={"maxiter": max_iter, "disp": False})
@@ -388,7 +423,9 @@ def ensemble_depth(depth: np.ndarray, scale_invariant: bool = True, shift_invari
   """Ensembles E depth maps of one image (diffusers' `MarigoldDepthPipeline.ensemble_depth`).
 
   Affine-invariant (or scale-invariant) members are first aligned to each other (see
-  `_depth_alignment`), then reduced per pixel, then the result is normalised to [0, 1] (min-max;
+  `_depth_alignment`: diffusers' objective, partly evaluated in float64 where diffusers' float32
+  turns its gradient into rounding noise, so the result can differ from diffusers': the module
+  docstring), then reduced per pixel, then the result is normalised to [0, 1] (min-max;
   scale-only: divided by the max).
 
   Args:

@@ -128,6 +128,28 @@ def get_random_crop(size, keys: Sequence[str] = ("image",)):
   return _crop
 
 
+@register("random_square_crop")
+def get_random_square_crop(keys: Sequence[str] = ("image",)):
+  """Crops the same random square window, as wide as the shorter side, from every key (all must
+  share height/width): images of any size and aspect ratio keep as much of themselves as a
+  square holds, undistorted (then `resize` brings them to one size)."""
+  keys = _keys(None, keys)
+
+  def _crop(data):
+    data = dict(data)
+    with tf.control_dependencies(_assert_same_size(data, keys, "random_square_crop")):
+      shape = spatial_shape(data[keys[0]])
+    side = tf.reduce_min(shape)
+    seed = op_seed(data, 3)
+    y0 = tf.random.stateless_uniform([], seed, 0, shape[0] - side + 1, dtype=tf.int32)
+    x0 = tf.random.stateless_uniform([], tf.random.experimental.stateless_fold_in(seed, 1), 0,
+                                     shape[1] - side + 1, dtype=tf.int32)
+    for k in keys:
+      data[k] = data[k][y0:y0 + side, x0:x0 + side]
+    return data
+  return _crop
+
+
 @register("central_crop")
 def get_central_crop(size, keys: Sequence[str] = ("image",)):
   """Crops the central `size` window of every key."""

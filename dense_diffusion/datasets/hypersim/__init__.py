@@ -1,0 +1,2 @@
+"""Hypersim builder."""
+from dense_diffusion.datasets.hypersim.hypersim import Hypersim

@@ -1,0 +1,2 @@
+"""Virtual KITTI 2 builder."""
+from dense_diffusion.datasets.vkitti2.vkitti2 import VirtualKitti2
