@@ -188,8 +188,8 @@ def remat_temporaries():
   env = dict(os.environ, PYTHONPATH=str(REPO))
   env.pop("JAX_PLATFORMS", None)
   env.pop("XLA_FLAGS", None)
-  proc = subprocess.run([sys.executable, "-c", _REMAT_TEMPS], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=900)
+  proc = subprocess_env.run(subprocess_env.python_script(_REMAT_TEMPS), cwd=REPO, env=env,
+                            capture_output=True, timeout=900)
   lines = [l for l in proc.stdout.splitlines() if l.startswith("TEMPS ")]
   assert proc.returncode == 0 and lines, proc.stdout[-2000:] + proc.stderr[-3000:]
   return json.loads(lines[-1][len("TEMPS "):])
