@@ -140,9 +140,11 @@ def get_config(arg=None):
   c.model.image_encoder_options = dict(trainable=True, tokens="patch")
   c.model.pretrained_image_encoder = config_dict.placeholder(str)  # CLIPVisionModel folder.
   c.model.dtype = "float32"  # compute dtype; "bfloat16" on accelerators.
-  # What UNet blocks keep for the backward pass: False (everything), True (inputs only:
-  # recompute the rest), "save_attention", "save_dots" (models/unet.py REMAT_POLICIES).
-  c.model.remat = False
+  # What the UNet keeps for the backward pass (models/unet.py, REMAT_POLICIES): False
+  # (everything); block scope: True / "full" (each down/mid/up block's inputs: recompute the
+  # rest), "save_attention", "save_dots"; layer scope: "layer" (each resnet's and transformer
+  # layer's inputs: the least memory), "layer_save_attention", "layer_save_dots".
+  c.model.remat = "none"  # a name (a string), so that --config.model.remat=layer parses.
   # Attention formulation per platform and splash kernel blocks (None: models/attention.py's).
   c.model.attention = attention_options()
   c.model.lora = None  # e.g. dict(rank=4, alpha=4.0, pattern=...) adapters (see trainable).

@@ -91,7 +91,7 @@ def get_config(arg=None):
   c.model.image_encoder_options = dict(trainable=False, tokens="all", layer=-2)  # frozen tower.
   c.model.pretrained_image_encoder = config_dict.placeholder(str)  # CLIPVisionModel folder.
   c.model.dtype = "bfloat16"  # compute dtype; parameters stay float32.
-  c.model.remat = True  # recompute UNet blocks in the backward pass (or a policy name, demo.py).
+  c.model.remat = "full"  # recompute UNet blocks in the backward pass (names: demo.py).
   # Attention per platform: splash on TPU, cuDNN on GPU (None: models/attention.py's defaults).
   c.model.attention = demo.attention_options()
   c.model.lora = None  # full fine-tuning.

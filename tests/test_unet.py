@@ -123,7 +123,10 @@ def test_parity_sd1_with_decoder_features(sd1):
     np.testing.assert_allclose(np.asarray(f), c.permute(0, 2, 3, 1).numpy(), atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("remat", [True, "save_attention", "save_dots"])
+# Scope and policy are independent in models/unet.py (`checkpointed(policy)` runs blocks or
+# layers), so each scope and each policy is covered once: block / full, block / save_dots,
+# layer / full, layer / save_attention.
+@pytest.mark.parametrize("remat", [True, "save_dots", "layer", "layer_save_attention"])
 def test_remat_gradients_match_torch(sd1, remat):
   model, path = sd1
   x, t, ctx = _inputs(SD1)
@@ -361,5 +364,12 @@ def test_remat_names():
   from dense_diffusion import errors  # pylint: disable=g-import-not-at-top
   assert [unet_lib.remat_policy_name(v) for v in (False, None, True, "save_attention")] == [
       "none", "none", "full", "save_attention"]
-  with pytest.raises(errors.ConfigError, match="save_dots"):  # the error lists the known ones
-    unet_lib.remat_policy_name("attention")
+  assert unet_lib.remat_names() == ["full", "save_attention", "save_dots", "layer",
+                                    "layer_save_attention", "layer_save_dots"]
+  assert [unet_lib.remat_scope(unet_lib.remat_policy_name(v)) for v in (
+      False, True, "save_dots", "layer", "layer_save_attention")] == [
+          ("none", None), ("block", "full"), ("block", "save_dots"), ("layer", "full"),
+          ("layer", "save_attention")]
+  for bad in ("attention", "layer_full", "layer_none", "block"):
+    with pytest.raises(errors.ConfigError, match="layer_save_dots"):  # lists the known ones
+      unet_lib.remat_policy_name(bad)

@@ -66,8 +66,8 @@ class GeneralistModel(nnx.Module):
     task_token_init_std: standard deviation of the learned tokens' initialisation.
     input_residual_init: per-task initial gate of the input residual (length num_tasks, e.g.
       1.0 for restoration tasks, 0.0 elsewhere), or None for no input residual.
-    dtype: compute dtype (None = float32; bfloat16 on accelerators). remat: per-block remat
-      (UNet's `remat`: False, True or a policy name).
+    dtype: compute dtype (None = float32; bfloat16 on accelerators). remat: what the UNet keeps
+      for the backward pass (UNet's `remat`: False, True or a name of `unet.remat_names()`).
     condition_channels: channels of the condition concatenated to x_t (3: RGB; 4: a latent).
   """
 

@@ -23,6 +23,7 @@ from flax import nnx
 
 from dense_diffusion import errors
 from dense_diffusion import registry
+from dense_diffusion import sharding
 from dense_diffusion.models import attention as attention_lib
 from dense_diffusion.models import layers
 
@@ -296,7 +297,13 @@ class GEGLU(nnx.Module):
                              param_dtype=param_dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    hidden, gate = jnp.split(self.proj(x), 2, axis=-1)
+    # Two products with the kernel's halves, each split over the tensor axis: one product of the
+    # whole kernel, split there, would give one device all of `hidden` and the other all of
+    # `gate`, and their product would exchange activations (here the kernel halves move).
+    inner = self.proj.out_features // 2
+    names = ("batch",) + (None,) * (x.ndim - 2) + ("mlp",)
+    hidden = sharding.constrain(self.proj(x, columns=(0, inner)), names)
+    gate = sharding.constrain(self.proj(x, columns=(inner, 2 * inner)), names)
     return hidden * jax.nn.gelu(gate, approximate=False)
 
 
@@ -356,8 +363,10 @@ class Transformer2D(nnx.Module):
     inner = heads * dim_head
     self.norm = layers.GroupNorm(channels, norm_groups, eps=1e-6, **kw)
     if use_linear_projection:
-      self.proj_in = layers.Dense(channels, inner, axes=("embed", "heads"), **kw)
-      self.proj_out = layers.Dense(inner, channels, axes=("heads", "embed"), **kw)
+      # In and out of the residual stream of the transformer layers: model width on both sides
+      # (not "heads", which the tensor axis splits: the stream stays whole on every device).
+      self.proj_in = layers.Dense(channels, inner, axes=("embed", "embed"), **kw)
+      self.proj_out = layers.Dense(inner, channels, axes=("embed", "embed"), **kw)
     else:
       self.proj_in = layers.Conv2d(channels, inner, 1, padding=0, **kw)
       self.proj_out = layers.Conv2d(inner, channels, 1, padding=0, **kw)
@@ -368,25 +377,79 @@ class Transformer2D(nnx.Module):
                               upcast_attention=upcast_attention, dropout=dropout, **kw)
         for _ in range(num_layers)])
 
-  def __call__(self, x: jax.Array, context: jax.Array, *, return_maps: bool = False):
+  def __call__(self, x: jax.Array, context: jax.Array, *, return_maps: bool = False,
+               run: Optional[Runner] = None):
     """x [B, H, W, C], context [B, L, D] -> [B, H, W, C] (and, with `return_maps`,
-    {"transformer_blocks.k.attn2": f32[B, heads, H*W, L]})."""
-    b, h, w, c = x.shape
-    # A 1x1 conv and a dense layer are the same map in NHWC, so both projections act on tokens.
-    y = self.proj_in(self.norm(x).reshape(b, h * w, c))
+    {"transformer_blocks.k.attn2": f32[B, heads, H*W, L]}).
+
+    `run` runs each stage (projection in, each transformer layer, projection out): plainly
+    (None) or under `jax.checkpoint` (`model.remat` at layer scope)."""
+    run = run or run_plainly
+    y = run(Transformer2D.tokens_in, self, x)
     maps = {}
     for k, block in enumerate(self.transformer_blocks):
       if return_maps:
-        y, maps[f"transformer_blocks.{k}.attn2"] = block(y, context, return_probs=True)
+        y, maps[f"transformer_blocks.{k}.attn2"] = run(_call, block, y, context,
+                                                       return_probs=True)
       else:
-        y = block(y, context)
-    y = self.proj_out(y).reshape(b, h, w, c)
-    y = y + x.astype(y.dtype)
+        y = run(_call, block, y, context)
+    y = run(Transformer2D.tokens_out, self, y, x)
     return (y, maps) if return_maps else y
+
+  def tokens_in(self, x: jax.Array) -> jax.Array:
+    """GroupNorm and proj_in: x [B, H, W, C] -> tokens [B, H*W, inner]."""
+    b, h, w, c = x.shape
+    # A 1x1 conv and a dense layer are the same map in NHWC, so both projections act on tokens.
+    return self.proj_in(self.norm(x).reshape(b, h * w, c))
+
+  def tokens_out(self, y: jax.Array, x: jax.Array) -> jax.Array:
+    """proj_out of tokens y [B, H*W, inner], plus the input x [B, H, W, C] -> [B, H, W, C]."""
+    y = self.proj_out(y).reshape(x.shape)
+    return y + x.astype(y.dtype)
 
 
 def _prefixed(prefix: str, maps: dict) -> dict:
   return {f"{prefix}.{k}": v for k, v in maps.items()}
+
+
+# ------------------------------------------------------------------------------------------------
+# Running a part: plainly, or as one `jax.checkpoint` (model.remat, see REMAT_POLICIES).
+
+# run(fn, module, *args, **static) -> fn(module, *args, **static), possibly checkpointed:
+# `module`'s state and `args` are the checkpoint's inputs (what the backward pass keeps of it),
+# `static` are Python values (flags, sizes).
+Runner = Callable[..., Any]
+
+
+def _call(module, *args, **kwargs):
+  return module(*args, **kwargs)
+
+
+def run_plainly(fn, module, *args, **static):
+  """A `Runner` that calls fn(module, *args, **static) as it is."""
+  return fn(module, *args, **static)
+
+
+def checkpointed(policy: Optional[Callable]) -> Runner:
+  """A `Runner` that calls fn(module, ...) under `jax.checkpoint(policy=policy)`.
+
+  Functional (split, then merge inside): the parts change no state in a call, and `nnx.remat`'s
+  write-back of that state fails under an outer transform that traces the parameters
+  (value_and_grad over LoRA adapters, the sampler's scan).
+  """
+  def run(fn, module, *args, **static):
+    graphdef, state = nnx.split(module)
+
+    def apply(state, *a):
+      return fn(nnx.merge(graphdef, state), *a, **static)
+    return jax.checkpoint(apply, policy=policy)(state, *args)
+  return run
+
+
+def _resnet_on_concat(resnet, x, skip, temb):
+  """An up block's layer input: hidden state and skip concatenated (hidden first), then the
+  resnet; one part, so a checkpoint keeps x and skip rather than their concatenation."""
+  return resnet(jnp.concatenate([x, skip.astype(x.dtype)], axis=-1), temb)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -424,21 +487,22 @@ class DownBlock(nnx.Module):
                                                        padding=c["downsample_padding"], **kw)])
                          if add_downsample else None)
 
-  def __call__(self, x, temb, context, return_maps: bool = False):
+  def __call__(self, x, temb, context, return_maps: bool = False, run: Optional[Runner] = None):
     """Returns (output, tuple of skip tensors) (and, with `return_maps`, the cross-attention
-    maps by their path in the block)."""
+    maps by their path in the block). `run` runs each layer (`Runner`; None: plainly)."""
+    run = run or run_plainly
     skips, maps = [], {}
     for i, resnet in enumerate(self.resnets):
-      x = resnet(x, temb)
+      x = run(_call, resnet, x, temb)
       if self.attentions is not None:
         if return_maps:
-          x, m = self.attentions[i](x, context, return_maps=True)
+          x, m = self.attentions[i](x, context, return_maps=True, run=run)
           maps.update(_prefixed(f"attentions.{i}", m))
         else:
-          x = self.attentions[i](x, context)
+          x = self.attentions[i](x, context, run=run)
       skips.append(x)
     if self.downsamplers is not None:
-      x = self.downsamplers[0](x)
+      x = run(_call, self.downsamplers[0], x)
       skips.append(x)
     return (x, tuple(skips), maps) if return_maps else (x, tuple(skips))
 
@@ -453,16 +517,17 @@ class MidBlock(nnx.Module):
     self.attentions = nnx.List([_transformer(ch, heads, transformer_layers[i], cross_dim, False,
                                              c, kw) for i in range(num_layers)])
 
-  def __call__(self, x, temb, context, return_maps: bool = False):
-    x = self.resnets[0](x, temb)
+  def __call__(self, x, temb, context, return_maps: bool = False, run: Optional[Runner] = None):
+    run = run or run_plainly
+    x = run(_call, self.resnets[0], x, temb)
     maps = {}
     for i, (attn, resnet) in enumerate(zip(self.attentions, self.resnets[1:])):
       if return_maps:
-        x, m = attn(x, context, return_maps=True)
+        x, m = attn(x, context, return_maps=True, run=run)
         maps.update(_prefixed(f"attentions.{i}", m))
       else:
-        x = attn(x, context)
-      x = resnet(x, temb)
+        x = attn(x, context, run=run)
+      x = run(_call, resnet, x, temb)
     return (x, maps) if return_maps else x
 
 
@@ -485,23 +550,25 @@ class UpBlock(nnx.Module):
     self.upsamplers = (nnx.List([layers.Upsample2D(out_ch, use_conv=True, out_channels=out_ch,
                                                    **kw)]) if add_upsample else None)
 
-  def __call__(self, x, skips, temb, context, upsample_size=None, return_maps: bool = False):
+  def __call__(self, x, skips, temb, context, upsample_size=None, return_maps: bool = False,
+               run: Optional[Runner] = None):
     """Returns (output, features before the upsampler) (and, with `return_maps`, the
-    cross-attention maps by their path in the block)."""
+    cross-attention maps by their path in the block). `run` runs each layer (`Runner`; None:
+    plainly)."""
+    run = run or run_plainly
     skips = list(skips)
     maps = {}
     for i, resnet in enumerate(self.resnets):
-      x = jnp.concatenate([x, skips.pop().astype(x.dtype)], axis=-1)
-      x = resnet(x, temb)
+      x = run(_resnet_on_concat, resnet, x, skips.pop(), temb)
       if self.attentions is not None:
         if return_maps:
-          x, m = self.attentions[i](x, context, return_maps=True)
+          x, m = self.attentions[i](x, context, return_maps=True, run=run)
           maps.update(_prefixed(f"attentions.{i}", m))
         else:
-          x = self.attentions[i](x, context)
+          x = self.attentions[i](x, context, run=run)
     features = x
     if self.upsamplers is not None:
-      x = self.upsamplers[0](x, upsample_size)
+      x = run(_call, self.upsamplers[0], x, output_size=upsample_size)
     return (x, features, maps) if return_maps else (x, features)
 
 
@@ -537,12 +604,24 @@ def timestep_embedding(timesteps: jax.Array, dim: int, *, flip_sin_to_cos: bool,
 # The UNet.
 
 
-# What a remat'd block saves from its forward pass (`model.remat`); each value makes a
-# `jax.checkpoint` policy. "full": only the block's inputs (least memory, one more forward of
-# everything); "save_attention": also every attention output (the backward pass then recomputes
-# the convolutions, norms and projections, not the attention: worth it where attention is the
-# slow part, at long sequences without a flash kernel); "save_dots": every matmul / conv
-# result without a batch dimension (XLA's dots_with_no_batch_dims_saveable).
+# Rematerialisation (`model.remat`): a name is a scope and a policy, "<policy>" at block scope,
+# "layer" / "layer_<policy>" at layer scope.
+#
+# What one checkpoint spans (the backward pass recomputes one at a time, holding all of its
+# intermediates at once):
+#   block scope: each down / mid / up block. Fewest kept inputs, but recomputing the first up
+#     block holds 3 resnets' and 3 transformer layers' intermediates at full resolution at once.
+#   layer scope ("layer_"): each resnet (an up block's with its skip concatenation), each
+#     transformer layer, each transformer's projection in (GroupNorm, proj_in) and out (proj_out,
+#     residual), each down / upsampler: the backward holds one layer's intermediates at a time,
+#     and the inputs of every layer are kept.
+#
+# What a checkpoint saves from its forward pass besides its inputs (each value makes a
+# `jax.checkpoint` policy): "full": nothing (least memory, one more forward of everything);
+# "save_attention": every attention output (the backward pass then recomputes the
+# convolutions, norms and projections, not the attention: worth it where attention is the slow
+# part, at long sequences without a flash kernel); "save_dots": every matmul / conv result
+# without a batch dimension (XLA's dots_with_no_batch_dims_saveable).
 REMAT_POLICIES: registry.Registry[Callable[[], Optional[Callable]]] = registry.Registry(
     "remat policy")
 REMAT_POLICIES.register("full")(lambda: None)
@@ -551,17 +630,37 @@ REMAT_POLICIES.register("save_attention")(
 REMAT_POLICIES.register("save_dots")(
     lambda: jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
 
+REMAT_LAYER_PREFIX = "layer"  # "layer" = layer scope, policy "full"; "layer_<policy>" otherwise.
+
+
+def remat_names() -> list[str]:
+  """Every `model.remat` name besides "none": the policies (block scope), then layer scope."""
+  policies = REMAT_POLICIES.names()
+  return policies + [REMAT_LAYER_PREFIX if p == "full" else f"{REMAT_LAYER_PREFIX}_{p}"
+                     for p in policies]
+
 
 def remat_policy_name(remat: bool | str | None) -> str:
-  """`model.remat` -> "none" or a name of REMAT_POLICIES (True = "full", False = "none")."""
+  """`model.remat` -> "none" or one of `remat_names()` (True = "full", False = "none")."""
   if remat is None or remat is False:
     return "none"
   if remat is True:
     return "full"
-  if remat == "none" or remat in REMAT_POLICIES:
+  if remat == "none" or remat in remat_names():
     return remat
   raise errors.ConfigError(f"model.remat={remat!r}: use False, True, 'none' or one of "
-                           f"{REMAT_POLICIES.names()}")
+                           f"{remat_names()}")
+
+
+def remat_scope(name: str) -> tuple[str, Optional[str]]:
+  """A `remat_policy_name` -> (scope "none" / "block" / "layer", REMAT_POLICIES name or None)."""
+  if name == "none":
+    return "none", None
+  if name == REMAT_LAYER_PREFIX:
+    return "layer", "full"
+  if name.startswith(REMAT_LAYER_PREFIX + "_"):
+    return "layer", name[len(REMAT_LAYER_PREFIX) + 1:]
+  return "block", name
 
 
 class UNet(nnx.Module):
@@ -572,9 +671,10 @@ class UNet(nnx.Module):
     dtype: compute dtype (None / float32, or bfloat16). Norm statistics and the timestep
       embedding's sinusoids are float32; the output is float32.
     param_dtype: parameter dtype.
-    remat: what each down/mid/up block keeps for the backward pass: False / "none" (every
-      activation), True / "full" (only the block's inputs: recompute the rest), or another
-      name of `REMAT_POLICIES` ("save_attention", "save_dots").
+    remat: what the backward pass keeps (`remat_names`): False / "none" (every activation);
+      True / "full" (only each down/mid/up block's inputs: recompute the rest), "save_attention",
+      "save_dots" (block scope, other `REMAT_POLICIES`); "layer" (only each resnet's and
+      transformer layer's inputs), "layer_save_attention", "layer_save_dots" (layer scope).
     rngs: parameter initialisation (and dropout) keys.
   """
 
@@ -654,17 +754,13 @@ class UNet(nnx.Module):
     self.conv_out = layers.Conv2d(channels[0], c["out_channels"], k_out,
                                   padding=(k_out - 1) // 2, **kw)
 
-  def _call_block(self, block, *args, **kwargs):
-    if self.remat == "none":
-      return block(*args, **kwargs)
-    # jax.checkpoint on the block's state, functionally: the blocks change no state in a call,
-    # and `nnx.remat`'s write-back of that state fails under an outer transform that traces the
-    # parameters (value_and_grad over LoRA adapters, the sampler's scan).
-    graphdef, state = nnx.split(block)
-
-    def run(state, *a):
-      return nnx.merge(graphdef, state)(*a, **kwargs)
-    return jax.checkpoint(run, policy=REMAT_POLICIES.get(self.remat)())(state, *args)
+  def _runners(self) -> tuple[Runner, Runner]:
+    """(how each block runs, how each layer inside a block runs), from `self.remat`."""
+    scope, policy = remat_scope(remat_policy_name(self.remat))
+    if scope == "none":
+      return run_plainly, run_plainly
+    run = checkpointed(REMAT_POLICIES.get(policy)())
+    return (run, run_plainly) if scope == "block" else (run_plainly, run)
 
   def _class_embed(self, class_labels, batch: int, dtype) -> jax.Array:
     """The class embedding added to the timestep embedding ([B, time_dim], or 0 without one)."""
@@ -732,15 +828,16 @@ class UNet(nnx.Module):
     x = self.conv_in(x)
     skips = [x]
     maps = {}
-    want = dict(return_maps=True) if return_attention_maps else {}
+    run_block, run_layer = self._runners()
+    want = dict(return_maps=True, run=run_layer) if return_attention_maps else dict(run=run_layer)
     for i, block in enumerate(self.down_blocks):
-      out = self._call_block(block, x, temb, context, **want)
+      out = run_block(_call, block, x, temb, context, **want)
       x, block_skips = out[:2]
       if return_attention_maps:
         maps.update(_prefixed(f"down_blocks.{i}", out[2]))
       skips.extend(block_skips)
     if self.mid_block is not None:
-      out = self._call_block(self.mid_block, x, temb, context, **want)
+      out = run_block(_call, self.mid_block, x, temb, context, **want)
       if return_attention_maps:
         x, m = out
         maps.update(_prefixed("mid_block", m))
@@ -751,7 +848,7 @@ class UNet(nnx.Module):
       n_res = len(block.resnets)
       block_skips, skips = tuple(skips[-n_res:]), skips[:-n_res]
       size = tuple(skips[-1].shape[1:3]) if skips else None
-      out = self._call_block(block, x, block_skips, temb, context, upsample_size=size, **want)
+      out = run_block(_call, block, x, block_skips, temb, context, upsample_size=size, **want)
       x, feat = out[:2]
       if return_attention_maps:
         maps.update(_prefixed(f"up_blocks.{i}", out[2]))
