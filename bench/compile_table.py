@@ -2,7 +2,8 @@
 with XLA's attention and with the splash kernel.
 
     TPU_LIBRARY_PATH=... python bench/compile_table.py --config configs/generalist_pixel128.py \
-        --topology v5e-16 --topology v5p-8 [--attention xla --attention auto] [--no_sampler]
+        --topology v5e-16 --topology v5p-8 [--attention xla --attention auto] [--no_sampler] \
+        [--set model.remat=layer --set batch_size=128] [--exec_time_effort -1]
 
 Prints one markdown row per (topology, attention): the train step's per-device memory, FLOPs per
 device and per step, and the step time and examples/s at 40% and 60% MFU (aot.py has the
@@ -48,8 +49,16 @@ def main():
                       help="attention.Options.tpu values to compare (default: xla and auto)")
   parser.add_argument("--set", action="append", default=[], help="config KEY=VALUE overrides")
   parser.add_argument("--no_sampler", action="store_true", help="compile the train step only")
+  parser.add_argument("--exec_time_effort", type=float, default=None,
+                      help="JAX's exec_time_optimization_effort in [-1, 1] (default: the "
+                           "compiler's). -1 compiles several times faster and skips moving "
+                           "buffers into on-chip VMEM: temporaries are then the HBM buffer "
+                           "assignment alone, for comparing programs, not the tuned program's")
   args = parser.parse_args()
   aot.use_cpu_host()
+  if args.exec_time_effort is not None:
+    import jax  # pylint: disable=g-import-not-at-top
+    jax.config.update("jax_exec_time_optimization_effort", args.exec_time_effort)
   print("| config | topology | attention | batch / device | arguments | temporaries | "
         "peak / HBM | fits | TFLOPs / device (XLA + kernels) | TFLOPs / step | "
         "step s @40% | step s @60% | examples/s @40% | examples/s @60% | compile s |")
@@ -77,7 +86,9 @@ def main():
                  f"{report.global_batch / seconds[1]:.0f}"]
       temp = "-" if p.temp_bytes is None else f"{p.temp_bytes / GIB:.2f} GiB"
       args_bytes = "-" if p.argument_bytes is None else f"{p.argument_bytes / GIB:.2f} GiB"
-      print(f"| {args.config} {' '.join(args.set)} | {topology} | {impl} | {per_device} | "
+      print(f"| {args.config} {' '.join(args.set)}"
+            + ("" if args.exec_time_effort is None else f" (effort {args.exec_time_effort:g})")
+            + f" | {topology} | {impl} | {per_device} | "
             f"{args_bytes} | {temp} | {peak} | {'yes' if p.fits else 'NO'} | "
             + " | ".join(cells) + f" | {p.compile_seconds:.0f} |", flush=True)
 

@@ -44,7 +44,7 @@ def main():
   parser.add_argument("--height", type=int, default=None, help="image height (default: res)")
   parser.add_argument("--width", type=int, default=None, help="image width (default: res)")
   parser.add_argument("--set", action="append", default=[],
-                      help="config overrides KEY=VALUE (python literals), e.g. model.remat=True")
+                      help="config overrides KEY=VALUE (python literals), e.g. model.remat=layer")
   args = parser.parse_args()
   config = load_config(args.config)
   overrides = {}

@@ -33,16 +33,13 @@ from dense_diffusion.experiment import config as config_lib
 from dense_diffusion.experiment import model as model_lib
 from dense_diffusion.experiment import trainable as trainable_lib
 
-# Dense bf16 peak FLOP/s per device kind (vendor data sheets, no sparsity).
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12,
-             "TPU v5p": 459e12, "TPU v5 lite": 197e12}
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import peak_flops as peak_flops_lib  # pylint: disable=g-import-not-at-top  (bench/peak_flops.py)
 
 
 def peak_flops(device) -> float | None:
-  for name, value in PEAK_BF16.items():
-    if name.lower() in device.device_kind.lower():
-      return value
-  return None
+  """Dense bf16 FLOP/s of `device` (bench/peak_flops.py's table, with its sources)."""
+  return peak_flops_lib.peak_bf16_flops(device.device_kind)
 
 
 def synthetic_batch(config, batch: int, seed: int = 0) -> dict:

@@ -3,9 +3,10 @@
     python -m dense_diffusion.main train --config configs/demo.py --workdir runs/demo
     python -m dense_diffusion.main train --config configs/demo.py:res=64 --config.total_steps=200 ...
 
-Random initialisation (no pre-trained weights can be downloaded here), a small UNet with learned
-task embeddings and a tiny ViT image encoder, x0-prediction diffusion sampled with a few DDIM
-steps (trailing spacing, so the first step starts from pure noise at t = T - 1).
+Random initialisation (no pre-trained weights can be downloaded here), a small UNet told the task
+by its prompt alone (learned prompt tokens, their pooled embedding projected into the timestep
+embedding; no class label) and a tiny ViT image encoder, x0-prediction diffusion sampled with a
+few DDIM steps (trailing spacing, so the first step starts from pure noise at t = T - 1).
 """
 import ml_collections
 from ml_collections import config_dict
@@ -20,6 +21,26 @@ TASKS = ("depth", "normals", "semantic", "instance", "albedo", "shading", "denoi
 SYNTHETIC_VAE = dict(block_out_channels=[16, 32, 32], layers_per_block=1, latent_channels=4,
                      norm_num_groups=8, down_block_types=["DownEncoderBlock2D"] * 3,
                      up_block_types=["UpDecoderBlock2D"] * 3)
+
+
+# The model.unet keys that add the task to the timestep embedding, so that every ResNet block
+# knows it (cross-attention reads the prompt's tokens besides): the prompt's pooled embedding
+# projected (class_embed_type), or the task index as a class label (num_class_embeds).
+TASK_EMBEDDING_KEYS = ("num_class_embeds", "class_embed_type",
+                       "projection_class_embeddings_input_dim")
+
+
+def without_task_embedding(unet) -> dict:
+  """`model.unet` without TASK_EMBEDDING_KEYS (a backbone pass, VPD's, takes no class labels)."""
+  return {k: v for k, v in dict(unet).items() if k not in TASK_EMBEDDING_KEYS}
+
+
+def task_as_class_label(c: ml_collections.ConfigDict) -> None:
+  """Tells `c`'s UNet the task as a class label (num_class_embeds = the number of tasks, beside
+  task tokens at std 0.02) instead of the prompt's pooled embedding: the demo's conditioning
+  until 2026-12-07, with which the synthetic DMP and Marigold recipes were tuned and measured."""
+  c.model.unet = {**without_task_embedding(c.model.unet), "num_class_embeds": len(c.tasks)}
+  c.model.task_token_init_std = 0.02
 
 
 def attention_options() -> ml_collections.ConfigDict:
@@ -94,13 +115,20 @@ def get_config(arg=None):
       down_block_types=["DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"],
       up_block_types=["CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"],
       cross_attention_dim=64, attention_head_dim=4, norm_num_groups=8,
-      # The task as a class label added to the timestep embedding: every ResNet block, not only
-      # the 8x8 cross-attention ones, knows the task (all tasks improved; docs/training.md).
-      num_class_embeds=len(TASKS))
+      # The task reaches the UNet only through its prompt, as in configs/generalist_pixel128.py:
+      # its tokens in the 8x8 cross-attention blocks, and its pooled embedding (the mean of its
+      # learned tokens) added to the timestep embedding through a projection (diffusers'
+      # class_embed_type="projection", as wide as the tokens), so every ResNet block, not only
+      # the cross-attention ones, knows the task (docs/models.md, docs/studies.md).
+      class_embed_type="projection")
   c.model.pretrained_unet = config_dict.placeholder(str)  # folder of a diffusers UNet (or pipeline) to start from.
   c.model.input_widening = "copy_scale"  # rule for 4 -> 6 input channels of a pretrained UNet.
   c.model.text_encoder = config_dict.placeholder(str)  # pipeline / CLIPTextModel folder; None = learned task tokens.
   c.model.num_task_tokens = 4  # learned tokens per task (when no text encoder).
+  # Their initialisation N(0, std^2): unit scale, as a text encoder's (layer-normed) tokens and
+  # the image tokens beside them. At 0.02 they were 65x smaller than the image tokens and the
+  # cross-attention did not read them (normals stayed at the baseline; docs/studies.md).
+  c.model.task_token_init_std = 1.0
   # Restoration predicts a correction added to its input (models/generalist.py): a small UNet
   # cannot reproduce every pixel of the input in a few minutes (docs/training.md).
   c.model.input_residual = True
@@ -113,9 +141,11 @@ def get_config(arg=None):
   c.model.image_encoder_options = dict(trainable=True, tokens="patch")
   c.model.pretrained_image_encoder = config_dict.placeholder(str)  # CLIPVisionModel folder.
   c.model.dtype = "float32"  # compute dtype; "bfloat16" on accelerators.
-  # What UNet blocks keep for the backward pass: False (everything), True (inputs only:
-  # recompute the rest), "save_attention", "save_dots" (models/unet.py REMAT_POLICIES).
-  c.model.remat = False
+  # What the UNet keeps for the backward pass (models/unet.py, REMAT_POLICIES): False
+  # (everything); block scope: True / "full" (each down/mid/up block's inputs: recompute the
+  # rest), "save_attention", "save_dots"; layer scope: "layer" (each resnet's and transformer
+  # layer's inputs: the least memory), "layer_save_attention", "layer_save_dots".
+  c.model.remat = "none"  # a name (a string), so that --config.model.remat=layer parses.
   # Attention formulation per platform and splash kernel blocks (None: models/attention.py's).
   c.model.attention = attention_options()
   c.model.lora = None  # e.g. dict(rank=4, alpha=4.0, pattern=...) adapters (see trainable).

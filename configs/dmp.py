@@ -85,7 +85,7 @@ def get_config(arg=None):
     # Per entry, examples held encoded while shuffled: the five entries read one set.
     c.input.shuffle_buffer = 1_000
   else:
-    c.model.unet["num_class_embeds"] = len(DMP_TASKS)  # the task as a class label.
+    demo.task_as_class_label(c)  # the conditioning this recipe was measured with.
   if arg.tiny:  # test size: a random frozen VAE, the latent path as plumbing only.
     c.model.vae.recipe = None
     c.model.vae.config = demo.SYNTHETIC_VAE

@@ -8,8 +8,9 @@ An SD-2 UNet (diffusers `UNet2DConditionModel` keys) works directly on 128x128 R
 input = concat(noisy target, condition image) = 6 channels: the converted 4-channel `conv_in`
 is widened by `model.input_widening` (docs/models.md). Context = frozen text-encoder embeddings of
 the task prompts (cached once) + CLIP image-encoder tokens of the condition image. Tasks: depth
-(NYUv2), semantic (ADE20K), semantic + instance (COCO panoptic), denoise (SIDD), derain (Rain13K),
-low-light (LOL); DDIM sampling; bf16 compute with float32 parameters; remat; FSDP mesh.
+(NYUv2), ADE20K's semantic classes, COCO's semantic classes + instance (COCO panoptic; panoptic is
+their merge), denoise (SIDD), derain (Rain13K), low-light (LOL); DDIM sampling; bf16 compute
+with float32 parameters; remat; FSDP mesh.
 Data: data/README.md says how to prepare each TFDS dataset.
 
 `arg`: `res=128` (image size), `batch=256` (global batch), `accum=1` (microbatches per step).
@@ -20,7 +21,9 @@ from ml_collections import config_dict
 from configs import demo
 from dense_diffusion.datasets import readers
 
-TASKS = ("depth", "semantic", "instance", "denoise", "derain", "lowlight")
+# One label space per dataset: ADE20K's 150 classes and COCO panoptic's 133 are two tasks, each
+# with its own prompt and palette; panoptic is answered from semantic_coco + instance.
+TASKS = ("depth", "semantic_ade20k", "semantic_coco", "instance", "denoise", "derain", "lowlight")
 
 
 def mixture(res: int) -> list:
@@ -64,12 +67,22 @@ def get_config(arg=None):
       attention_head_dim=[5, 10, 20, 20],  # SD2's config: these are head counts (64-dim heads).
       use_linear_projection=True, cross_attention_dim=1024,  # OpenCLIP ViT-H text width.
       upcast_attention=False, norm_num_groups=32, norm_eps=1e-5, act_fn="silu",
-      flip_sin_to_cos=True, freq_shift=0, downsample_padding=1)
+      flip_sin_to_cos=True, freq_shift=0, downsample_padding=1,
+      # The task reaches the UNet only through its prompt: its tokens in cross-attention (three
+      # of four levels) and its pooled embedding (the EOS token's state) added to the timestep
+      # embedding through a fresh projection (diffusers' class_embed_type="projection", as wide
+      # as the text tokens when projection_class_embeddings_input_dim is left out), so every
+      # ResNet block knows the task; SD-2 has no such projection: it starts fresh.
+      class_embed_type="projection")
   c.model.pretrained_unet = config_dict.placeholder(str)  # converted SD2 UNet folder (None: random init).
   c.model.input_widening = "copy_scale"  # 4 -> 6 input channels: copy, scale by 4/6 (docs/models.md).
   c.model.text_encoder = config_dict.placeholder(str)  # SD2 pipeline / CLIPTextModel folder.
   c.model.text_skip_layers = 0  # diffusers SD-2 folders already end at the penultimate layer (23 of 24).
   c.model.num_task_tokens = 4  # learned tokens per task, used only without a text encoder.
+  # Their initialisation N(0, std^2): unit scale, as a text encoder's (layer-normed) tokens and
+  # the image tokens beside them; at 0.02 they are too small for cross-attention to read
+  # (docs/studies.md, `conditioning`).
+  c.model.task_token_init_std = 1.0
   c.model.input_residual = False  # input + correction for restoration; needs prediction_type="sample".
   c.model.zero_init_output = False  # zero the UNet's output conv (random init only, not with LoRA).
   c.model.image_encoder = dict(  # CLIP ViT-L/14 vision tower (transformers CLIPVisionConfig).
@@ -78,7 +91,7 @@ def get_config(arg=None):
   c.model.image_encoder_options = dict(trainable=False, tokens="all", layer=-2)  # frozen tower.
   c.model.pretrained_image_encoder = config_dict.placeholder(str)  # CLIPVisionModel folder.
   c.model.dtype = "bfloat16"  # compute dtype; parameters stay float32.
-  c.model.remat = True  # recompute UNet blocks in the backward pass (or a policy name, demo.py).
+  c.model.remat = "full"  # recompute UNet blocks in the backward pass (names: demo.py).
   # Attention per platform: splash on TPU, cuDNN on GPU (None: models/attention.py's defaults).
   c.model.attention = demo.attention_options()
   c.model.lora = None  # full fine-tuning.

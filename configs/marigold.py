@@ -49,7 +49,7 @@ def get_config(arg=None):
             max_depth=readers.SYNTHETIC_MAX_DEPTH, affine_invariant=True)),
         readers.synthetic_scenes("normals", config=f"res{arg.res or 32}")]
     c.task_loss_weights = {}
-    c.model.unet["num_class_embeds"] = len(c.tasks)
+    demo.task_as_class_label(c)  # the conditioning this recipe was measured with.
     c.model.zero_init_output = False  # v-prediction: a zero output is not "no answer".
   c.model.latent = bool(arg.latent)  # the VAE's latents (Marigold) or pixels: the one switch.
   c.model.input_residual = False  # v-prediction: the output is no estimate of the answer.

@@ -72,5 +72,6 @@ def _custom_head(c) -> None:
   c.model.input_residual = False  # the heads answer directly.
   c.model.zero_init_output = False
   c.model.image_encoder = None  # the image enters through the UNet's input alone.
-  # The backbone pass has no task class label: the heads are per task.
-  c.model.unet = {k: v for k, v in dict(c.model.unet).items() if k != "num_class_embeds"}
+  # The backbone pass adds no task to the timestep embedding: the heads are per task.
+  c.model.unet = demo.without_task_embedding(c.model.unet)
+  c.model.task_token_init_std = 0.02  # the tokens this recipe was measured with.

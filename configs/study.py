@@ -9,6 +9,8 @@ list); `tasks` ("+"-separated) is what every arm trains and is scored on; `res` 
 `data` the synthetic_scenes builder config (default res<res>); `vae` a trained VAE folder
 (`main train-vae`) for latent arms.
 """
+import functools
+
 from configs import demo
 from configs import dmp
 from configs import onestep
@@ -16,26 +18,41 @@ from dense_diffusion.datasets import readers
 
 
 def _generalist(res):
-  return demo.get_config(f"res={res}")
+  return demo.get_config(f"res={res}")  # configs/demo.py as it is.
 
 
-def _no_image_tokens(res):
+def _conditioned(res, *, class_label: bool, pooled_prompt: bool, token_std: float,
+                 image_tokens: bool = True):
+  """configs/demo.py told the task one way: learned task tokens (N(0, token_std^2)) in the 8x8
+  cross-attention, plus the task as a class label and / or the tokens' pooled embedding
+  projected into the timestep embedding; with or without the tiny ViT's image tokens."""
   c = demo.get_config(f"res={res}")
-  c.model.image_encoder = None  # the image enters through the UNet's input alone.
-  return c
-
-
-def _no_class_label(res):
-  c = demo.get_config(f"res={res}")  # the task reaches the UNet only as learned tokens.
-  c.model.unet = {k: v for k, v in dict(c.model.unet).items() if k != "num_class_embeds"}
+  unet = demo.without_task_embedding(c.model.unet)
+  if class_label:
+    unet["num_class_embeds"] = len(c.tasks)  # the task index (set to the study's count below).
+  if pooled_prompt:
+    unet["class_embed_type"] = "projection"  # the prompt's pooled embedding, projected.
+  c.model.unet = unet
+  c.model.task_token_init_std = token_std
+  if not image_tokens:
+    c.model.image_encoder = None  # the image enters through the UNet's input alone.
   return c
 
 
 # arm name -> the config it starts from (the study's tasks and data are set after).
 ARMS = {
-    "generalist": _generalist,  # configs/demo.py: multi-step x0 diffusion, class label + tokens.
-    "no_image_tokens": _no_image_tokens,
-    "no_class_label": _no_class_label,
+    "generalist": _generalist,  # configs/demo.py: multi-step x0 diffusion.
+    # The `conditioning` study: the task as a class label beside task tokens at std 0.02 (the
+    # demo until 2026-12-07), the same without image tokens, the tokens alone, and the prompt
+    # alone (unit-scale tokens + their pooled embedding projected, configs/demo.py since).
+    "class_label": functools.partial(_conditioned, class_label=True, pooled_prompt=False,
+                                     token_std=0.02),
+    "no_image_tokens": functools.partial(_conditioned, class_label=True, pooled_prompt=False,
+                                         token_std=0.02, image_tokens=False),
+    "no_class_label": functools.partial(_conditioned, class_label=False, pooled_prompt=False,
+                                        token_std=0.02),
+    "prompt_only": functools.partial(_conditioned, class_label=False, pooled_prompt=True,
+                                     token_std=1.0),
     "onestep_image": lambda res: onestep.get_config(f"res={res},loss=image"),  # GenPercept.
     "dmp": lambda res: dmp.get_config(f"res={res}"),
     "vpd_head": lambda res: onestep.get_config(f"res={res},head=1"),  # UNet + dense heads.

@@ -40,7 +40,8 @@ def synthetic_config(res: int, tasks: tuple) -> ml_collections.ConfigDict:
   c = demo.get_config(f"res={res}")
   c.tasks = tasks
   c.input.entries = readers.synthetic_mixture(tasks, config=f"res{res}")
-  c.model.unet = {k: v for k, v in dict(c.model.unet).items() if k != "num_class_embeds"}
+  c.model.unet = demo.without_task_embedding(c.model.unet)  # the backbone takes no class labels.
+  c.model.task_token_init_std = 0.02  # the tokens VPD's recipe was measured with.
   c.model.num_task_tokens = 4  # learned tokens of a task without class names.
   _vpd(c)
   c.optimizer.lr = 2e-3  # from scratch, small model.

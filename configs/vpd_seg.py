@@ -24,7 +24,7 @@ def get_config(arg=None):
   res = arg.res or (512 if arg.real else 32)
   if arg.real:
     c = vpd_common.real_config(res)
-    c.tasks = ("semantic",)
+    c.tasks = ("semantic_ade20k",)  # ADE20K's own label space (tasks/segmentation.py).
     c.input.entries = [readers.ade20k(res)]  # 512 x 512 (VPD: 512 x 512 crops)
     c.optimizer.lr = 8e-5  # VPD's segmentation learning rate (AdamW).
     c.total_steps = arg.steps or 80_000  # VPD: 80k iterations at batch 16.

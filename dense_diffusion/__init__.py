@@ -17,6 +17,9 @@ def _keep_jax_off_absent_tpus() -> None:
   import importlib.util  # pylint: disable=g-import-not-at-top
   if os.environ.get("JAX_PLATFORMS"):
     return
+  # The launch scripts run the package with any python3 (standard library only): no JAX there.
+  if importlib.util.find_spec("jax") is None:
+    return
   if not (os.environ.get("TPU_LIBRARY_PATH") or importlib.util.find_spec("libtpu")):
     return
   if glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"):  # TPU chips (v4/v5e; v5p/v6e)

@@ -272,10 +272,10 @@ def suggestions(config: Any, report_programs: Sequence[ProgramReport], mesh_shap
       out.append("config.batch_size: even one example per device does not fit beside the state")
   from dense_diffusion.models import unet as unet_lib  # pylint: disable=g-import-not-at-top
   remat = unet_lib.remat_policy_name(config.model.get("remat"))
-  if remat == "none" and not state_bound:
-    out.append("config.model.remat=True (recompute block activations in the backward pass)")
-  elif remat != "full" and not state_bound:
-    out.append("config.model.remat='full' (save only each block's inputs for the backward pass)")
+  if remat != "layer" and not state_bound:
+    # Layer scope, policy full: the least activation memory (docs/compile.md, "Fitting a step").
+    out.append("config.model.remat='layer' (keep only each resnet's and transformer layer's "
+               f"inputs for the backward pass; now {remat!r})")
   if mesh_shape["data"] > 1 and mesh_shape["fsdp"] == 1:
     out.append("config.mesh.fsdp=-1 with config.mesh.data=1 (shard parameters, gradients and "
                "optimizer state over the devices instead of replicating them)")

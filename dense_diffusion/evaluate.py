@@ -97,18 +97,17 @@ class Evaluator:
 
   def _composites(self) -> list[_Composite]:
     """Every composite task whose parts all have entries of one dataset (and can build it)."""
-    by_dataset: dict[str, dict[str, _Entry]] = collections.defaultdict(dict)
+    by_dataset: dict[str, list[_Entry]] = collections.defaultdict(list)
     for item in self.entries:
-      by_dataset[item.entry["dataset"]].setdefault(item.task.name, item)
+      by_dataset[item.entry["dataset"]].append(item)
     found = []
     for name in tasks_lib.composites():
-      cls = tasks_lib.base.TASKS.get(name)
       for dataset, items in by_dataset.items():
-        if not set(cls.parts) <= set(items):
-          continue
-        task = cls.from_parts({p: items[p].task for p in cls.parts})
+        task = tasks_lib.compose(name, [item.task for item in items])
         if task is not None:
-          found.append(_Composite(name, dataset, task, {p: items[p].name for p in cls.parts}))
+          key = {item.task.name: item.name for item in reversed(items)}  # the first entry's
+          found.append(_Composite(name, dataset, task, {
+              p: key[t] for p, t in task.part_names().items()}))
     counts = collections.Counter(c.name for c in found)
     for c in found:
       if counts[c.name] > 1:

@@ -128,7 +128,7 @@ def check_task(config: Any, task: str, workdir: str = "") -> tasks_lib.Task:
     parts = tasks_lib.base.TASKS.get(task).parts
     hint = (f"; {task} combines {', '.join(parts)}: it needs a run trained on all of them"
             + (" whose tasks carry what it needs (docs/tasks.md)"
-               if set(parts) <= set(trained) else ""))
+               if set(parts) <= {tasks_lib.family(n) for n in trained} else ""))
   raise errors.ConfigError(f"task {task!r} was not trained in this run{where}; trained tasks: "
                            f"{', '.join(trained)}{also}{hint}")
 
@@ -210,18 +210,20 @@ class Predictor:
     """
     task_obj = self.check_task(task)
     trained = config_lib.available_tasks(self.config)
-    decoders = [(n, trained[n]) for n in (task_obj.parts or (task,))]
+    # {part family (or the task itself): the trained task that answers it}
+    names = task_obj.part_names() if task_obj.parts else {task: task}
+    decoders = {key: trained[name] for key, name in names.items()}
     self.load()
     fitted = [fit_square(img, self.resolution) for img in images]
     model_in = np.stack([x for x, _ in fitted])
-    answers = {name: dec.decode(self.predict_rgb(model_in, name, self._batches))
-               for name, dec in decoders}
+    answers = {key: dec.decode(self.predict_rgb(model_in, names[key], self._batches))
+               for key, dec in decoders.items()}
     self._batches += 1
     out = []
     for i, (img, (_, content)) in enumerate(zip(images, fitted)):
       h, w = img.shape[:2]
-      full = {name: dec.resize(crop_answer(answers[name][i], content), h, w)
-              for name, dec in decoders}
+      full = {key: dec.resize(crop_answer(answers[key][i], content), h, w)
+              for key, dec in decoders.items()}
       out.append(task_obj.combine(full) if task_obj.parts else full[task])
     return out
 

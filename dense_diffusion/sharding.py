@@ -171,6 +171,49 @@ def state_shardings(state: Any, mesh: jax.sharding.Mesh, rules: ShardingRules) -
   return jax.tree.map(one, specs, shapes, is_leaf=_is_spec)
 
 
+# Logical names of activation dimensions (`constrain`): "batch" is split over BATCH_AXES,
+# "heads" / "mlp" over the mesh axis the rules give the parameters' "heads" / "mlp" (tensor
+# parallelism: the same split as the kernels that make them), "replicated" is whole on every
+# device of those axes; None leaves a dimension to the compiler.
+ACTIVATION_NAMES = ("batch", "heads", "mlp", "replicated")
+
+
+def constrain(x: jax.Array, names: Sequence[Optional[str]],
+              rules: Optional["ShardingRules"] = None) -> jax.Array:
+  """`with_sharding_constraint` of an activation by the logical names of its dimensions, under
+  the mesh set with `jax.set_mesh`; the identity without a mesh (or on one device).
+
+  For the few places where sharding propagation from the parameters alone picks a layout that
+  costs activation traffic (docs/sharding.md). A name whose mesh axis is absent, of size 1,
+  already used, or does not divide the dimension leaves that dimension to the compiler.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return x
+  if len(names) != x.ndim:
+    raise ValueError(f"activation names {tuple(names)} do not match shape {x.shape}")
+  rules = rules or ShardingRules()
+  used: set[str] = set()
+  spec: list[Any] = []
+  for name, dim in zip(names, x.shape):
+    if name not in ACTIVATION_NAMES and name is not None:
+      raise ValueError(f"unknown activation name {name!r}; known: {ACTIVATION_NAMES}")
+    if name == "replicated":
+      spec.append(None)
+      continue
+    candidates = BATCH_AXES if name == "batch" else (
+        (rules.mesh_axis(name),) if name in ("heads", "mlp") else ())
+    axes, shards = [], 1
+    for axis in candidates:
+      size = mesh.shape.get(axis, 1) if axis else 1
+      if axis and axis not in used and size > 1 and dim % (shards * size) == 0:
+        axes.append(axis)
+        shards *= size
+    used.update(axes)
+    spec.append(tuple(axes) if axes else P.UNCONSTRAINED)
+  return jax.lax.with_sharding_constraint(x, P(*spec))
+
+
 def batch_sharding(mesh: jax.sharding.Mesh, ndim: int = 4) -> NamedSharding:
   """Sharding of a batch array [B, ...]: B over ("data", "fsdp"), the rest replicated."""
   return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))

@@ -159,7 +159,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
     # main thread hung forever in the final garbage collection, destroying the tf.data
     # iterator and the checkpoint manager whose threads were gone (tests/test_train.py::
     # test_nonfinite_stop under load; the stack dump showed only "Garbage-collecting").
-    del data_iter, data_ckpt, dataset
+    data_iter = data_ckpt = dataset = None  # the closures above hold them: drop them now
     checkpointer.close()
     writer.flush()
 

@@ -119,7 +119,8 @@ def shared_fixtures() -> pathlib.Path:
 # their alphabetical order.
 HEAVY_FILES_FIRST = (
     "test_multihost.py", "test_demo_learning.py", "test_vpd_learning.py",
-    "test_train_multidevice.py", "test_train.py", "test_notebook.py", "test_compile.py",
+    "test_train_multidevice.py", "test_train.py", "test_matting_learning.py",
+    "test_pseudo_label.py", "test_notebook.py", "test_no_tensorflow.py", "test_compile.py",
 )
 
 
@@ -130,7 +131,8 @@ def pytest_collection_modifyitems(session, config, items):
 
 
 # ------------------------------------------------------------------------------------------------
-# No test writes into the repository: the session compares `git status` before and after.
+# No test writes into the repository: the session compares its new files (`git status`) before
+# and after.
 
 _IGNORED_CHANGES = ("__pycache__", ".pytest_cache", ".venv/", ".egg-info")
 
@@ -143,8 +145,9 @@ def _repo_files() -> set[str] | None:
     return None
   if out.returncode:
     return None  # not a git checkout (an unpacked archive): nothing to compare
+  # New files only (untracked "??" or ignored "!!"): edits to tracked files are a developer's.
   return {line[3:] for line in out.stdout.splitlines()
-          if not any(part in line for part in _IGNORED_CHANGES)}
+          if line[:2] in ("??", "!!") and not any(part in line for part in _IGNORED_CHANGES)}
 
 
 def pytest_sessionstart(session):

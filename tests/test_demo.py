@@ -1,5 +1,4 @@
 """The README's main job runs end to end and its round trips are exact on clean encodings."""
-import subprocess
 import sys
 
 from dense_diffusion import demo

@@ -179,7 +179,7 @@ def test_full_resolution_pp_drops_only_the_resize_and_value_range():
   assert eval_tfds.full_resolution_pp(pp) == (
       'depth_range(0.001, 10.0)|copy("depth", "label/depth")|eigen_mask("label/depth")')
   entries = eval_tfds.reader_entries("coco_panoptic", "panoptic")
-  assert eval_tfds.pick_entry(entries, "panoptic", "coco")["task"] == "semantic"
+  assert eval_tfds.pick_entry(entries, "panoptic", "coco")["task"] == "semantic_coco"
   assert eval_tfds.reader_entries("coco/2017_panoptic", "panoptic") == entries
   with pytest.raises(errors.UnknownNameError, match="neither a folder nor a dataset reader"):
     eval_tfds.reader_entries("no_such_data", "depth")
@@ -189,7 +189,7 @@ def test_full_resolution_pp_drops_only_the_resize_and_value_range():
 
 def test_every_protocol_names_its_task_and_headline():
   want = {"nyu_eigen": "depth", "kitti_garg": "depth", "eth3d": "depth", "scannet": "depth",
-          "diode": "depth", "ade20k": "semantic", "coco_panoptic": "panoptic",
+          "diode": "depth", "ade20k": "semantic_ade20k", "coco_panoptic": "panoptic",
           "rain100": "derain", "sidd": "denoise", "lol": "lowlight"}
   for name, task in want.items():
     proto = metrics.protocol(name)
@@ -222,7 +222,7 @@ def test_pretrained_with_an_unknown_setting_is_one_line(depth_pipeline, motorcyc
                                                         capsys):
   assert _cli(f"--pretrained={depth_pipeline}", f"--dataset={motorcycle}", "--protocol=ade20k",
               f"--output={tmp_path}") == errors.EXIT_USER_ERROR
-  assert "answers depth, not 'semantic'" in capsys.readouterr().err
+  assert "answers depth, not 'semantic_ade20k'" in capsys.readouterr().err
   assert _cli(f"--pretrained={depth_pipeline}", f"--dataset={motorcycle}", "--protocol=eth3d",
               "--alignment=bogus", f"--output={tmp_path}") == errors.EXIT_USER_ERROR
   assert "protocol 'eth3d'" in capsys.readouterr().err

@@ -138,3 +138,31 @@ def test_task_is_the_class_label_of_a_unet_with_class_embeddings():
   assert np.abs(np.asarray(relabelled - expected)).max() > 1e-4
   with pytest.raises(ValueError, match="num_class_embeds=3 must equal the number of tasks"):
     generalist.GeneralistModel(dict(UNET, num_class_embeds=3), num_tasks=4, rngs=nnx.Rngs(0))
+
+
+def test_the_prompts_pooled_embedding_is_projected_into_the_timestep_embedding():
+  """With `class_embed_type="projection"` the UNet's class_labels are the prompt's pooled
+  embedding: the mean of the task's learned tokens (no class label), or a text encoder's pooled
+  embeddings when given; their width must be the projection's."""
+  unet_config = dict(UNET, class_embed_type="projection")
+  config = ml_collections.ConfigDict(dict(unet=unet_config, num_task_tokens=2))
+  m = model_lib.build_model(config, TASK_OBJECTS, seed=0)
+  assert m.unet.config["projection_class_embeddings_input_dim"] == UNET["cross_attention_dim"]
+  x_t, t, image, task = _inputs()
+  sample = jnp.concatenate([x_t, image], -1)
+  pooled = np.asarray(m.task_embedding[...]).mean(axis=1)[np.asarray(task)]
+  expected = m.unet(sample, t, m.context(image, task), class_labels=pooled)
+  np.testing.assert_allclose(m(x_t, t, image, task), expected, atol=1e-6)
+  elsewhere = m.unet(sample, t, m.context(image, task), class_labels=pooled[::-1])
+  assert np.abs(np.asarray(elsewhere - expected)).max() > 1e-4
+  projected = dict(UNET, class_embed_type="projection", projection_class_embeddings_input_dim=8)
+  prompts = np.random.default_rng(0).standard_normal((4, 3, 8)).astype(np.float32)
+  frozen = generalist.GeneralistModel(projected, num_tasks=4, prompt_embeddings=prompts,
+                                      pooled_prompt_embeddings=prompts[:, -1], rngs=nnx.Rngs(0))
+  np.testing.assert_array_equal(frozen.class_labels(task), prompts[np.asarray(task), -1])
+  with pytest.raises(ValueError, match="pass pooled_prompt_embeddings"):
+    generalist.GeneralistModel(projected, num_tasks=4, prompt_embeddings=prompts,
+                               rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="projection_class_embeddings_input_dim=8 must equal"):
+    generalist.GeneralistModel(projected, num_tasks=4, prompt_embeddings=prompts,
+                               pooled_prompt_embeddings=prompts[:, -1, :4], rngs=nnx.Rngs(0))

@@ -2,7 +2,6 @@
 import json
 import os
 import pathlib
-import subprocess
 import sys
 
 import numpy as np
@@ -77,7 +76,8 @@ def test_ade20k_prepare_command_and_labels(tmp_path):
     assert ex["image"].shape[:2] == label.shape
   # The reader's pp: shift to 0..149 / 255 and the semantic encoding.
   entry = readers.get("ade20k", resolution=16)
-  ds, n = ip.get_eval_dataset(entry, ["semantic"], 4, data_dir=str(tmp_path / "data"),
+  assert entry["task"] == "semantic_ade20k"  # ADE20K's own label space.
+  ds, n = ip.get_eval_dataset(entry, ["semantic_ade20k"], 4, data_dir=str(tmp_path / "data"),
                               process_index=0, process_count=1)
   batches = list(tfds.as_numpy(ds))
   assert n == 1 and len(batches) == 1
@@ -92,11 +92,11 @@ def test_ade20k_prepare_command_and_labels(tmp_path):
     src = next(l for l in labels if l.shape == (h, w))
     np.testing.assert_array_equal(raw, np.where(src == 0, 255, src.astype(np.int32) - 1))
     assert np.all(b["label/semantic"][row, h:] == 255)  # padded with ignore
-    decoded = tasks.get("semantic", num_classes=150).decode(b["target"][row])
+    decoded = tasks.get("semantic_ade20k").decode(b["target"][row])
     assert set(np.unique(decoded)) <= set(np.unique(raw)) | {255}
   # Training targets: ADE20K's "other" (0 -> 255) is unknown, left out of the loss.
   train = next(iter(tfds.as_numpy(ip.get_train_dataset(
-      [entry], ["semantic"], 2, data_dir=str(tmp_path / "data"), process_index=0,
+      [entry], ["semantic_ade20k"], 2, data_dir=str(tmp_path / "data"), process_index=0,
       process_count=1, shuffle_buffer=4))))
   black = np.all(train["target"] == -1.0, axis=-1)  # the ignore colour
   np.testing.assert_array_equal(train["valid"][..., 0], ~black)
@@ -276,13 +276,14 @@ def test_coco_panoptic_mocked_with_real_sample(tmp_path, shared_fixtures):
     return tf.data.Dataset.from_generator(gen, output_signature=sig)
 
   entries = readers.get("coco_panoptic", resolution=32)
-  assert [e["task"] for e in entries] == ["semantic", "instance"]
+  assert [e["task"] for e in entries] == ["semantic_coco", "instance"]
   with tfds.testing.mock_data(num_examples=len(examples), as_dataset_fn=as_dataset_fn):
-    ds, _ = ip.get_eval_dataset(entries[0], ["semantic", "instance"], 2, data_dir=str(tmp_path),
+    ds, _ = ip.get_eval_dataset(entries[0], ["semantic_coco", "instance"], 2,
+                                data_dir=str(tmp_path),
                                 process_index=0, process_count=1)
     batch = next(iter(tfds.as_numpy(ds)))
     train = next(iter(tfds.as_numpy(ip.get_train_dataset(
-        entries, ["semantic", "instance"], 4, data_dir=str(tmp_path), process_index=0,
+        entries, ["semantic_coco", "instance"], 4, data_dir=str(tmp_path), process_index=0,
         process_count=1))))
   assert batch["mask"].all()
   for row, ex in enumerate(examples):

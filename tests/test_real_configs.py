@@ -34,7 +34,7 @@ from test_text_encoder import _write_tiny_vocab  # noqa: E402  pylint: disable=w
 
 RES = 32
 CROSS = 16  # the text encoder's width = the UNet's cross_attention_dim, as in SD.
-TASKS = ("semantic",)  # ADE20K: a class task, the hardest for the encodings.
+TASKS = ("semantic_ade20k",)  # ADE20K: a class task, the hardest for the encodings.
 CONFIGS = {"generalist_pixel128": (generalist_pixel128, f"res={RES},batch=4"),
            "onestep_real": (onestep, f"real=1,res={RES}"),
            "dmp_real": (dmp, f"real=1,res={RES}")}
@@ -147,9 +147,9 @@ def test_real_config_trains_evaluates_and_predicts(name, sd2_folder, data_dir, t
   image = tmp_path / "photo.png"
   Image.fromarray(np.random.default_rng(1).integers(0, 256, (24, 36, 3), np.uint8)).save(image)
   summary = predict.Predictor(str(tmp_path / "run"), batch_size=1).run(
-      "semantic", [image], tmp_path / "out", log=lambda s: None)
+      "semantic_ade20k", [image], tmp_path / "out", log=lambda s: None)
   assert summary.written == 1
-  answer = Image.open(tmp_path / "out" / "photo_semantic.png")
+  answer = Image.open(tmp_path / "out" / "photo_semantic_ade20k.png")
   assert answer.size == (36, 24)
   saved = json.loads((tmp_path / "run" / "config.json").read_text())
   assert saved["model"]["pretrained_unet"] == str(folder)

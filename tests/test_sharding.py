@@ -1,7 +1,5 @@
 """Mesh construction, logical-axis rules, and real sharding on 8 fake CPU devices (subprocess)."""
 import os
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -115,6 +113,23 @@ _EIGHT_DEVICES = textwrap.dedent("""
     assert sharding.per_device_bytes(conv) * 4 == conv.nbytes
     assert xs.sharding.spec[0] == ("data", "fsdp")
     assert sharding.per_device_bytes(xs) * 8 == xs.nbytes
+
+    # Activation constraints: "batch" over the batch axes that divide it, "mlp" over tensor.
+    mesh3 = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    names = ("batch", None, "mlp")
+    with jax.set_mesh(mesh3):
+      constrained = jax.jit(lambda x: sharding.constrain(x * 2, names))
+      y = constrained(np.ones((8, 3, 6), np.float32))
+      assert tuple(y.sharding.spec) == (("data", "fsdp"), None, "tensor"), y.sharding.spec
+      y = constrained(np.ones((6, 3, 5), np.float32))  # 6 rows: data only; 5 features: free
+      assert tuple(y.sharding.spec)[0] in ("data", ("data",)), y.sharding.spec
+      assert "tensor" not in str(y.sharding.spec), y.sharding.spec
+      try:
+        sharding.constrain(np.ones((8, 3)), ("batch", "channels"))
+        raise SystemExit("expected an unknown-name error")
+      except ValueError as e:
+        assert "unknown activation name 'channels'" in str(e), e
+    assert sharding.constrain(x, ("batch", None, None, "mlp")) is x  # no mesh: the identity
     print("OK")
 """)
 

@@ -137,7 +137,8 @@ def test_tfds_builder_matches_renderer(tmp_path):
   for index in range(2):
     ref = renderer.render_scene((5, 1, index), 32)
     ex = got[f"validation_{index:06d}"]
-    for k in ("image", "depth", "normals", "semantic", "instance", "noisy", "albedo"):
+    for k in ("image", "depth", "normals", "semantic", "instance", "noisy", "albedo",
+              "composite", "alpha", "mask"):
       np.testing.assert_array_equal(ex[k], ref[k])
     np.testing.assert_array_equal(ex["panoptic"]["ids"], ref["panoptic_ids"])
     np.testing.assert_array_equal(ex["panoptic"]["segments"]["category_id"],

@@ -1,4 +1,5 @@
-"""The sharded train step on 8 fake CPU devices (mesh data=2 x fsdp=4) against one device.
+"""The sharded train step on 8 fake CPU devices (mesh data=2 x fsdp=2 x tensor=2: batch, FSDP
+and tensor parallelism at once) against one device.
 
 Runs in a subprocess, because the device count is fixed when jax is first imported.
 """
@@ -6,7 +7,6 @@ import json
 import os
 import pathlib
 import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -26,7 +26,7 @@ SCRIPT = textwrap.dedent("""
 
     assert jax.device_count() == 8, jax.devices()
     config = tiny.get_config()
-    config.mesh = dict(data=2, fsdp=4, tensor=1)
+    config.mesh = dict(data=2, fsdp=2, tensor=2)
     rng = np.random.default_rng(0)
     batches = [{"image": rng.uniform(-1, 1, (8, 32, 32, 3)).astype(np.float32),
                 "target": rng.uniform(-1, 1, (8, 32, 32, 3)).astype(np.float32),
@@ -48,8 +48,9 @@ SCRIPT = textwrap.dedent("""
     def sharded_bytes(tree):
       rows = []
       for x in jax.tree.leaves(tree):
-        spec = tuple(x.sharding.spec)
-        rows.append(["fsdp" in spec, int(x.nbytes), sharding.per_device_bytes(x)])
+        axes = [a for entry in x.sharding.spec if entry is not None
+                for a in ((entry,) if isinstance(entry, str) else entry)]
+        rows.append([axes, int(x.nbytes), sharding.per_device_bytes(x)])
       return rows
     out["losses_multi"] = train3(multi)
     out["params_bytes"] = sharded_bytes(multi.state.params)
@@ -105,14 +106,14 @@ def result():
   env = dict(os.environ, XLA_FLAGS=xla_flags(8),
              TF_CPP_MIN_LOG_LEVEL="2", JAX_PLATFORMS="cpu")
   proc = subprocess_env.run(subprocess_env.python_script(SCRIPT), cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=600)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=900)
   lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
   assert proc.returncode == 0 and lines, proc.stdout[-5000:]
   return json.loads(lines[-1][len("RESULT "):])
 
 
 def test_mesh_from_config(result):
-  assert result["mesh"] == {"data": 2, "fsdp": 4, "tensor": 1}
+  assert result["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
 
 
 def test_sharded_steps_match_one_device(result):
@@ -125,17 +126,17 @@ def test_sharded_steps_match_one_device(result):
 
 
 @pytest.mark.parametrize("tree", ["params_bytes", "opt_bytes"])
-def test_fsdp_shards_parameters_and_optimizer_state(result, tree):
+def test_fsdp_and_tensor_shard_parameters_and_optimizer_state(result, tree):
   rows = result[tree]
-  sharded = [(total, local) for is_fsdp, total, local in rows if is_fsdp]
-  assert sharded, "no FSDP-sharded arrays"
-  for total, local in sharded:
-    assert local * 4 == total  # fsdp=4; the data axis replicates.
-  sharded_total = sum(t for t, _ in sharded)
+  sizes = result["mesh"]
+  for axes, total, local in rows:
+    assert "data" not in axes  # the data axis replicates parameters.
+    assert local * int(np.prod([sizes[a] for a in axes])) == total, axes
+  fsdp_total = sum(t for axes, t, _ in rows if "fsdp" in axes)
   all_total = sum(t for _, t, _ in rows)
-  assert sharded_total > 0.9 * all_total  # only small tensors (biases, norms) replicate.
-  per_device = sum(local for _, _, local in rows)
-  assert per_device < 0.35 * all_total
+  assert fsdp_total > 0.9 * all_total  # only small tensors (biases, norms) replicate.
+  # Attention heads and MLP widths (the logical "heads" / "mlp") are split over tensor too.
+  assert sum(t for axes, t, _ in rows if axes == ["fsdp", "tensor"]) > 0.1 * all_total
 
 
 def test_bad_mesh_and_batch_fail_with_advice(result):

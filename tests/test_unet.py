@@ -123,7 +123,10 @@ def test_parity_sd1_with_decoder_features(sd1):
     np.testing.assert_allclose(np.asarray(f), c.permute(0, 2, 3, 1).numpy(), atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("remat", [True, "save_attention", "save_dots"])
+# Scope and policy are independent in models/unet.py (`checkpointed(policy)` runs blocks or
+# layers), so each scope and each policy is covered once: block / full, block / save_dots,
+# layer / full, layer / save_attention.
+@pytest.mark.parametrize("remat", [True, "save_dots", "layer", "layer_save_attention"])
 def test_remat_gradients_match_torch(sd1, remat):
   model, path = sd1
   x, t, ctx = _inputs(SD1)
@@ -277,8 +280,36 @@ def test_class_embedding_parity_and_label_errors(tmp_path):
   with pytest.raises(ValueError, match="pass class_labels"):
     ours(x, t, ctx)
   plain = unet_lib.UNet(SD1, rngs=nnx.Rngs(0))
-  with pytest.raises(ValueError, match="no num_class_embeds"):
+  with pytest.raises(ValueError, match="no class embedding"):
     plain(x, t, ctx, class_labels=labels)
+
+
+def test_projection_class_embedding_parity(tmp_path):
+  """`class_embed_type="projection"`: diffusers projects a vector per example (a prompt's pooled
+  embedding) by a TimestepEmbedding into the timestep embedding; its `class_embedding.linear_1/2`
+  load into ours under the same names and give the same output."""
+  config = dict(SD2, class_embed_type="projection", projection_class_embeddings_input_dim=6)
+  model = _build(config, 4)
+  model.save_pretrained(tmp_path, safe_serialization=True)
+  ours = load_diffusers_unet(tmp_path)
+  assert ours.class_embedding.linear_1.kernel[...].shape == (6, 4 * 32)
+  x, t, ctx = _inputs(config)
+  vectors = np.random.default_rng(7).standard_normal((2, 6)).astype(np.float32)
+  with torch.no_grad():
+    expected = model(torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(t),
+                     torch.from_numpy(ctx), class_labels=torch.from_numpy(vectors)
+                     ).sample.permute(0, 2, 3, 1).numpy()
+  run = nnx.jit(lambda m, *a: m(*a[:3], class_labels=a[3]))
+  got = np.asarray(run(ours, x, t, ctx, vectors))
+  np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+  other = np.asarray(run(ours, x, t, ctx, vectors[::-1].copy()))
+  assert np.abs(other - got).max() > 1e-3  # the vector changes the answer.
+  with pytest.raises(ValueError, match=r"f32\[B, 6\] vectors"):
+    ours(x, t, ctx, class_labels=np.array([0, 1], np.int32))
+  with pytest.raises(ValueError, match="projection_class_embeddings_input_dim"):
+    unet_lib.UNet(dict(SD1, class_embed_type="projection"), rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="num_class_embeds is unused"):
+    unet_lib.normalize_config(dict(config, num_class_embeds=3))
 
 
 class _RecordingProcessor(attention_processor.AttnProcessor):
@@ -333,5 +364,12 @@ def test_remat_names():
   from dense_diffusion import errors  # pylint: disable=g-import-not-at-top
   assert [unet_lib.remat_policy_name(v) for v in (False, None, True, "save_attention")] == [
       "none", "none", "full", "save_attention"]
-  with pytest.raises(errors.ConfigError, match="save_dots"):  # the error lists the known ones
-    unet_lib.remat_policy_name("attention")
+  assert unet_lib.remat_names() == ["full", "save_attention", "save_dots", "layer",
+                                    "layer_save_attention", "layer_save_dots"]
+  assert [unet_lib.remat_scope(unet_lib.remat_policy_name(v)) for v in (
+      False, True, "save_dots", "layer", "layer_save_attention")] == [
+          ("none", None), ("block", "full"), ("block", "save_dots"), ("layer", "full"),
+          ("layer", "save_attention")]
+  for bad in ("attention", "layer_full", "layer_none", "block"):
+    with pytest.raises(errors.ConfigError, match="layer_save_dots"):  # lists the known ones
+      unet_lib.remat_policy_name(bad)

@@ -29,7 +29,7 @@ from dense_diffusion import evaluate
 import subprocess_env
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-TIMEOUT = 600  # seconds a subprocess may take before the test gives up on it.
+TIMEOUT = 900  # seconds a subprocess may take before the test gives up on it.
 STEPS = 100
 # task: the model's headline metric over the baseline's it must reach (at most for AbsRel, at
 # least for mIoU).

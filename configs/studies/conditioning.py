@@ -1,7 +1,9 @@
-"""Does the generalist need image-encoder tokens, or the task as a class label? The generalist
-with everything (class label, learned task tokens, image tokens), without the image tokens,
-and without the class label (the task as learned tokens alone); depth, normals, semantic.
-(Text prompts need a pretrained text encoder folder, `model.text_encoder`: not offline.)
+"""How must the generalist be told its task, and does it need image-encoder tokens? The task as
+a class label beside learned task tokens (std 0.02, with and without the image tokens), the
+task tokens alone (std 0.02), and the prompt alone (task tokens at unit scale plus their pooled
+embedding projected into the timestep embedding, no class label: how configs/demo.py and the
+flagship condition); depth, normals, semantic. (Text prompts from a pretrained text encoder need
+its folder, `model.text_encoder`: not offline.)
 
     python -m dense_diffusion.main study --study conditioning --workdir runs/studies
 """
@@ -15,4 +17,4 @@ SCALES = spec.STANDARD_SCALES  # the shared CPU and accelerator budgets.
 
 def get_sweep():
   return [{"name": arm, "arg": f"arm={arm}"}
-          for arm in ("generalist", "no_image_tokens", "no_class_label")]
+          for arm in ("class_label", "no_image_tokens", "no_class_label", "prompt_only")]

@@ -45,8 +45,9 @@ def read_unet_files(path: Union[str, os.PathLike], *, variant: Optional[str] = N
 
 def fresh_params(checkpoint_config: dict, **overrides: Any) -> tuple[str, ...]:
   """'/'-joined paths of the parameters a load with these config `overrides` (in_channels,
-  out_channels, num_class_embeds) does not take as they are from the checkpoint: `conv_in/kernel`
-  when widened, `conv_out` and `class_embedding` when built afresh."""
+  out_channels, num_class_embeds, class_embed_type, projection_class_embeddings_input_dim) does
+  not take as they are from the checkpoint: `conv_in/kernel` when widened, `conv_out` and
+  `class_embedding` when built afresh."""
   ckpt = unet_lib.normalize_config(checkpoint_config)
   new = unet_lib.normalize_config({**checkpoint_config, **overrides})
   fresh = ()
@@ -60,9 +61,17 @@ def _rebuilt_modules(ckpt: dict, new: dict) -> tuple[str, ...]:
   rebuilt = ()
   if new["out_channels"] != ckpt["out_channels"]:
     rebuilt += ("conv_out",)  # its kernel maps to another number of channels.
-  if new["num_class_embeds"] != ckpt["num_class_embeds"] and new["num_class_embeds"]:
-    rebuilt += ("class_embedding",)  # the run's own classes (the generalist's tasks).
+  if unet_lib.class_conditioning(new) and any(
+      new[k] != ckpt[k] for k in CLASS_EMBEDDING_KEYS):
+    # The run's own classes (the generalist's tasks), or a projection of its prompts' pooled
+    # embeddings: SD's checkpoints have none, so it starts fresh.
+    rebuilt += ("class_embedding",)
   return rebuilt
+
+
+# The config keys that shape `class_embedding`.
+CLASS_EMBEDDING_KEYS = ("num_class_embeds", "class_embed_type",
+                         "projection_class_embeddings_input_dim")
 
 
 def load_diffusers_unet(path: Union[str, os.PathLike], *, input_widening: str = "copy_scale",
@@ -135,12 +144,10 @@ def unet_from_tensors(config: dict, tensors: dict[str, np.ndarray], *,
     model.conv_out = layers.Conv2d(old.in_channels, new["out_channels"], k,
                                    padding=(k - 1) // 2, dtype=old.dtype,
                                    param_dtype=param_dtype, rngs=rngs)
-  if "class_embedding" in rebuilt:
-    # As the UNet builds it: torch's nn.Embedding initialisation, N(0, 1).
+  if "class_embedding" in rebuilt:  # as the UNet builds it.
     time_dim = new["time_embedding_dim"] or new["block_out_channels"][0] * 4
-    model.class_embedding = layers.Embedding(new["num_class_embeds"], time_dim,
-                                             axes=("classes", "embed"), init_std=1.0,
-                                             param_dtype=param_dtype, rngs=rngs)
+    model.class_embedding = unet_lib.make_class_embedding(
+        new, time_dim, dtype=model.dtype, param_dtype=param_dtype, rngs=rngs)
   _materialize(model, seed)
   return model
 

@@ -61,11 +61,23 @@ def reader_entries(name: str, task: str) -> list[dict]:
 
 
 def pick_entry(entries: Sequence[Mapping[str, Any]], task: str, where: str) -> dict:
-  """The entry that holds `task`'s answers: its own, or (a composite) a part's."""
+  """The entry that holds `task`'s answers: its own, or (a composite) the first part's entry of
+  a dataset whose entries make the composite (`tasks.compose`: COCO's semantic_coco and
+  instance make panoptic, ADE20K's semantic_ade20k does not)."""
   parts = tasks_lib.base.TASKS.get(task).parts if task in tasks_lib.names() else ()
   for entry in entries:
-    if entry["task"] == task or entry["task"] in parts:
+    if entry["task"] == task:
       return dict(entry)
+  if parts:
+    by_dataset: dict[str, list] = {}
+    for entry in entries:
+      if entry["task"] in tasks_lib.names():
+        by_dataset.setdefault(entry["dataset"], []).append(dict(entry))
+    for group in by_dataset.values():
+      composite = tasks_lib.compose(task, [tasks_lib.from_entry(e) for e in group])
+      if composite is not None:
+        first = composite.part_names()[parts[0]]
+        return next(e for e in group if e["task"] == first)
   have = sorted({str(e["task"]) for e in entries})
   raise errors.ConfigError(f"{where} has no {task} entry (its tasks: {', '.join(have)})")
 

@@ -69,20 +69,22 @@ def nyu_depth_v2(resolution: int = 128, split: str = "train", weight: float = 1.
 
 @register("ade20k")
 def ade20k(resolution: int = 128, split: str = "train", weight: float = 1.0) -> dict:
-  """ADE20K 150 classes (our `ade20k` builder): 0 -> 255 ignore, 1..150 -> 0..149."""
+  """ADE20K 150 classes (our `ade20k` builder): 0 -> 255 ignore, 1..150 -> 0..149; its own task,
+  `semantic_ade20k` (one label space per dataset: its prompt, classes and palette)."""
   train = _join('ade20k_labels("semantic")', _flip(("image", "semantic")),
                 _resize(resolution, label_keys=("semantic",)), "value_range(-1, 1)")
   evalp = _join('ade20k_labels("semantic")', 'copy("semantic", "label/semantic")',
                 _resize(resolution, label_keys=("semantic",)), "value_range(-1, 1)")
-  return {"dataset": "ade20k", "split": split, "eval_split": "validation", "task": "semantic",
-          "task_options": {"num_classes": 150}, "pp": train, "pp_eval": evalp, "weight": weight,
-          "pad_values": {"label/semantic": 255}}
+  return {"dataset": "ade20k", "split": split, "eval_split": "validation",
+          "task": "semantic_ade20k", "task_options": {"num_classes": 150}, "pp": train,
+          "pp_eval": evalp, "weight": weight, "pad_values": {"label/semantic": 255}}
 
 
 @register("coco_panoptic")
 def coco_panoptic(resolution: int = 128, split: str = "train", weight: float = 1.0,
-                  tasks: tuple[str, ...] = ("semantic", "instance")) -> list[dict]:
-  """COCO panoptic (TFDS `coco/2017_panoptic`) as two entries: semantic (133 classes) + instance.
+                  tasks: tuple[str, ...] = ("semantic_coco", "instance")) -> list[dict]:
+  """COCO panoptic (TFDS `coco/2017_panoptic`) as two entries: COCO's own semantic task
+  (`semantic_coco`, 133 classes) + instance.
 
   Panoptic is trained as two tasks with two prompts; `weight` is split evenly between them. The
   evaluation entries keep the raw segment-id map and segment lists for PQ; the semantic task
@@ -90,7 +92,8 @@ def coco_panoptic(resolution: int = 128, split: str = "train", weight: float = 1
   """
   from dense_diffusion.datasets import coco  # pylint: disable=g-import-not-at-top
   keys = ("image", "semantic", "instance")
-  options = {"semantic": {"num_classes": 133, "categories": coco.panoptic_categories()}}
+  semantic = {"num_classes": 133, "categories": coco.panoptic_categories()}
+  options = {"semantic_coco": semantic, "semantic": semantic}
   out = []
   for task in tasks:
     train = _join("coco_panoptic", _flip(keys), _resize(resolution, label_keys=keys[1:]),
@@ -133,6 +136,46 @@ def rain(resolution: int = 128, split: str = "train", weight: float = 1.0,
 def lol(resolution: int = 128, split: str = "train", weight: float = 1.0) -> dict:
   """LOL low-light enhancement (our `lol` builder): our485 train, eval15 validation."""
   return _restoration("lol", "lowlight", resolution, split, "validation", weight)
+
+
+def _foreground(dataset: str, task: str, label: str, method: str, resolution: int, split: str,
+                eval_split: str, weight: float, to_unit: bool) -> dict:
+  """An image + single-channel label PNG dataset (foreground/folders.py). The label is resized
+  with `method` (area for a matte, nearest for a mask); `to_unit` maps an 8-bit matte to
+  [0, 1] (a mask stays 0..255: the task reads > 128 as foreground, as DIS5K does)."""
+  scale = _join(f'resize({resolution}, key="image", method="area")',
+                f'resize({resolution}, key="{label}", method="{method}")', "value_range(-1, 1)",
+                f'value_range(0, 1, key="{label}")' if to_unit else "")
+  train = _join(f'squeeze("{label}")', _flip(("image", label)), scale)
+  evalp = _join(f'squeeze("{label}")', f'copy("{label}", "label/{label}")', scale)
+  return {"dataset": dataset, "split": split, "eval_split": eval_split, "task": task,
+          "task_options": {}, "pp": train, "pp_eval": evalp, "weight": weight}
+
+
+@register("p3m10k")
+def p3m10k(resolution: int = 128, split: str = "train", weight: float = 1.0,
+           eval_split: str = "p3m_500_np") -> dict:
+  """P3M-10k portrait matting (our `p3m10k` builder): the alpha matte; evaluation on
+  P3M-500-NP (the faces not blurred) or p3m_500_p."""
+  return _foreground("p3m10k", "alpha_matte", "alpha", "area", resolution, split, eval_split,
+                     weight, to_unit=True)
+
+
+@register("am2k")
+def am2k(resolution: int = 128, split: str = "train", weight: float = 1.0,
+         eval_split: str = "validation") -> dict:
+  """AM-2k animal matting (our `am2k` builder): the alpha matte."""
+  return _foreground("am2k", "alpha_matte", "alpha", "area", resolution, split, eval_split,
+                     weight, to_unit=True)
+
+
+@register("dis5k")
+def dis5k(resolution: int = 128, split: str = "train", weight: float = 1.0,
+          eval_split: str = "validation") -> dict:
+  """DIS5K (our `dis5k` builder): the binary mask; evaluation on DIS-VD (`validation`) or
+  DIS-TE1..4 (`test1`..`test4`)."""
+  return _foreground("dis5k", "dichotomous", "mask", "nearest", resolution, split, eval_split,
+                     weight, to_unit=False)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -29,7 +29,8 @@ KNOWN_KEYS: dict[str, frozenset[str]] = {
                    "eval_every", "eval", "imports", "grad_accum_steps"}),
     "input": frozenset({"data_dir", "entries", "shuffle_buffer", "on_bad_example"}),
     "model": frozenset({"unet", "pretrained_unet", "input_widening", "text_encoder",
-                        "text_skip_layers", "num_task_tokens", "input_residual",
+                        "text_skip_layers", "num_task_tokens", "task_token_init_std",
+                        "input_residual",
                         "zero_init_output", "image_encoder", "image_encoder_options",
                         "pretrained_image_encoder", "dtype", "remat", "lora", "latent",
                         "vae", "head", "trainable", "frozen",
@@ -150,15 +151,14 @@ def task_objects(config: Any) -> list[tasks_lib.Task]:
 
 def available_tasks(config: Any) -> dict[str, tasks_lib.Task]:
   """What a run can answer: its trained tasks (`task_objects`) and the composite tasks that can
-  be built from them (panoptic from semantic + instance, when semantic has its categories)."""
-  trained = {t.name: t for t in task_objects(config)}
-  out = dict(trained)
+  be built from them (`tasks.compose`: panoptic from instance and a semantic task with thing /
+  stuff categories)."""
+  trained = task_objects(config)
+  out = {t.name: t for t in trained}
   for name in tasks_lib.composites():
-    cls = tasks_lib.base.TASKS.get(name)
-    if set(cls.parts) <= set(trained):
-      composite = cls.from_parts({p: trained[p] for p in cls.parts})
-      if composite is not None:
-        out[name] = composite
+    composite = tasks_lib.compose(name, trained)
+    if composite is not None:
+      out[name] = composite
   return out
 
 

@@ -50,6 +50,27 @@ def prompt_embeddings(model_config: Any, prompts: Sequence[str]) -> np.ndarray |
   return np.asarray(emb)
 
 
+def pooled_prompt_embeddings(model_config: Any, unet_config: dict, prompts: Sequence[str]
+                             ) -> np.ndarray | None:
+  """The prompts' pooled text embeddings [T, D] when the UNet projects them into its timestep
+  embedding (`class_embed_type="projection"`) and a text encoder gives the prompts; else None
+  (learned task tokens pool their own)."""
+  if not model_config.get("text_encoder") or unet_config.get("class_embed_type") != "projection":
+    return None
+  return embed_texts(model_config, prompts, pooled=True)
+
+
+def projection_width(unet_config: dict, architecture: dict) -> None:
+  """Fills `projection_class_embeddings_input_dim` of a UNet that projects its prompts' pooled
+  embedding (`class_embed_type="projection"`) when the config leaves it out: the pooled
+  embedding is as wide as the prompt's tokens, the `cross_attention_dim` of the UNet's
+  `architecture` (its own config, or the pretrained checkpoint's)."""
+  if (unet_config.get("class_embed_type") == "projection"
+      and not unet_config.get("projection_class_embeddings_input_dim")):
+    unet_config["projection_class_embeddings_input_dim"] = int(
+        architecture.get("cross_attention_dim", 1280))
+
+
 def input_residual_init(model_config: Any, task_objects: Sequence[tasks_lib.Task]
                         ) -> list[float] | None:
   """Per-task initial gates of the input residual (1 where the input estimates the answer)."""
@@ -142,14 +163,16 @@ def build_vae(model_config: Any, *, seed: int = 0, data_dir: str | None = None,
 
 
 def unet_config_for_space(model_config: Any, vae: vae_lib.AutoencoderKL | None,
-                          paradigm: Any = None) -> dict:
+                          paradigm: Any = None, checkpoint: dict | None = None) -> dict:
   """`model.unet` with the keys the space and the paradigm set: in_channels and out_channels
   (`Paradigm.unet_channels`: by default answer + condition in, the answer out: 3 + 3 and 3 for
   pixels, 2 x 4 and 4 for SD latents, as Marigold; VPD's backbone sees the image alone), and,
   in latent space, the diffusers `sample_size` of the latents (`model.unet.sample_size` is the
   image size in both spaces). So a pixel and a latent run of one config differ in
-  `model.latent` alone."""
+  `model.latent` alone. A projected pooled prompt without its width gets the prompt tokens'
+  width (`projection_width`; `checkpoint`: the pretrained UNet's config, whose it then is)."""
   unet_config = dict(model_config.unet)
+  projection_width(unet_config, checkpoint or unet_config)
   channels = vae.config.latent_channels if vae is not None else 3
   space = "latent" if vae is not None else "pixel"
   in_ch, out_ch = (paradigm.unet_channels(channels) if paradigm is not None
@@ -189,22 +212,26 @@ def build_model(model_config: Any, task_objects: Sequence[tasks_lib.Task], *,
   if model_config.get("zero_init_output") and model_config.get("pretrained_unet"):
     raise errors.ConfigError("model.zero_init_output would discard the pretrained UNet's "
                              "conv_out: set it only for randomly initialised UNets")
-  unet_config = unet_config_for_space(model_config, vae, paradigm)
-  # What the generalist concatenates to x_t (none for a backbone that sees the image alone).
-  condition_channels = unet_config["in_channels"] - unet_config["out_channels"]
-  unet = None
+  ckpt_config = None
   if model_config.get("pretrained_unet"):
     try:
       ckpt_config = common.read_config(model_config.pretrained_unet, unet_convert.SUBFOLDER)
     except FileNotFoundError as e:
       raise errors.MissingError(f"model.pretrained_unet={model_config.pretrained_unet!r}: {e}"
                                 ) from None
-    # The run's own channels (its space and paradigm) and classes (the generalist's tasks, when
-    # model.unet asks for them); the rest of the architecture is the checkpoint's.
+  unet_config = unet_config_for_space(model_config, vae, paradigm, checkpoint=ckpt_config)
+  # What the generalist concatenates to x_t (none for a backbone that sees the image alone).
+  condition_channels = unet_config["in_channels"] - unet_config["out_channels"]
+  unet = None
+  if ckpt_config is not None:
+    # The run's own channels (its space and paradigm) and classes (the generalist's tasks, or
+    # its prompts' pooled embeddings, when model.unet asks for them); the rest of the
+    # architecture is the checkpoint's.
     overrides = dict(in_channels=unet_config["in_channels"],
                      out_channels=unet_config["out_channels"])
-    if unet_config.get("num_class_embeds"):
-      overrides["num_class_embeds"] = unet_config["num_class_embeds"]
+    for key in unet_convert.CLASS_EMBEDDING_KEYS:  # a class embedding of the run's own.
+      if unet_config.get(key):
+        overrides[key] = unet_config[key]
     provenance.add("unet", unet_convert.fresh_params(ckpt_config, **overrides))
     unet = unet_convert.load_diffusers_unet(
         model_config.pretrained_unet, input_widening=model_config.get("input_widening",
@@ -218,8 +245,10 @@ def build_model(model_config: Any, task_objects: Sequence[tasks_lib.Task], *,
   model = generalist.GeneralistModel(
       unet_config, num_tasks=len(prompts), image_encoder_config=vision_config,
       image_encoder_options=image_options, prompt_embeddings=prompt_embeddings(
-          model_config, prompts),
+          model_config, prompts), pooled_prompt_embeddings=pooled_prompt_embeddings(
+              model_config, unet_config, prompts),
       num_task_tokens=int(model_config.get("num_task_tokens", 4)),
+      task_token_init_std=float(model_config.get("task_token_init_std", 0.02)),
       input_residual_init=input_residual_init(model_config, task_objects), dtype=dtype,
       remat=model_config.get("remat", False), rngs=rngs, unet=unet,
       condition_channels=condition_channels)

@@ -5,6 +5,8 @@
 - normals: `normal_metrics`, `NormalMetrics` (reduction "pixel" or "image"), `angular_error`
 - semantic: `SemanticConfusion`, `semantic_metrics` (`reduce_zero_label` for ADE20K / mmseg)
 - panoptic: `panoptic_quality`, `PanopticQuality`
+- matting: `matting_metrics`, `MattingMetrics` (SAD, MSE, MAD, Grad, Conn as the DIM scripts)
+- dichotomous (DIS5K): `dis_metrics`, `DichotomousMetrics` (max F, weighted F, MAE, S-, E-measure)
 - restoration: `psnr`, `ssim`, `RestorationMetrics`, `rgb_to_y`, `quantize_uint8`
 - protocols: `depth_protocol(name)` (nyu_eigen, kitti_eigen, kitti_garg, eth3d, scannet, diode),
   `restoration_protocol(name)` (rain100, sidd, lol); docs/evaluation.md has their sources
@@ -24,6 +26,12 @@ from dense_diffusion.metrics.depth import depth_metrics
 from dense_diffusion.metrics.depth import kitti_benchmark_crop
 from dense_diffusion.metrics.depth import kitti_crop_mask
 from dense_diffusion.metrics.depth import nyu_eigen_crop_mask
+from dense_diffusion.metrics.dichotomous import DIS_KEYS
+from dense_diffusion.metrics.dichotomous import DichotomousMetrics
+from dense_diffusion.metrics.dichotomous import dis_metrics
+from dense_diffusion.metrics.matting import MATTING_KEYS
+from dense_diffusion.metrics.matting import MattingMetrics
+from dense_diffusion.metrics.matting import matting_metrics
 from dense_diffusion.metrics.normals import NORMAL_KEYS
 from dense_diffusion.metrics.normals import NormalMetrics
 from dense_diffusion.metrics.normals import angular_error
@@ -51,6 +59,8 @@ from dense_diffusion.metrics.semantic import semantic_metrics
 __all__ = [
     "DEPTH_KEYS", "DepthMetrics", "align_depth", "alignment_fit_columns", "depth_metrics",
     "kitti_benchmark_crop", "kitti_crop_mask", "nyu_eigen_crop_mask",
+    "DIS_KEYS", "DichotomousMetrics", "dis_metrics",
+    "MATTING_KEYS", "MattingMetrics", "matting_metrics",
     "NORMAL_KEYS", "NormalMetrics", "angular_error", "normal_metrics",
     "PanopticQuality", "panoptic_quality",
     "DEPTH_PROTOCOLS", "RESTORATION_PROTOCOLS", "DepthProtocol", "RestorationProtocol",

@@ -41,7 +41,6 @@ rounded (BasicSR `calculate_psnr(..., test_y_channel=True)` on float images).
 from __future__ import annotations
 
 
-import dm_pix
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -96,6 +95,9 @@ def _separable_valid_filter(z: jax.Array) -> jax.Array:
 @jax.jit
 def _ssim_batch(a: jax.Array, b: jax.Array) -> jax.Array:
   """SSIM per image of f32[N, H, W, C] pairs in [0, 1] -> f32[N]."""
+  # Imported here, not at the top: dm-pix is absent on the GPU machines (bench/device_check.sh)
+  # and every task imports this module; only SSIM needs it.
+  import dm_pix  # pylint: disable=g-import-not-at-top
   return dm_pix.ssim(a, b, max_val=1.0, filter_size=SSIM_WINDOW, filter_sigma=SSIM_SIGMA,
                      filter_fn=_separable_valid_filter)
 

@@ -195,7 +195,7 @@ def _ade20k(task, reduce_zero_label: bool = False):
 
 
 PROTOCOLS.register("ade20k", Protocol(
-    "ade20k", "semantic", "miou", True, _ade20k, ("reduce_zero_label",),
+    "ade20k", "semantic_ade20k", "miou", True, _ade20k, ("reduce_zero_label",),
     source="mmsegmentation IoUMetric on ADE20K val (2,000 images, 150 classes): intersections "
            "and unions summed over the split, mIoU over classes present, aAcc, mAcc; "
            "reduce_zero_label for raw annotation PNGs (the ade20k reader has reduced them)"))

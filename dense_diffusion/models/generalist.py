@@ -10,9 +10,17 @@ Task tokens are the cached last hidden states of a frozen text encoder on each t
 (`PromptCache`, not trained), or, when no text encoder weights are given, a learned embedding per
 task (`num_task_tokens` tokens each). Image tokens come from a CLIP-layout ViT (`ImageEncoder`).
 
-Task as a class label (optional): a UNet config with `num_class_embeds` = the number of tasks
-adds a learned embedding of the task to the timestep embedding, so every ResNet block is told
-the task (through its timestep projection), not only the cross-attention levels.
+The prompt's pooled embedding (optional; SD-2-style conditioning of the whole network): a UNet
+config with `class_embed_type="projection"` projects a vector per example
+(`projection_class_embeddings_input_dim` wide) into the timestep embedding: the generalist
+passes its task prompt's pooled embedding (the text encoder's hidden state at the prompt's
+end-of-text token; for learned task tokens, their mean), so every ResNet block is told the task
+through its timestep projection, not only the cross-attention levels, and the task still
+reaches the network only through its prompt.
+
+Task as a class label (optional, an alternative to the above): a UNet config with
+`num_class_embeds` = the number of tasks adds a learned embedding of the task index to the
+timestep embedding.
 
 Input residual (optional, for x0 / `sample` prediction): the answer estimate is
   unet(...) + gate[task] * cond,    gate f32[num_tasks, C_target] learned,
@@ -37,7 +45,8 @@ from dense_diffusion.models import unet as unet_lib
 
 
 class PromptCache(nnx.Variable):
-  """Frozen prompt embeddings [num_tasks, L, D]: part of the model state, never trained."""
+  """Frozen prompt embeddings [num_tasks, L, D] (and pooled, [num_tasks, D']): part of the
+  model state, never trained."""
 
 
 class GeneralistModel(nnx.Module):
@@ -51,18 +60,23 @@ class GeneralistModel(nnx.Module):
     image_encoder_options: keyword options of `ImageEncoder` (layer, tokens, trainable, ...).
     prompt_embeddings: f32[num_tasks, L, D] from a frozen text encoder, or None for learned
       task embeddings.
+    pooled_prompt_embeddings: f32[num_tasks, D'] the prompts' pooled text embeddings, needed with
+      prompt_embeddings when the UNet has class_embed_type "projection".
     num_task_tokens: tokens per task of the learned embedding.
+    task_token_init_std: standard deviation of the learned tokens' initialisation.
     input_residual_init: per-task initial gate of the input residual (length num_tasks, e.g.
       1.0 for restoration tasks, 0.0 elsewhere), or None for no input residual.
-    dtype: compute dtype (None = float32; bfloat16 on accelerators). remat: per-block remat
-      (UNet's `remat`: False, True or a policy name).
+    dtype: compute dtype (None = float32; bfloat16 on accelerators). remat: what the UNet keeps
+      for the backward pass (UNet's `remat`: False, True or a name of `unet.remat_names()`).
     condition_channels: channels of the condition concatenated to x_t (3: RGB; 4: a latent).
   """
 
   def __init__(self, unet_config: Mapping[str, Any], *, num_tasks: int,
                image_encoder_config: Optional[image_encoder_lib.CLIPVisionConfig] = None,
                image_encoder_options: Optional[Mapping[str, Any]] = None,
-               prompt_embeddings: Optional[np.ndarray] = None, num_task_tokens: int = 4,
+               prompt_embeddings: Optional[np.ndarray] = None,
+               pooled_prompt_embeddings: Optional[np.ndarray] = None, num_task_tokens: int = 4,
+               task_token_init_std: float = 0.02,
                input_residual_init: Optional[Sequence[float]] = None, dtype=None,
                remat: bool | str = False, rngs: nnx.Rngs, unet: Optional[unet_lib.UNet] = None,
                condition_channels: int = 3):
@@ -73,8 +87,9 @@ class GeneralistModel(nnx.Module):
       raise ValueError("the generalist needs one cross_attention_dim for all blocks, got "
                        f"{context_dim}")
     self.num_tasks = num_tasks
+    self.class_conditioning = unet_lib.class_conditioning(self.unet.config)
     num_class_embeds = self.unet.config["num_class_embeds"]
-    if num_class_embeds is not None and num_class_embeds != num_tasks:
+    if self.class_conditioning == "labels" and num_class_embeds != num_tasks:
       raise ValueError(f"UNet num_class_embeds={num_class_embeds} must equal the number of tasks "
                        f"({num_tasks}): the generalist uses the task index as class label")
     self.target_channels = self.unet.config["in_channels"] - condition_channels
@@ -95,12 +110,32 @@ class GeneralistModel(nnx.Module):
                          f"cross_attention_dim {context_dim}")
       self.prompts = PromptCache(jnp.asarray(prompt_embeddings))
       self.task_embedding = None
+      pooled_width = None
+      if pooled_prompt_embeddings is not None:
+        pooled = np.asarray(pooled_prompt_embeddings, np.float32)
+        if pooled.ndim != 2 or pooled.shape[0] != num_tasks:
+          raise ValueError(f"pooled_prompt_embeddings must be [num_tasks={num_tasks}, D], got "
+                           f"{pooled.shape}")
+        self.pooled_prompts = PromptCache(jnp.asarray(pooled))
+        pooled_width = pooled.shape[1]
+      else:
+        self.pooled_prompts = None
     else:
       self.prompts = None
-      init = initializers.normal(0.02)
+      self.pooled_prompts = None
+      init = initializers.normal(task_token_init_std)
       self.task_embedding = nnx.Param(
           init(rngs.params(), (num_tasks, num_task_tokens, context_dim), jnp.float32),
           out_sharding=(None, None, "embed"), eager_sharding=False)
+      pooled_width = context_dim  # the mean of the task's tokens.
+    if self.class_conditioning == "vectors":
+      want = self.unet.config["projection_class_embeddings_input_dim"]
+      if pooled_width is None:
+        raise ValueError("the UNet projects a pooled prompt embedding (class_embed_type "
+                         "'projection'): pass pooled_prompt_embeddings with prompt_embeddings")
+      if pooled_width != want:
+        raise ValueError(f"UNet projection_class_embeddings_input_dim={want} must equal the "
+                         f"width of the pooled prompt embedding ({pooled_width})")
     if input_residual_init is not None:
       init_gate = np.asarray(input_residual_init, np.float32)
       if init_gate.shape != (num_tasks,):
@@ -130,6 +165,24 @@ class GeneralistModel(nnx.Module):
       tokens.append(self.image_encoder(image).astype(jnp.float32))
     return jnp.concatenate(tokens, axis=1)
 
+  def pooled_prompt(self, task: jax.Array) -> jax.Array:
+    """i32[B] task indices -> f32[B, D'] the pooled embedding of each task's prompt (the cached
+    text embedding, or the mean of the learned task tokens)."""
+    if self.prompts is not None:
+      if self.pooled_prompts is None:
+        raise ValueError("this model has no pooled prompt embeddings")
+      return jnp.take(self.pooled_prompts[...], task, axis=0)
+    return jnp.take(jnp.mean(self.task_embedding[...], axis=1), task, axis=0)
+
+  def class_labels(self, task: jax.Array) -> Optional[jax.Array]:
+    """What the UNet's class embedding gets for tasks i32[B]: the task index, the prompt's
+    pooled embedding, or None (the UNet has no class embedding)."""
+    if self.class_conditioning == "labels":
+      return task
+    if self.class_conditioning == "vectors":
+      return self.pooled_prompt(task)
+    return None
+
   def __call__(self, x_t: jax.Array, t: jax.Array, image: jax.Array, task: jax.Array,
                cond: Optional[jax.Array] = None) -> jax.Array:
     """The network's output f32[B, h, w, C_target].
@@ -143,8 +196,7 @@ class GeneralistModel(nnx.Module):
     if x_t.shape[:3] != cond.shape[:3]:
       raise ValueError(f"x_t {x_t.shape} and the condition {cond.shape} differ in batch or size")
     sample = jnp.concatenate([x_t, cond.astype(x_t.dtype)], axis=-1)
-    class_labels = task if self.unet.config["num_class_embeds"] is not None else None
-    out = self.unet(sample, t, self.context(image, task), class_labels=class_labels)
+    out = self.unet(sample, t, self.context(image, task), class_labels=self.class_labels(task))
     if self.input_residual_gate is not None:
       gate = jnp.take(self.input_residual_gate[...], task, axis=0)[:, None, None, :]
       out = out + gate.astype(out.dtype) * cond.astype(out.dtype)

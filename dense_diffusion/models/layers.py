@@ -72,16 +72,18 @@ class Dense(nnx.Module):
     self.lora_scale = 0.0
     self.lora_merged = False
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """[..., in] -> [..., out] in the compute dtype."""
+  def __call__(self, x: jax.Array, columns: Optional[tuple[int, int]] = None) -> jax.Array:
+    """[..., in] -> [..., out] in the compute dtype; with `columns=(start, stop)` only those
+    output features, [..., stop - start] (one product with that slice of the kernel)."""
     dtype = _compute_dtype(self.dtype, x)
     x = x.astype(dtype)
-    y = jnp.dot(x, self.kernel[...].astype(dtype))
+    cols = slice(None) if columns is None else slice(*columns)
+    y = jnp.dot(x, self.kernel[...][:, cols].astype(dtype))
     if self.lora_down is not None and not self.lora_merged:
       low = jnp.dot(x, self.lora_down[...].astype(dtype))
-      y = y + jnp.dot(low, self.lora_up[...].astype(dtype)) * self.lora_scale
+      y = y + jnp.dot(low, self.lora_up[...][:, cols].astype(dtype)) * self.lora_scale
     if self.bias is not None:
-      y = y + self.bias[...].astype(dtype)
+      y = y + self.bias[...][cols].astype(dtype)
     return y
 
 
@@ -316,7 +318,9 @@ class ResnetBlock2D(nnx.Module):
     self.output_scale_factor = output_scale_factor
     self.norm1 = GroupNorm(in_channels, groups, eps=eps, **kw)
     self.conv1 = Conv2d(in_channels, out_channels, 3, padding=1, **kw)
-    self.time_emb_proj = (Dense(temb_channels, out_channels, axes=("embed", "mlp"), **kw)
+    # Its output is a bias per conv1 channel: named like conv1's channels, not "mlp" (which
+    # the tensor axis splits, and would carry over into the convolutions).
+    self.time_emb_proj = (Dense(temb_channels, out_channels, axes=("embed", "conv_out"), **kw)
                           if temb_channels is not None else None)
     self.norm2 = GroupNorm(out_channels, groups_out, eps=eps, **kw)
     self.dropout = make_dropout(dropout, rngs)

@@ -23,6 +23,7 @@ from flax import nnx
 
 from dense_diffusion import errors
 from dense_diffusion import registry
+from dense_diffusion import sharding
 from dense_diffusion.models import attention as attention_lib
 from dense_diffusion.models import layers
 
@@ -129,11 +130,16 @@ UNET_CONFIG_KEYS: dict[str, tuple[Any, Callable[[Any], bool]]] = {
     # A learned embedding per class label, added to the timestep embedding (with
     # class_embed_type None, as diffusers does); the generalist passes the task index.
     "num_class_embeds": (None, _OPT_POSITIVE_INT),
+    # "projection": `class_embedding` is a TimestepEmbedding (linear_1 - silu - linear_2) from
+    # a vector of projection_class_embeddings_input_dim to the timestep embedding's width, added
+    # to it (num_class_embeds is then unused, as in diffusers); the generalist passes the task
+    # prompt's pooled embedding.
+    "class_embed_type": (None, _one_of(None, "projection")),
+    "projection_class_embeddings_input_dim": (None, _OPT_POSITIVE_INT),
     # Features not implemented: only the default is accepted.
     "encoder_hid_dim": (None, _one_of(None)),
     "encoder_hid_dim_type": (None, _one_of(None)),
     "dual_cross_attention": (False, _one_of(False)),
-    "class_embed_type": (None, _one_of(None)),
     "addition_embed_type": (None, _one_of(None)),
     "addition_time_embed_dim": (None, _one_of(None)),
     "addition_embed_type_num_heads": (64, _ANY_INT),
@@ -142,7 +148,6 @@ UNET_CONFIG_KEYS: dict[str, tuple[Any, Callable[[Any], bool]]] = {
     "time_embedding_act_fn": (None, _one_of(None)),
     "timestep_post_act": (None, _one_of(None)),
     "time_cond_proj_dim": (None, _one_of(None)),
-    "projection_class_embeddings_input_dim": (None, _one_of(None)),
     "attention_type": ("default", _one_of("default")),
     "class_embeddings_concat": (False, _one_of(False)),
     "cross_attention_norm": (None, _one_of(None)),
@@ -174,7 +179,43 @@ def normalize_config(config: Mapping[str, Any]) -> dict[str, Any]:
       raise ValueError(f"UNet config: {key}={value!r} is not supported; accepted: {check.desc}")
     out[key] = value
   _check_lengths(out)
+  if out["class_embed_type"] == "projection":
+    if not out["projection_class_embeddings_input_dim"]:
+      raise ValueError("UNet config: class_embed_type='projection' needs "
+                       "projection_class_embeddings_input_dim (the width of the vectors it "
+                       "projects)")
+    if out["num_class_embeds"] is not None:
+      # diffusers ignores it silently; a config asking for both means one of them by mistake.
+      raise ValueError("UNet config: num_class_embeds is unused with class_embed_type="
+                       "'projection' (the class embedding projects vectors): remove one")
   return out
+
+
+def class_conditioning(c: Mapping[str, Any]) -> Optional[str]:
+  """What the UNet's `class_labels` are for a normalized config: "labels" (i32[B] indices of
+  `num_class_embeds`), "vectors" (f32[B, projection_class_embeddings_input_dim], projected by
+  class_embed_type "projection"), or None (the UNet takes no class_labels)."""
+  if c["class_embed_type"] == "projection":
+    return "vectors"
+  return "labels" if c["num_class_embeds"] is not None else None
+
+
+def make_class_embedding(c: Mapping[str, Any], time_dim: int, *, dtype=None,
+                         param_dtype=jnp.float32, rngs: nnx.Rngs) -> Optional[nnx.Module]:
+  """The `class_embedding` module of a normalized config (diffusers' layout and names), or None.
+
+  Labels: an embedding table initialised as torch's nn.Embedding, N(0, 1), as diffusers' UNet
+  gets it. Vectors: `TimestepEmbedding(projection_class_embeddings_input_dim, time_dim)` with
+  silu, whatever the config's act_fn (diffusers builds it with its default activation).
+  """
+  kind = class_conditioning(c)
+  if kind == "vectors":
+    return TimestepEmbedding(c["projection_class_embeddings_input_dim"], time_dim, act_fn="silu",
+                             dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+  if kind == "labels":
+    return layers.Embedding(c["num_class_embeds"], time_dim, axes=("classes", "embed"),
+                            init_std=1.0, param_dtype=param_dtype, rngs=rngs)
+  return None
 
 
 def _check_lengths(c: dict) -> None:
@@ -256,7 +297,13 @@ class GEGLU(nnx.Module):
                              param_dtype=param_dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    hidden, gate = jnp.split(self.proj(x), 2, axis=-1)
+    # Two products with the kernel's halves, each split over the tensor axis: one product of the
+    # whole kernel, split there, would give one device all of `hidden` and the other all of
+    # `gate`, and their product would exchange activations (here the kernel halves move).
+    inner = self.proj.out_features // 2
+    names = ("batch",) + (None,) * (x.ndim - 2) + ("mlp",)
+    hidden = sharding.constrain(self.proj(x, columns=(0, inner)), names)
+    gate = sharding.constrain(self.proj(x, columns=(inner, 2 * inner)), names)
     return hidden * jax.nn.gelu(gate, approximate=False)
 
 
@@ -316,8 +363,10 @@ class Transformer2D(nnx.Module):
     inner = heads * dim_head
     self.norm = layers.GroupNorm(channels, norm_groups, eps=1e-6, **kw)
     if use_linear_projection:
-      self.proj_in = layers.Dense(channels, inner, axes=("embed", "heads"), **kw)
-      self.proj_out = layers.Dense(inner, channels, axes=("heads", "embed"), **kw)
+      # In and out of the residual stream of the transformer layers: model width on both sides
+      # (not "heads", which the tensor axis splits: the stream stays whole on every device).
+      self.proj_in = layers.Dense(channels, inner, axes=("embed", "embed"), **kw)
+      self.proj_out = layers.Dense(inner, channels, axes=("embed", "embed"), **kw)
     else:
       self.proj_in = layers.Conv2d(channels, inner, 1, padding=0, **kw)
       self.proj_out = layers.Conv2d(inner, channels, 1, padding=0, **kw)
@@ -328,25 +377,79 @@ class Transformer2D(nnx.Module):
                               upcast_attention=upcast_attention, dropout=dropout, **kw)
         for _ in range(num_layers)])
 
-  def __call__(self, x: jax.Array, context: jax.Array, *, return_maps: bool = False):
+  def __call__(self, x: jax.Array, context: jax.Array, *, return_maps: bool = False,
+               run: Optional[Runner] = None):
     """x [B, H, W, C], context [B, L, D] -> [B, H, W, C] (and, with `return_maps`,
-    {"transformer_blocks.k.attn2": f32[B, heads, H*W, L]})."""
-    b, h, w, c = x.shape
-    # A 1x1 conv and a dense layer are the same map in NHWC, so both projections act on tokens.
-    y = self.proj_in(self.norm(x).reshape(b, h * w, c))
+    {"transformer_blocks.k.attn2": f32[B, heads, H*W, L]}).
+
+    `run` runs each stage (projection in, each transformer layer, projection out): plainly
+    (None) or under `jax.checkpoint` (`model.remat` at layer scope)."""
+    run = run or run_plainly
+    y = run(Transformer2D.tokens_in, self, x)
     maps = {}
     for k, block in enumerate(self.transformer_blocks):
       if return_maps:
-        y, maps[f"transformer_blocks.{k}.attn2"] = block(y, context, return_probs=True)
+        y, maps[f"transformer_blocks.{k}.attn2"] = run(_call, block, y, context,
+                                                       return_probs=True)
       else:
-        y = block(y, context)
-    y = self.proj_out(y).reshape(b, h, w, c)
-    y = y + x.astype(y.dtype)
+        y = run(_call, block, y, context)
+    y = run(Transformer2D.tokens_out, self, y, x)
     return (y, maps) if return_maps else y
+
+  def tokens_in(self, x: jax.Array) -> jax.Array:
+    """GroupNorm and proj_in: x [B, H, W, C] -> tokens [B, H*W, inner]."""
+    b, h, w, c = x.shape
+    # A 1x1 conv and a dense layer are the same map in NHWC, so both projections act on tokens.
+    return self.proj_in(self.norm(x).reshape(b, h * w, c))
+
+  def tokens_out(self, y: jax.Array, x: jax.Array) -> jax.Array:
+    """proj_out of tokens y [B, H*W, inner], plus the input x [B, H, W, C] -> [B, H, W, C]."""
+    y = self.proj_out(y).reshape(x.shape)
+    return y + x.astype(y.dtype)
 
 
 def _prefixed(prefix: str, maps: dict) -> dict:
   return {f"{prefix}.{k}": v for k, v in maps.items()}
+
+
+# ------------------------------------------------------------------------------------------------
+# Running a part: plainly, or as one `jax.checkpoint` (model.remat, see REMAT_POLICIES).
+
+# run(fn, module, *args, **static) -> fn(module, *args, **static), possibly checkpointed:
+# `module`'s state and `args` are the checkpoint's inputs (what the backward pass keeps of it),
+# `static` are Python values (flags, sizes).
+Runner = Callable[..., Any]
+
+
+def _call(module, *args, **kwargs):
+  return module(*args, **kwargs)
+
+
+def run_plainly(fn, module, *args, **static):
+  """A `Runner` that calls fn(module, *args, **static) as it is."""
+  return fn(module, *args, **static)
+
+
+def checkpointed(policy: Optional[Callable]) -> Runner:
+  """A `Runner` that calls fn(module, ...) under `jax.checkpoint(policy=policy)`.
+
+  Functional (split, then merge inside): the parts change no state in a call, and `nnx.remat`'s
+  write-back of that state fails under an outer transform that traces the parameters
+  (value_and_grad over LoRA adapters, the sampler's scan).
+  """
+  def run(fn, module, *args, **static):
+    graphdef, state = nnx.split(module)
+
+    def apply(state, *a):
+      return fn(nnx.merge(graphdef, state), *a, **static)
+    return jax.checkpoint(apply, policy=policy)(state, *args)
+  return run
+
+
+def _resnet_on_concat(resnet, x, skip, temb):
+  """An up block's layer input: hidden state and skip concatenated (hidden first), then the
+  resnet; one part, so a checkpoint keeps x and skip rather than their concatenation."""
+  return resnet(jnp.concatenate([x, skip.astype(x.dtype)], axis=-1), temb)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -384,21 +487,22 @@ class DownBlock(nnx.Module):
                                                        padding=c["downsample_padding"], **kw)])
                          if add_downsample else None)
 
-  def __call__(self, x, temb, context, return_maps: bool = False):
+  def __call__(self, x, temb, context, return_maps: bool = False, run: Optional[Runner] = None):
     """Returns (output, tuple of skip tensors) (and, with `return_maps`, the cross-attention
-    maps by their path in the block)."""
+    maps by their path in the block). `run` runs each layer (`Runner`; None: plainly)."""
+    run = run or run_plainly
     skips, maps = [], {}
     for i, resnet in enumerate(self.resnets):
-      x = resnet(x, temb)
+      x = run(_call, resnet, x, temb)
       if self.attentions is not None:
         if return_maps:
-          x, m = self.attentions[i](x, context, return_maps=True)
+          x, m = self.attentions[i](x, context, return_maps=True, run=run)
           maps.update(_prefixed(f"attentions.{i}", m))
         else:
-          x = self.attentions[i](x, context)
+          x = self.attentions[i](x, context, run=run)
       skips.append(x)
     if self.downsamplers is not None:
-      x = self.downsamplers[0](x)
+      x = run(_call, self.downsamplers[0], x)
       skips.append(x)
     return (x, tuple(skips), maps) if return_maps else (x, tuple(skips))
 
@@ -413,16 +517,17 @@ class MidBlock(nnx.Module):
     self.attentions = nnx.List([_transformer(ch, heads, transformer_layers[i], cross_dim, False,
                                              c, kw) for i in range(num_layers)])
 
-  def __call__(self, x, temb, context, return_maps: bool = False):
-    x = self.resnets[0](x, temb)
+  def __call__(self, x, temb, context, return_maps: bool = False, run: Optional[Runner] = None):
+    run = run or run_plainly
+    x = run(_call, self.resnets[0], x, temb)
     maps = {}
     for i, (attn, resnet) in enumerate(zip(self.attentions, self.resnets[1:])):
       if return_maps:
-        x, m = attn(x, context, return_maps=True)
+        x, m = attn(x, context, return_maps=True, run=run)
         maps.update(_prefixed(f"attentions.{i}", m))
       else:
-        x = attn(x, context)
-      x = resnet(x, temb)
+        x = attn(x, context, run=run)
+      x = run(_call, resnet, x, temb)
     return (x, maps) if return_maps else x
 
 
@@ -445,23 +550,25 @@ class UpBlock(nnx.Module):
     self.upsamplers = (nnx.List([layers.Upsample2D(out_ch, use_conv=True, out_channels=out_ch,
                                                    **kw)]) if add_upsample else None)
 
-  def __call__(self, x, skips, temb, context, upsample_size=None, return_maps: bool = False):
+  def __call__(self, x, skips, temb, context, upsample_size=None, return_maps: bool = False,
+               run: Optional[Runner] = None):
     """Returns (output, features before the upsampler) (and, with `return_maps`, the
-    cross-attention maps by their path in the block)."""
+    cross-attention maps by their path in the block). `run` runs each layer (`Runner`; None:
+    plainly)."""
+    run = run or run_plainly
     skips = list(skips)
     maps = {}
     for i, resnet in enumerate(self.resnets):
-      x = jnp.concatenate([x, skips.pop().astype(x.dtype)], axis=-1)
-      x = resnet(x, temb)
+      x = run(_resnet_on_concat, resnet, x, skips.pop(), temb)
       if self.attentions is not None:
         if return_maps:
-          x, m = self.attentions[i](x, context, return_maps=True)
+          x, m = self.attentions[i](x, context, return_maps=True, run=run)
           maps.update(_prefixed(f"attentions.{i}", m))
         else:
-          x = self.attentions[i](x, context)
+          x = self.attentions[i](x, context, run=run)
     features = x
     if self.upsamplers is not None:
-      x = self.upsamplers[0](x, upsample_size)
+      x = run(_call, self.upsamplers[0], x, output_size=upsample_size)
     return (x, features, maps) if return_maps else (x, features)
 
 
@@ -497,12 +604,24 @@ def timestep_embedding(timesteps: jax.Array, dim: int, *, flip_sin_to_cos: bool,
 # The UNet.
 
 
-# What a remat'd block saves from its forward pass (`model.remat`); each value makes a
-# `jax.checkpoint` policy. "full": only the block's inputs (least memory, one more forward of
-# everything); "save_attention": also every attention output (the backward pass then recomputes
-# the convolutions, norms and projections, not the attention: worth it where attention is the
-# slow part, at long sequences without a flash kernel); "save_dots": every matmul / conv
-# result without a batch dimension (XLA's dots_with_no_batch_dims_saveable).
+# Rematerialisation (`model.remat`): a name is a scope and a policy, "<policy>" at block scope,
+# "layer" / "layer_<policy>" at layer scope.
+#
+# What one checkpoint spans (the backward pass recomputes one at a time, holding all of its
+# intermediates at once):
+#   block scope: each down / mid / up block. Fewest kept inputs, but recomputing the first up
+#     block holds 3 resnets' and 3 transformer layers' intermediates at full resolution at once.
+#   layer scope ("layer_"): each resnet (an up block's with its skip concatenation), each
+#     transformer layer, each transformer's projection in (GroupNorm, proj_in) and out (proj_out,
+#     residual), each down / upsampler: the backward holds one layer's intermediates at a time,
+#     and the inputs of every layer are kept.
+#
+# What a checkpoint saves from its forward pass besides its inputs (each value makes a
+# `jax.checkpoint` policy): "full": nothing (least memory, one more forward of everything);
+# "save_attention": every attention output (the backward pass then recomputes the
+# convolutions, norms and projections, not the attention: worth it where attention is the slow
+# part, at long sequences without a flash kernel); "save_dots": every matmul / conv result
+# without a batch dimension (XLA's dots_with_no_batch_dims_saveable).
 REMAT_POLICIES: registry.Registry[Callable[[], Optional[Callable]]] = registry.Registry(
     "remat policy")
 REMAT_POLICIES.register("full")(lambda: None)
@@ -511,17 +630,37 @@ REMAT_POLICIES.register("save_attention")(
 REMAT_POLICIES.register("save_dots")(
     lambda: jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
 
+REMAT_LAYER_PREFIX = "layer"  # "layer" = layer scope, policy "full"; "layer_<policy>" otherwise.
+
+
+def remat_names() -> list[str]:
+  """Every `model.remat` name besides "none": the policies (block scope), then layer scope."""
+  policies = REMAT_POLICIES.names()
+  return policies + [REMAT_LAYER_PREFIX if p == "full" else f"{REMAT_LAYER_PREFIX}_{p}"
+                     for p in policies]
+
 
 def remat_policy_name(remat: bool | str | None) -> str:
-  """`model.remat` -> "none" or a name of REMAT_POLICIES (True = "full", False = "none")."""
+  """`model.remat` -> "none" or one of `remat_names()` (True = "full", False = "none")."""
   if remat is None or remat is False:
     return "none"
   if remat is True:
     return "full"
-  if remat == "none" or remat in REMAT_POLICIES:
+  if remat == "none" or remat in remat_names():
     return remat
   raise errors.ConfigError(f"model.remat={remat!r}: use False, True, 'none' or one of "
-                           f"{REMAT_POLICIES.names()}")
+                           f"{remat_names()}")
+
+
+def remat_scope(name: str) -> tuple[str, Optional[str]]:
+  """A `remat_policy_name` -> (scope "none" / "block" / "layer", REMAT_POLICIES name or None)."""
+  if name == "none":
+    return "none", None
+  if name == REMAT_LAYER_PREFIX:
+    return "layer", "full"
+  if name.startswith(REMAT_LAYER_PREFIX + "_"):
+    return "layer", name[len(REMAT_LAYER_PREFIX) + 1:]
+  return "block", name
 
 
 class UNet(nnx.Module):
@@ -532,9 +671,10 @@ class UNet(nnx.Module):
     dtype: compute dtype (None / float32, or bfloat16). Norm statistics and the timestep
       embedding's sinusoids are float32; the output is float32.
     param_dtype: parameter dtype.
-    remat: what each down/mid/up block keeps for the backward pass: False / "none" (every
-      activation), True / "full" (only the block's inputs: recompute the rest), or another
-      name of `REMAT_POLICIES` ("save_attention", "save_dots").
+    remat: what the backward pass keeps (`remat_names`): False / "none" (every activation);
+      True / "full" (only each down/mid/up block's inputs: recompute the rest), "save_attention",
+      "save_dots" (block scope, other `REMAT_POLICIES`); "layer" (only each resnet's and
+      transformer layer's inputs), "layer_save_attention", "layer_save_dots" (layer scope).
     rngs: parameter initialisation (and dropout) keys.
   """
 
@@ -563,13 +703,7 @@ class UNet(nnx.Module):
     time_dim = c["time_embedding_dim"] or channels[0] * 4
     self.time_proj_dim = channels[0]
     self.time_embedding = TimestepEmbedding(channels[0], time_dim, act_fn=c["act_fn"], **kw)
-    if c["num_class_embeds"] is not None:
-      # torch's nn.Embedding initialisation, N(0, 1), as diffusers' UNet gets it.
-      self.class_embedding = layers.Embedding(c["num_class_embeds"], time_dim,
-                                              axes=("classes", "embed"), init_std=1.0,
-                                              param_dtype=param_dtype, rngs=rngs)
-    else:
-      self.class_embedding = None
+    self.class_embedding = make_class_embedding(c, time_dim, **kw)
     k_in = c["conv_in_kernel"]
     self.conv_in = layers.Conv2d(c["in_channels"], channels[0], k_in, padding=(k_in - 1) // 2,
                                  **kw)
@@ -620,17 +754,36 @@ class UNet(nnx.Module):
     self.conv_out = layers.Conv2d(channels[0], c["out_channels"], k_out,
                                   padding=(k_out - 1) // 2, **kw)
 
-  def _call_block(self, block, *args, **kwargs):
-    if self.remat == "none":
-      return block(*args, **kwargs)
-    # jax.checkpoint on the block's state, functionally: the blocks change no state in a call,
-    # and `nnx.remat`'s write-back of that state fails under an outer transform that traces the
-    # parameters (value_and_grad over LoRA adapters, the sampler's scan).
-    graphdef, state = nnx.split(block)
+  def _runners(self) -> tuple[Runner, Runner]:
+    """(how each block runs, how each layer inside a block runs), from `self.remat`."""
+    scope, policy = remat_scope(remat_policy_name(self.remat))
+    if scope == "none":
+      return run_plainly, run_plainly
+    run = checkpointed(REMAT_POLICIES.get(policy)())
+    return (run, run_plainly) if scope == "block" else (run_plainly, run)
 
-    def run(state, *a):
-      return nnx.merge(graphdef, state)(*a, **kwargs)
-    return jax.checkpoint(run, policy=REMAT_POLICIES.get(self.remat)())(state, *args)
+  def _class_embed(self, class_labels, batch: int, dtype) -> jax.Array:
+    """The class embedding added to the timestep embedding ([B, time_dim], or 0 without one)."""
+    c = self.config
+    kind = class_conditioning(c)
+    if kind is None:
+      if class_labels is not None:
+        raise ValueError("class_labels given, but the UNet config has no class embedding "
+                         "(num_class_embeds or class_embed_type)")
+      return jnp.zeros((), dtype)
+    if kind == "labels":
+      if class_labels is None:
+        raise ValueError(f"this UNet has num_class_embeds={c['num_class_embeds']}: pass "
+                         "class_labels (i32[B])")
+      labels = jnp.broadcast_to(jnp.asarray(class_labels).reshape(-1), (batch,))
+      return self.class_embedding(labels)
+    width = c["projection_class_embeddings_input_dim"]
+    if class_labels is None or jnp.ndim(class_labels) != 2 or class_labels.shape[-1] != width:
+      got = None if class_labels is None else jnp.shape(class_labels)
+      raise ValueError(f"this UNet has class_embed_type='projection': pass class_labels as "
+                       f"f32[B, {width}] vectors, got {got}")
+    vectors = jnp.broadcast_to(jnp.asarray(class_labels), (batch, width)).astype(dtype)
+    return self.class_embedding(vectors)
 
   def __call__(self, sample: jax.Array, timesteps, encoder_hidden_states: jax.Array, *,
                class_labels: Optional[jax.Array] = None, return_features: bool = False,
@@ -641,8 +794,10 @@ class UNet(nnx.Module):
       sample: [B, H, W, in_channels].
       timesteps: scalar or [B] (int or float).
       encoder_hidden_states: [B, L, cross_attention_dim] context tokens.
-      class_labels: i32[B] indices into the class embedding; required exactly when the config
-        has `num_class_embeds`.
+      class_labels: required exactly when the config has a class embedding
+        (`class_conditioning`): i32[B] indices into it (`num_class_embeds`), or
+        f32[B, projection_class_embeddings_input_dim] vectors (class_embed_type "projection",
+        e.g. a prompt's pooled text embedding).
       return_features: also return the decoder features.
       return_attention_maps: also return every cross-attention (`attn2`) module's attention
         probabilities, {diffusers module path, e.g.
@@ -664,14 +819,7 @@ class UNet(nnx.Module):
     t_emb = timestep_embedding(t, self.time_proj_dim, flip_sin_to_cos=c["flip_sin_to_cos"],
                                freq_shift=c["freq_shift"]).astype(dtype)
     temb = self.time_embedding(t_emb)
-    if self.class_embedding is not None:
-      if class_labels is None:
-        raise ValueError(f"this UNet has num_class_embeds={c['num_class_embeds']}: pass "
-                         "class_labels (i32[B])")
-      labels = jnp.broadcast_to(jnp.asarray(class_labels).reshape(-1), (b,))
-      temb = temb + self.class_embedding(labels).astype(temb.dtype)
-    elif class_labels is not None:
-      raise ValueError("class_labels given, but the UNet config has no num_class_embeds")
+    temb = temb + self._class_embed(class_labels, b, dtype).astype(temb.dtype)
     context = encoder_hidden_states.astype(dtype)
 
     x = sample.astype(dtype)
@@ -680,15 +828,16 @@ class UNet(nnx.Module):
     x = self.conv_in(x)
     skips = [x]
     maps = {}
-    want = dict(return_maps=True) if return_attention_maps else {}
+    run_block, run_layer = self._runners()
+    want = dict(return_maps=True, run=run_layer) if return_attention_maps else dict(run=run_layer)
     for i, block in enumerate(self.down_blocks):
-      out = self._call_block(block, x, temb, context, **want)
+      out = run_block(_call, block, x, temb, context, **want)
       x, block_skips = out[:2]
       if return_attention_maps:
         maps.update(_prefixed(f"down_blocks.{i}", out[2]))
       skips.extend(block_skips)
     if self.mid_block is not None:
-      out = self._call_block(self.mid_block, x, temb, context, **want)
+      out = run_block(_call, self.mid_block, x, temb, context, **want)
       if return_attention_maps:
         x, m = out
         maps.update(_prefixed("mid_block", m))
@@ -699,7 +848,7 @@ class UNet(nnx.Module):
       n_res = len(block.resnets)
       block_skips, skips = tuple(skips[-n_res:]), skips[:-n_res]
       size = tuple(skips[-1].shape[1:3]) if skips else None
-      out = self._call_block(block, x, block_skips, temb, context, upsample_size=size, **want)
+      out = run_block(_call, block, x, block_skips, temb, context, upsample_size=size, **want)
       x, feat = out[:2]
       if return_attention_maps:
         maps.update(_prefixed(f"up_blocks.{i}", out[2]))

@@ -8,12 +8,14 @@
 Adding a task: a module with a `Task` subclass registered by `@tasks.register("name")`
 (docs/architecture.md has a worked example).
 """
-from dense_diffusion.tasks.base import (LABEL_PREFIX, Evaluator, Task, composites, from_entry,
-                                        get, names, register, resize_map)
+from dense_diffusion.tasks.base import (LABEL_PREFIX, Evaluator, Task, compose, composites,
+                                        family, from_entry, get, names, register, resize_map)
 # Importing the task modules registers their tasks.
-from dense_diffusion.tasks import geometry, images, instance, panoptic, segmentation  # noqa: F401
+from dense_diffusion.tasks import (geometry, images, instance, matting, panoptic,  # noqa: F401
+                                   segmentation)
 from dense_diffusion.tasks.instance import UNKNOWN_INSTANCE
 from dense_diffusion.tasks.segmentation import IGNORE_LABEL, palette
 
-__all__ = ["Task", "Evaluator", "get", "names", "register", "composites", "from_entry",
+__all__ = ["Task", "Evaluator", "get", "names", "register", "composites", "compose", "family",
+           "from_entry",
            "resize_map", "LABEL_PREFIX", "IGNORE_LABEL", "UNKNOWN_INSTANCE", "palette"]

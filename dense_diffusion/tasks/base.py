@@ -21,7 +21,11 @@ the predictor and the demo need of it:
   head                        the kind of dense head that answers it from backbone features
 
 A composite task (`parts`, e.g. panoptic = semantic + instance) is not trained itself: its answer
-is combined from the answers of its trained parts (`from_parts`, `combine`).
+is combined from the answers of its trained parts (`from_parts`, `combine`). Its parts are named
+by family (`family`): variants of one task that differ in their label space, one per dataset
+(`semantic`, `semantic_ade20k`, `semantic_coco`), are distinct tasks (own name, prompt, classes)
+of one family, and a composite takes whichever of them carries what it needs
+(`compose`; `part_names` says which trained tasks it combines).
 
 `decode` accepts any float array of shape (H, W, 3) or (N, H, W, 3); values outside [-1, 1] are
 clipped first, because a sampler's output is not guaranteed to stay in range.
@@ -84,8 +88,11 @@ class Task:
   # features before the shared pp, e.g. denoise: (("image", "clean"), ("noisy", "image")) (the
   # clean render is the answer, the noisy one the input).
   synthetic_source: ClassVar[tuple[tuple[str, str], ...]] = ()
-  # Composite tasks: the names of the trained tasks whose answers `combine` merges.
+  # Composite tasks: the families of the trained tasks whose answers `combine` merges.
   parts: ClassVar[tuple[str, ...]] = ()
+  # The kind of answer, shared by a task's variants (one label space per dataset: the
+  # `semantic_coco` task is of family "semantic"); "" = the task's own registered name.
+  family: ClassVar[str] = ""
   # The kind of dense head that answers this task directly from backbone features (the VPD
   # paradigm, paradigms/backbone.py): "rgb" (the RGB encoding itself), "depth" (a sigmoid code
   # in [0, 1], scale-invariant log loss), "normals" (unit vectors, angular loss) or "classes"
@@ -155,8 +162,13 @@ class Task:
     return None
 
   def combine(self, part_answers: Mapping[str, Any]) -> Any:
-    """The composite's answer from its parts' answers (all at one size)."""
+    """The composite's answer from its parts' answers (all at one size), keyed by part family."""
     raise NotImplementedError(f"task {self.name!r} is not composite")
+
+  def part_names(self) -> dict[str, str]:
+    """Composite tasks: {part family: the trained task answering it} (default: the family's
+    own task)."""
+    return {p: p for p in self.parts}
 
   def options(self) -> dict:
     """The task's options (its dataclass fields other than name and prompt)."""
@@ -256,6 +268,28 @@ def get(name: str, **options) -> Task:
 
 def names() -> list[str]:
   return TASKS.names()
+
+
+def family(name: str) -> str:
+  """The family of the registered task `name` (its own name unless it declares one)."""
+  return TASKS.get(name).family or name
+
+
+def compose(name: str, trained: Sequence[Task]) -> Optional[Task]:
+  """The composite task `name` built from trained tasks (in their order), or None.
+
+  Each part family may be answered by several trained tasks (variants with their own label
+  spaces); the first combination, in the order of `trained`, whose `from_parts` gives a task
+  wins (e.g. panoptic takes the semantic variant that carries thing / stuff categories).
+  """
+  import itertools  # pylint: disable=g-import-not-at-top
+  cls = TASKS.get(name)
+  options = [[t for t in trained if family(t.name) == p] for p in cls.parts]
+  for chosen in itertools.product(*options):
+    composite = cls.from_parts(dict(zip(cls.parts, chosen)))
+    if composite is not None:
+      return composite
+  return None
 
 
 def composites() -> list[str]:

@@ -4,9 +4,11 @@ Answer format (COCO panoptic): `{"ids": i32[H, W] segment ids (0 = void), "segme
 "category_id", "iscrowd"}, ...]}`. `categories` is the dataset's list of `{"id", "isthing"}`; its
 order defines the contiguous class index used by the semantic output.
 
-Panoptic is not trained as a task of its own: the model is trained on its parts (semantic and
-instance, two prompts), and the panoptic answer is their merge (`combine`). Evaluation and
-prediction offer it wherever both parts are trained and the semantic task knows its categories.
+Panoptic is not trained as a task of its own: the model is trained on its parts (a semantic task
+and instance, two prompts), and the panoptic answer is their merge (`combine`). Evaluation and
+prediction offer it wherever both parts are trained and a semantic task (any of the family:
+`semantic`, or COCO's own `semantic_coco` beside ADE20K's `semantic_ade20k`) knows its thing /
+stuff categories.
 """
 from __future__ import annotations
 
@@ -43,6 +45,10 @@ class PanopticTask(base.Task):
   categories: Sequence[dict] = ()
   min_area: int = 1  # pixels; smaller segments become void (panopticapi-style area limits).
   instance_options: dict = dataclasses.field(default_factory=dict)
+  # The trained semantic task it merges (a task of the family "semantic") and its options (its
+  # classes and palette); empty options: `categories` alone make a plain semantic task.
+  semantic_task: str = "semantic"
+  semantic_options: dict = dataclasses.field(default_factory=dict)
 
   parts = ("semantic", "instance")
   label_key = "panoptic_ids"
@@ -60,15 +66,23 @@ class PanopticTask(base.Task):
 
   @classmethod
   def from_parts(cls, parts: Mapping[str, base.Task]) -> Optional["PanopticTask"]:
-    """From the trained semantic task (its `categories`) and instance task (its options)."""
+    """From a trained semantic task (its `categories`, with thing / stuff) and the instance
+    task (its options); None when the semantic task has no such categories (ADE20K's)."""
     semantic, instance = parts["semantic"], parts["instance"]
-    if not getattr(semantic, "categories", ()):
+    categories = getattr(semantic, "categories", ())
+    if not categories or not all("isthing" in c for c in categories):
       return None
-    return cls(categories=semantic.categories, instance_options=instance.options())
+    return cls(categories=categories, instance_options=instance.options(),
+               semantic_task=semantic.name, semantic_options=semantic.options())
+
+  def part_names(self) -> dict[str, str]:
+    return {"semantic": self.semantic_task, "instance": "instance"}
 
   @property
   def semantic(self) -> segmentation.SemanticTask:
-    return segmentation.SemanticTask(num_classes=len(self.categories))
+    if self.semantic_options:
+      return base.get(self.semantic_task, **self.semantic_options)
+    return base.get(self.semantic_task, num_classes=len(self.categories))
 
   @property
   def instance(self) -> instance_lib.InstanceTask:

@@ -2,7 +2,14 @@
 
 Class c is colour c + 1 of a palette of L^3 evenly spaced colours (L levels per channel, the
 smallest L with L^3 >= K + 1); colour 0 (black) is ignore/void. Decoding snaps every pixel to the
-nearest palette colour of the K classes.
+nearest palette colour of the K classes. `palette_seed` != 0 deals the grid's colours to the
+classes in a fixed shuffled order instead, so two label spaces on one grid (ADE20K's 150 classes
+and COCO's 133) do not paint their class c alike.
+
+One label space per dataset: `semantic` is the task of a dataset's own classes given as options
+(the synthetic scenes' 7); `semantic_ade20k` and `semantic_coco` are its variants for the two
+real label spaces, each its own task (name, prompt, classes, palette) of the family "semantic",
+so one generalist is told by the prompt which dataset's classes to paint.
 """
 from __future__ import annotations
 
@@ -22,14 +29,43 @@ IGNORE_LABEL = 255
 
 
 @functools.lru_cache(maxsize=None)
-def palette(num_classes: int) -> np.ndarray:
-  """f32[K + 1, 3] in [-1, 1]: row 0 is black (ignore), row c + 1 is class c's colour."""
+def palette_cells(num_classes: int, seed: int = 0) -> np.ndarray:
+  """i64[K + 1]: the grid cell (r * L^2 + g * L + b) of black (entry 0) and of each class c
+  (entry c + 1). Seed 0: cell c + 1; another seed: a fixed shuffle of the L^3 - 1 non-black
+  cells (numpy's PCG64 permutation), the first K of it."""
   levels = levels_per_channel(num_classes)
-  index = np.arange(num_classes + 1)
+  if seed == 0:
+    cells = np.arange(num_classes + 1)
+  else:
+    shuffled = 1 + np.random.default_rng(seed).permutation(levels**3 - 1)
+    cells = np.concatenate([[0], shuffled[:num_classes]])
+  cells.setflags(write=False)
+  return cells
+
+
+def palette(num_classes: int, seed: int = 0) -> np.ndarray:
+  """f32[K + 1, 3] in [-1, 1]: row 0 is black (ignore), row c + 1 is class c's colour."""
+  return _palette(num_classes, seed)
+
+
+@functools.lru_cache(maxsize=None)
+def _palette(num_classes: int, seed: int) -> np.ndarray:
+  levels = levels_per_channel(num_classes)
+  index = palette_cells(num_classes, seed)
   digits = np.stack([index // levels**2, (index // levels) % levels, index % levels], axis=-1)
-  colours = -1.0 + 2.0 * digits / (levels - 1)
+  colours = (-1.0 + 2.0 * digits / (levels - 1)).astype(np.float32)
   colours.setflags(write=False)
-  return colours.astype(np.float32)
+  return colours
+
+
+@functools.lru_cache(maxsize=None)
+def _class_of_cell(num_classes: int, seed: int) -> np.ndarray:
+  """i64[L^3]: the class painted in each grid cell, -1 for black and unused cells."""
+  levels = levels_per_channel(num_classes)
+  lut = np.full(levels**3, -1, np.int64)
+  lut[palette_cells(num_classes, seed)[1:]] = np.arange(num_classes)
+  lut.setflags(write=False)
+  return lut
 
 
 def levels_per_channel(num_classes: int) -> int:
@@ -70,7 +106,11 @@ class SemanticTask(base.Task):
   # Optional [{"id", "name", "isthing"}, ...], one per class in class order: the names (prompts
   # of backbones, file outputs) and the thing/stuff split that panoptic merging needs.
   categories: Sequence[dict] = ()
+  # 0: class c is grid colour c + 1; another value: the grid's colours dealt in a fixed shuffled
+  # order (`palette_cells`), a label space's own palette.
+  palette_seed: int = 0
 
+  family = "semantic"
   label_key = "semantic"
   interpolation = "nearest"
   head = "classes"
@@ -88,7 +128,7 @@ class SemanticTask(base.Task):
 
   @property
   def palette(self) -> np.ndarray:
-    return palette(self.num_classes)
+    return palette(self.num_classes, self.palette_seed)
 
   @property
   def levels(self) -> int:
@@ -124,12 +164,13 @@ class SemanticTask(base.Task):
 
   def write(self, out, stem, image, labels):
     """`X_semantic.png`: palette PNG, pixel = class index (255 = ignore), the task's colours;
-    `X_semantic_overlay.png`: the colours blended over the input."""
+    `X_semantic_overlay.png`: the colours blended over the input (a variant writes its own
+    name: `X_semantic_coco.png`, ...)."""
     img = self.palette_png(labels)
-    path = outputs.save_png(out / f"{stem}_semantic.png", img)
+    path = outputs.save_png(out / f"{stem}_{self.name}.png", img)
     colours = np.asarray(img.convert("RGB"))
     overlay = outputs.overlay(image, colours, mask=labels != IGNORE_LABEL)
-    return [path, outputs.save_png(out / f"{stem}_semantic_overlay.png", overlay)]
+    return [path, outputs.save_png(out / f"{stem}_{self.name}_overlay.png", overlay)]
 
   def _decode_batch(self, rgb):
     """Nearest palette colour, computed on the colour grid instead of against all K colours.
@@ -170,9 +211,9 @@ class SemanticTask(base.Task):
   def _class_of_digits(self, digits: np.ndarray, rgb: np.ndarray | None) -> np.ndarray:
     """Grid digits [...,3] -> class index; non-class colours -> nearest class (or -1 if rgb None)."""
     levels = self.levels
-    colour = digits[..., 0] * levels**2 + digits[..., 1] * levels + digits[..., 2]
-    labels = colour - 1
-    off_palette = (colour == 0) | (colour > self.num_classes)
+    cell = digits[..., 0] * levels**2 + digits[..., 1] * levels + digits[..., 2]
+    labels = _class_of_cell(self.num_classes, self.palette_seed)[cell]
+    off_palette = labels < 0
     if rgb is None:
       return np.where(off_palette, -1, labels)
     if off_palette.any():
@@ -182,6 +223,29 @@ class SemanticTask(base.Task):
       labels = labels.copy()
       labels[off_palette] = np.argmin(dist, axis=-1)
     return labels
+
+
+@base.register("semantic_ade20k")
+@dataclasses.dataclass(frozen=True)
+class ADE20KSemanticTask(SemanticTask):
+  """ADE20K's 150 classes (SceneParsing), its own task beside COCO's: prompt, classes, palette."""
+
+  name: str = "semantic_ade20k"
+  prompt: str = "semantic segmentation, ADE20K classes"
+  num_classes: int = 150
+
+
+@base.register("semantic_coco")
+@dataclasses.dataclass(frozen=True)
+class COCOSemanticTask(SemanticTask):
+  """COCO panoptic's 133 classes (80 things, 53 stuff), its own task beside ADE20K's. The
+  categories (ids, names, thing / stuff) come with the reader's task options
+  (`readers.coco_panoptic`): with them, panoptic is answered from this task and instance."""
+
+  name: str = "semantic_coco"
+  prompt: str = "semantic segmentation, COCO classes"
+  num_classes: int = 133
+  palette_seed: int = 133  # its own colours: COCO's class c is not painted as ADE20K's.
 
 
 class SemanticEvaluator(base.Evaluator):

@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from dense_diffusion.datasets.synthetic_scenes import matte
+
 # Stuff first, then things; `semantic` holds the index into this tuple.
 CLASS_NAMES = ("floor", "wall", "ceiling", "sphere", "box", "cylinder", "cone")
 THING_CLASSES = ("sphere", "box", "cylinder", "cone")
@@ -315,6 +317,8 @@ def render_scene(rng_or_seed: np.random.Generator | int | Any, resolution: int) 
       (index into CLASS_NAMES); instance i32[R, R] (0 = stuff, 1..n = thing objects in order);
       panoptic_ids i32[R, R] segment ids (stuff segments first, then things);
       segments: list of {id, category_id, isthing, iscrowd}; noisy, rainy, dark u8[R, R, 3];
+      composite u8[R, R, 3] (a foreground object over the image), its alpha f32[R, R] in
+      [0, 1], mask bool[R, R] (alpha >= 0.5) and foreground colour f32[R, R, 3] (matte.py);
       intrinsics f32[3] (focal, cx, cy) and pitch f32 (for checks).
   """
   rng = rng_or_seed if isinstance(rng_or_seed, np.random.Generator) else np.random.default_rng(
@@ -410,6 +414,10 @@ def render_scene(rng_or_seed: np.random.Generator | int | Any, resolution: int) 
   lut[visible] = np.arange(1, len(visible) + 1)
   instance = lut[instance]
 
+  # The degradations draw from `rng` in this order, then the matting layer (matte.py): adding
+  # a later draw leaves every earlier feature of a scene unchanged.
+  noisy, rainy, dark = add_noise(rng, image01), add_rain(rng, image01), add_low_light(rng, image01)
+  layer = matte.composite_layer(rng, image)
   return {
       "image": image,
       "albedo": albedo_u8,
@@ -421,9 +429,13 @@ def render_scene(rng_or_seed: np.random.Generator | int | Any, resolution: int) 
       "instance": instance,
       "panoptic_ids": panoptic_ids,
       "segments": segments,
-      "noisy": add_noise(rng, image01),
-      "rainy": add_rain(rng, image01),
-      "dark": add_low_light(rng, image01),
+      "noisy": noisy,
+      "rainy": rainy,
+      "dark": dark,
+      "composite": layer["composite"],
+      "alpha": layer["alpha"],
+      "mask": layer["mask"],
+      "foreground": layer["foreground"],
       "intrinsics": np.array([cam.focal, cam.cx, cam.cy], np.float32),
       "pitch": np.float32(cam.pitch),
       "room": {k: np.float32(v) for k, v in scene["room"].items()},

@@ -19,7 +19,7 @@ import tensorflow_datasets as tfds
 from dense_diffusion.datasets.synthetic_scenes import renderer
 
 _SPLIT_IDS = {"train": 0, "validation": 1}
-_IMAGE_KEYS = ("image", "albedo", "noisy", "rainy", "dark")
+_IMAGE_KEYS = ("image", "albedo", "noisy", "rainy", "dark", "composite")
 
 
 @dataclasses.dataclass
@@ -41,10 +41,17 @@ def _config(name, resolution, num_train, num_validation, description):
 
 
 class SyntheticScenes(tfds.core.GeneratorBasedBuilder):
-  """Synthetic rooms: image, depth, normals, semantic, panoptic, albedo/shading, degraded inputs."""
+  """Synthetic rooms: image, depth, normals, semantic, panoptic, albedo/shading, degraded inputs,
+  and a composite with a foreground object's alpha matte and mask."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "First release."}
+  # A new version whenever the features change (TFDS keeps each version in its own folder, so a
+  # prepared older version is regenerated, never read with the wrong features).
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {
+      "1.0.0": "First release.",
+      "1.1.0": "composite, alpha, mask: a foreground object with an exact soft alpha over the "
+               "scene (matting, dichotomous segmentation); the other features are unchanged.",
+  }
   BUILDER_CONFIGS = [
       _config("res32", 32, 512, 64, "32x32 for the offline demo and tests."),
       _config("res64", 64, 2000, 200, "64x64."),
@@ -77,6 +84,9 @@ class SyntheticScenes(tfds.core.GeneratorBasedBuilder):
             "noisy": rgb(),
             "rainy": rgb(),
             "dark": rgb(),
+            "composite": rgb(),
+            "alpha": tfds.features.Tensor(shape=(r, r), dtype=np.float32, encoding=zlib),
+            "mask": tfds.features.Tensor(shape=(r, r), dtype=np.bool_, encoding=zlib),
             "intrinsics": tfds.features.Tensor(shape=(3,), dtype=np.float32),
             "key": tfds.features.Text(),
         }),
@@ -164,5 +174,6 @@ def example_from_render(ex: dict, key: str) -> dict:
               "iscrowd": np.array([bool(s["iscrowd"]) for s in ex["segments"]]),
           }},
       "noisy": ex["noisy"], "rainy": ex["rainy"], "dark": ex["dark"],
+      "composite": ex["composite"], "alpha": ex["alpha"], "mask": ex["mask"],
       "intrinsics": ex["intrinsics"], "key": key,
   }
