@@ -153,16 +153,7 @@ class VPD(base.Paradigm):
   def add_modules(self, model, model_config, rngs, *, embed_text=None):
     """model.vpd: tokens, adapter and a head per task (`embed_text(prompts, pooled)` gives
     frozen text embeddings, or None without a text encoder)."""
-    options = dict(model_config.get("head") or {})
-    unknown = set(options) - {"width", "upsampling"}
-    if unknown:
-      raise errors.ConfigError(f"model.head has unknown keys {sorted(unknown)}: it takes "
-                               "width (channels inside a head) and upsampling (bilinear | deconv)")
-    width = int(options.get("width", 64))
-    upsampling = str(options.get("upsampling", "bilinear"))
-    if upsampling not in heads_lib.UPSAMPLINGS:
-      raise errors.ConfigError(f"model.head.upsampling={upsampling!r}: use one of "
-                               f"{', '.join(heads_lib.UPSAMPLINGS)}")
+    build_head = head_builder(model_config.get("head"))
     unet = model.unet
     dim = unet.config["cross_attention_dim"]
     tokens, learned = self._tokens(model, embed_text, dim, rngs)
@@ -171,9 +162,8 @@ class VPD(base.Paradigm):
       channels = [c + tokens.shape[1] for c in channels]
     factor = 1 if self.space.name == "pixel" else model.vae.config.downsample_factor
     dtype = model.unet.dtype
-    heads = [heads_lib.DenseHead(channels, HEAD_KINDS.get(t.head).channels(t), upsample=factor,
-                                 width=width, upsampling=upsampling, dtype=dtype, rngs=rngs)
-             for t in self.tasks]
+    heads = [build_head(channels, HEAD_KINDS.get(t.head).channels(t), upsample=factor,
+                        dtype=dtype, rngs=rngs) for t in self.tasks]
     model.vpd = VPDModules(tokens, learned, heads,
                            heads_lib.TextAdapter(dim, dtype=dtype, rngs=rngs))
 
@@ -239,6 +229,27 @@ class VPD(base.Paradigm):
     rgb = jnp.stack([HEAD_KINDS.get(t.head).to_rgb(t, o) for t, o in zip(self.tasks, outs)],
                     axis=1)  # [B, T, H, W, 3]
     return jnp.take_along_axis(rgb, task[:, None, None, None, None], axis=1)[:, 0]
+
+
+def head_builder(options: Mapping[str, Any] | None) -> Callable[..., nnx.Module]:
+  """`model.head` -> build(feature_channels, out_channels, *, upsample, dtype, rngs).
+
+  `model.head.type` names the architecture (`heads.HEADS`: "dense", the default, or
+  "semantic_fpn"); its other keys are that architecture's options (defaults in `HEADS`).
+  """
+  options = dict(options or {})
+  name = str(options.pop("type", "dense"))
+  arch = heads_lib.HEADS.get(name)
+  unknown = set(options) - set(arch.options)
+  if unknown:
+    raise errors.ConfigError(
+        f"model.head has unknown keys {sorted(unknown)}: type={name!r} takes type and "
+        f"{', '.join(sorted(arch.options))}")
+  settings = {**arch.options, **options}
+  problem = arch.check(settings)
+  if problem:
+    raise errors.ConfigError(f"model.head: {problem}")
+  return lambda *args, **kw: arch.build(*args, **kw, **settings)
 
 
 def masked_target_and_valid(batch: Mapping[str, jax.Array]):
