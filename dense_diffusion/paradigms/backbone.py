@@ -37,6 +37,7 @@ from dense_diffusion import registry
 from dense_diffusion.diffusion import objectives
 from dense_diffusion.models import heads as heads_lib
 from dense_diffusion.paradigms import base
+from dense_diffusion.paradigms import test_time
 from dense_diffusion.tasks import base as task_base
 
 SILOG_LAMBDA = 0.5  # VPD's scale-invariant log loss: sqrt(mean(g^2) - lambda * mean(g)^2).
@@ -50,10 +51,13 @@ class HeadKind:
 
   channels(task) -> int; loss(task, out f32[B,H,W,C], target f32[B,H,W,3], valid) -> f32[B];
   to_rgb(task, out) -> f32[B, H, W, 3] (exactly what `task.decode` turns into the answer).
+  flip_mean(out, mirrored out) -> out: one output whose answer is the mean of the two (for
+  `diffusion.vpd_flip`); None where the kind has no such mean.
   """
   channels: Callable[[Any], int]
   loss: Callable[..., jax.Array]
   to_rgb: Callable[[Any, jax.Array], jax.Array]
+  flip_mean: Callable[[jax.Array, jax.Array], jax.Array] | None = None
 
 
 HEAD_KINDS: registry.Registry[HeadKind] = registry.Registry("head kind")
@@ -107,7 +111,8 @@ def _class_loss(task, out, target, valid):
 
 HEAD_KINDS.register("classes", HeadKind(
     channels=lambda task: task.num_classes, loss=_class_loss,
-    to_rgb=lambda task, out: jnp.asarray(task.palette)[jnp.argmax(out, axis=-1) + 1]))
+    to_rgb=lambda task, out: jnp.asarray(task.palette)[jnp.argmax(out, axis=-1) + 1],
+    flip_mean=test_time.mean_probabilities))  # mmseg: the mean of the class probabilities
 
 HEAD_KINDS.register("rgb", HeadKind(
     channels=lambda task: 3,
@@ -141,6 +146,11 @@ class VPD(base.Paradigm):
     if cfg.loss_space != "prediction":
       raise errors.ConfigError("diffusion.mode='vpd' trains its heads on their own losses: "
                                "leave diffusion.loss_space at 'prediction'")
+    crop, stride = cfg.vpd_slide_crop, cfg.vpd_slide_stride
+    if crop < 0 or (crop == 0 and stride != 0) or (crop > 0 and not 0 < stride <= crop):
+      raise errors.ConfigError(
+          f"diffusion.vpd_slide_crop={crop}, vpd_slide_stride={stride}: sliding windows need "
+          "a crop > 0 and 0 < stride <= crop (crop 0 and stride 0: the whole image at once)")
 
   @property
   def timestep(self) -> int:
@@ -154,6 +164,11 @@ class VPD(base.Paradigm):
     """model.vpd: tokens, adapter and a head per task (`embed_text(prompts, pooled)` gives
     frozen text embeddings, or None without a text encoder)."""
     build_head = head_builder(model_config.get("head"))
+    if self.cfg.vpd_flip:
+      kinds = sorted({t.head for t in self.tasks if HEAD_KINDS.get(t.head).flip_mean is None})
+      if kinds:
+        raise errors.ConfigError(f"diffusion.vpd_flip averages class probabilities; heads of "
+                                 f"kind {kinds} have no flip mean: turn vpd_flip off")
     unet = model.unet
     dim = unet.config["cross_attention_dim"]
     tokens, learned = self._tokens(model, embed_text, dim, rngs)
@@ -223,9 +238,23 @@ class VPD(base.Paradigm):
   def sampler_loop_trips(self) -> int:
     return 1  # one network pass, no loop.
 
+  def inference_outputs(self, model, image, task, key) -> list[jax.Array]:
+    """Each head's output f32[B, H, W, C] at evaluation: over sliding windows
+    (`diffusion.vpd_slide_crop` / `vpd_slide_stride`, the windows' mean per pixel) and averaged
+    with the horizontal mirror's (`diffusion.vpd_flip`, each kind's `flip_mean`) when set."""
+    cfg = self.cfg
+    fn = lambda x: self._head_outputs(model, x, task, key)
+    if cfg.vpd_slide_crop:
+      whole = fn
+      fn = lambda x: test_time.sliding_window(whole, x, cfg.vpd_slide_crop, cfg.vpd_slide_stride)
+    if cfg.vpd_flip:
+      return test_time.flip_average(fn, image, [HEAD_KINDS.get(t.head).flip_mean
+                                                for t in self.tasks])
+    return fn(image)
+
   def predict(self, model, image, task, key):
     key = key if self.cfg.backbone_noise else None
-    outs = self._head_outputs(model, image, task, key)
+    outs = self.inference_outputs(model, image, task, key)
     rgb = jnp.stack([HEAD_KINDS.get(t.head).to_rgb(t, o) for t, o in zip(self.tasks, outs)],
                     axis=1)  # [B, T, H, W, 3]
     return jnp.take_along_axis(rgb, task[:, None, None, None, None], axis=1)[:, 0]
