@@ -1,17 +1,21 @@
 """VPD as its paper built it: the Semantic FPN head (against a torch re-statement of mmseg's FPN
 neck + FPNHead with the same weights), selected by `model.head.type`, trains in a tiny VPD
 segmentation run; flip and sliding-window inference against hand-computed references."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
+from configs import vpd_depth
 from configs import vpd_seg
 from dense_diffusion import errors
 from dense_diffusion import experiment
 from dense_diffusion.models import heads
 from dense_diffusion.paradigms import backbone
+from dense_diffusion.paradigms import test_time
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
@@ -106,17 +110,130 @@ def _segmentation_batch(task, batch=8, res=32, seed=0):
           "task": np.zeros((batch,), np.int32)}, labels
 
 
+MIX = np.random.default_rng(5).normal(size=(3, 4)).astype(np.float32)  # RGB -> 4 "logits"
+
+
+def _equivariant(image):
+  """Per-pixel logits: commutes with mirroring."""
+  return [jnp.asarray(image) @ MIX]
+
+
+def _positional(image):
+  """Per-pixel logits plus a ramp over the input's own rows and columns: neither mirror- nor
+  shift-equivariant, so flips and windows change its answer."""
+  _, h, w, _ = image.shape
+  ramp = (np.arange(h)[:, None, None] * np.linspace(-1, 1, 4) * 0.3
+          + np.arange(w)[None, :, None] * np.linspace(1, -1, 4) * 0.2)
+  return [jnp.asarray(image) @ MIX + jnp.asarray(ramp, jnp.float32)]
+
+
+def _softmax(x):
+  e = np.exp(x - x.max(-1, keepdims=True))
+  return e / e.sum(-1, keepdims=True)
+
+
+def _image(h=10, w=13, seed=0):
+  return np.random.default_rng(seed).uniform(-1, 1, (2, h, w, 3)).astype(np.float32)
+
+
+def test_flip_average_of_an_equivariant_model_is_the_plain_answer():
+  image = _image()
+  out, = test_time.flip_average(_equivariant, image, [test_time.mean_probabilities])
+  plain = np.asarray(_equivariant(image)[0])
+  np.testing.assert_allclose(_softmax(np.asarray(out)), _softmax(plain), atol=1e-6)
+  np.testing.assert_array_equal(np.argmax(out, -1), np.argmax(plain, -1))
+
+
+def test_flip_average_is_the_mean_of_the_two_passes_probabilities():
+  image = _image()
+  out, = test_time.flip_average(_positional, image, [test_time.mean_probabilities])
+  plain = np.asarray(_positional(image)[0])
+  mirrored = np.asarray(_positional(image[:, :, ::-1])[0])[:, :, ::-1]
+  expected = 0.5 * (_softmax(plain) + _softmax(mirrored))
+  assert np.abs(_softmax(plain) - expected).max() > 1e-2  # the stub is not equivariant
+  np.testing.assert_allclose(np.exp(np.asarray(out)), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("crop", [10, 13, 64])
+def test_one_window_covering_the_image_is_the_plain_answer(crop):
+  image = _image(10, 10)
+  out, = test_time.sliding_window(_positional, image, crop, stride=5)
+  np.testing.assert_array_equal(np.asarray(out), np.asarray(_positional(image)[0]))
+
+
+def test_overlapping_windows_average_the_logits_over_each_pixels_windows():
+  image = _image(10, 13)
+  # mmseg's grid for crop 6, stride 4: rows 0, 4 (4 + 6 = 10); columns 0, 4, then 8 pushed
+  # back to 7 to end at 13.
+  rows, cols = [0, 4], [0, 4, 7]
+  assert test_time.window_starts(10, 6, 4) == rows and test_time.window_starts(13, 6, 4) == cols
+  total, count = np.zeros((2, 10, 13, 4)), np.zeros((10, 13, 1))
+  for y in rows:
+    for x in cols:
+      total[:, y:y + 6, x:x + 6] += np.asarray(_positional(image[:, y:y + 6, x:x + 6])[0])
+      count[y:y + 6, x:x + 6] += 1
+  out, = test_time.sliding_window(_positional, image, 6, stride=4)
+  np.testing.assert_allclose(np.asarray(out), total / count, atol=1e-5)
+  assert count.max() == 4  # windows overlap in rows and columns
+
+
+def _tiny_unet(config):
+  """configs/vpd_seg.py's synthetic UNet cut to two levels (a third of the compile time)."""
+  unet = dict(config.model.unet)
+  unet.update(block_out_channels=[16, 32], down_block_types=["DownBlock2D",
+                                                             "CrossAttnDownBlock2D"],
+              up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"])
+  config.model.unet = unet
+  return config
+
+
+def test_vpd_inference_flips_and_slides_its_head_outputs():
+  """The paradigm's answer with vpd_flip is the argmax of the mean probabilities of its heads on
+  the image and the mirror; with one window as large as the image it is the plain answer."""
+  exp = experiment.Experiment(_tiny_unet(vpd_seg.get_config("head=semantic_fpn,res=16")))
+  plain = exp.paradigm
+  flip = backbone.VPD(dataclasses.replace(plain.cfg, vpd_flip=True), plain.schedule,
+                      space=plain.space, tasks=plain.tasks)
+  slide = backbone.VPD(dataclasses.replace(plain.cfg, vpd_slide_crop=16, vpd_slide_stride=8),
+                       plain.schedule, space=plain.space, tasks=plain.tasks)
+  task = jnp.zeros((2,), jnp.int32)
+  key = jax.random.key(0)
+
+  @jax.jit
+  def run(params, frozen, image):
+    model = nnx.merge(exp.graphdef, params, frozen)
+    logits = plain.inference_outputs(model, image, task, None)[0]
+    mirrored = plain.inference_outputs(model, image[:, :, ::-1], task, None)[0]
+    return (logits, mirrored[:, :, ::-1], flip.predict(model, image, task, key),
+            slide.predict(model, image, task, key))
+
+  image = jnp.asarray(_image(16, 16))
+  logits, mirrored, flipped, slid = map(np.asarray, run(exp.state.params, exp.frozen, image))
+  palette = np.asarray(exp.tasks[0].palette)
+  mean = 0.5 * (_softmax(logits) + _softmax(mirrored))
+  assert np.any(np.argmax(mean, -1) != np.argmax(logits, -1))  # the flip changes answers
+  np.testing.assert_array_equal(flipped, palette[np.argmax(mean, -1) + 1])
+  np.testing.assert_array_equal(slid, palette[np.argmax(logits, -1) + 1])
+
+
+def test_inference_settings_are_checked():
+  config = vpd_seg.get_config()
+  config.diffusion.vpd_slide_crop = 16  # no stride
+  with pytest.raises(errors.ConfigError, match="0 < stride <= crop"):
+    experiment.Experiment(config, abstract=True)
+  config = vpd_depth.get_config()
+  config.diffusion.vpd_flip = True
+  with pytest.raises(errors.ConfigError, match="kind \\['depth'\\] have no flip mean"):
+    experiment.Experiment(config, abstract=True)
+
+
 STEPS = 20
 
 
 def test_semantic_fpn_trains_in_a_tiny_vpd_run():
   """20 steps on one fixed batch of block images (2-core VM, 2026-12-08, busy: ~35 s, most of it
   compiling): cross-entropy 1.95 -> 0.95."""
-  config = vpd_seg.get_config("head=semantic_fpn")
-  unet = dict(config.model.unet)  # two levels: compiles in a third of the default's time
-  unet.update(block_out_channels=[16, 32], down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
-              up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"])
-  config.model.unet = unet
+  config = _tiny_unet(vpd_seg.get_config("head=semantic_fpn"))
   config.model.head = dict(config.model.head, fpn_width=32, head_width=32)
   config.batch_size = 4
   config.total_steps = STEPS
