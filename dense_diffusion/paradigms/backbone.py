@@ -14,14 +14,17 @@ What flows where, for a batch of images (each with its task):
 3. The UNet's decoder features (one per resolution, coarsest first) and, unless turned off,
    the cross-attention maps of every `attn2` (averaged over heads and modules, resized to each
    feature scale and concatenated to it, one channel per token) feed each task's dense head
-   (`Task.head`: depth, normals, classes or rgb; `models/heads.py`), trained end to end with the
-   UNet (or with the UNet frozen: `model.frozen`).
+   (`Task.head`: depth, normals, classes or rgb; `model.head.type` the architecture, the dense
+   head or VPD's Semantic FPN: `models/heads.py`), trained end to end with the UNet (or with
+   the UNet frozen: `model.frozen`).
 4. Losses on the heads' direct outputs, on the known pixels: depth, VPD's scale-invariant log
    loss (lambda 0.5) of the sigmoid depth code; normals, the mean angle; classes,
    cross-entropy; rgb, the task's `image_loss` on a tanh RGB code.
 5. Inference returns each head's answer written as its task's RGB encoding (a class's palette
    colour, the depth code as grey, the unit normal), an exact round trip through the task's
-   `decode`, so evaluation and prediction treat VPD like every other paradigm.
+   `decode`, so evaluation and prediction treat VPD like every other paradigm. Optionally over
+   sliding windows and averaged with the mirrored image's answer (`diffusion.vpd_slide_crop` /
+   `vpd_slide_stride`, `vpd_flip`: VPD's test protocol; `test_time.py`).
 """
 from __future__ import annotations
 
