@@ -22,6 +22,7 @@ dense for synthetic).
 """
 from configs import demo
 from configs import vpd_common
+from dense_diffusion import errors
 from dense_diffusion.datasets import readers
 
 
@@ -35,11 +36,11 @@ def get_config(arg=None):
     c.optimizer.lr = 8e-5  # VPD's segmentation learning rate (AdamW).
     c.total_steps = arg.steps or 80_000  # VPD: 80k iterations at batch 16.
     c.batch_size = 16
-    # VPD's test protocol (its mmseg config): 512 x 512 windows at stride 341 (mmseg's ADE20K
-    # slide setting), each pixel's logits averaged over its windows. VPD's released config
-    # tests one scale without flipping; its multi-scale number also flips (mmseg aug_test,
-    # mean class probabilities): flipping is on here, the one scale kept (set vpd_flip=False
-    # for the single-scale protocol exactly).
+    # VPD's test protocol: 512 x 512 windows at stride 341 (the test_cfg of VPD's mmseg
+    # config, mmseg's ADE20K slide setting), each pixel's logits averaged over its windows.
+    # VPD's released config does not flip (MultiScaleFlipAug flip=False, one scale); mmseg's
+    # multi-scale test flips and averages the class probabilities. Flipping is on here at one
+    # scale: set vpd_flip=False for VPD's released single-scale protocol exactly.
     c.diffusion.vpd_slide_crop = 512
     c.diffusion.vpd_slide_stride = 341
     c.diffusion.vpd_flip = True
@@ -51,5 +52,5 @@ def get_config(arg=None):
   if head == "semantic_fpn":
     c.model.head = dict(vpd_common.SEMANTIC_FPN if arg.real else vpd_common.SEMANTIC_FPN_SMALL)
   elif head != "dense":
-    raise ValueError(f"vpd_seg.py: head={head!r}; use dense or semantic_fpn")
+    raise errors.ConfigError(f"configs/vpd_seg.py: head={head!r}; use dense or semantic_fpn")
   return c
