@@ -1,8 +1,6 @@
 """VPD as its paper built it: the Semantic FPN head (against a torch re-statement of mmseg's FPN
 neck + FPNHead with the same weights), selected by `model.head.type`, trains in a tiny VPD
 segmentation run; flip and sliding-window inference against hand-computed references."""
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,6 +11,8 @@ from configs import vpd_depth
 from configs import vpd_seg
 from dense_diffusion import errors
 from dense_diffusion import experiment
+from dense_diffusion import paradigms
+from dense_diffusion import tasks
 from dense_diffusion.models import heads
 from dense_diffusion.paradigms import backbone
 from dense_diffusion.paradigms import test_time
@@ -25,8 +25,8 @@ FPN = dict(fpn_width=16, head_width=8, norm_groups=4)  # a tiny Semantic FPN
 
 def _conv(conv, x):
   """Our Conv2d's weights as torch's conv2d of NCHW x."""
-  w = torch.from_numpy(np.asarray(conv.kernel[...]).transpose(3, 2, 0, 1))
-  b = torch.from_numpy(np.asarray(conv.bias[...]))
+  w = torch.from_numpy(np.array(conv.kernel[...]).transpose(3, 2, 0, 1))
+  b = torch.from_numpy(np.array(conv.bias[...]))
   return F.conv2d(x, w, b, padding=conv.padding)
 
 
@@ -44,8 +44,8 @@ def _torch_semantic_fpn(head, features):
   for i, x in enumerate(outs):
     for conv, norm in zip(head.stage_convs[i], head.stage_norms[i]):
       x = F.relu(F.group_norm(_conv(conv, x), norm.num_groups,
-                              torch.from_numpy(np.asarray(norm.scale[...])),
-                              torch.from_numpy(np.asarray(norm.bias[...])), eps=norm.eps))
+                              torch.from_numpy(np.array(norm.scale[...])),
+                              torch.from_numpy(np.array(norm.bias[...])), eps=norm.eps))
       if i != len(outs) - 1:
         x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
     total = total + x
@@ -68,7 +68,7 @@ def test_semantic_fpn_matches_torch():
     if isinstance(param, nnx.Param) and param[...].ndim == 1:
       param[...] = jnp.asarray(rng.normal(size=param[...].shape) * 0.3, jnp.float32)
   features = _features(rng)
-  out = np.asarray(head(features))
+  out = np.asarray(nnx.jit(lambda h, f: h(f))(head, features))  # one compilation
   assert out.shape == (2, 32, 32, 5)
   np.testing.assert_allclose(out, _torch_semantic_fpn(head, features), atol=1e-5)
 
@@ -77,7 +77,8 @@ def test_semantic_fpn_shapes_and_axis_names():
   head = heads.SemanticFPNHead([12, 8, 6, 4], 7, upsample=8, **FPN, rngs=nnx.Rngs(0))
   # Level i is 3 - i halvings coarser than the finest: 3, 2, 1 stages, and 1 for the finest.
   assert [len(c) for c in head.stage_convs] == [3, 2, 1, 1]
-  out = head(_features(np.random.default_rng(1), (12, 8, 6, 4), finest=8, batch=1))
+  features = _features(np.random.default_rng(1), (12, 8, 6, 4), finest=8, batch=1)
+  out = nnx.jit(lambda h, f: h(f))(head, features)  # one compilation
   assert out.shape == (1, 64, 64, 7) and out.dtype == jnp.float32
   params = jax.tree.leaves(nnx.state(head, nnx.Param), is_leaf=lambda x: isinstance(x, nnx.Param))
   for param in params:  # logical axis names on every parameter, one per dimension.
@@ -118,13 +119,14 @@ def _equivariant(image):
   return [jnp.asarray(image) @ MIX]
 
 
-def _positional(image):
+def _positional(image, mix=MIX):
   """Per-pixel logits plus a ramp over the input's own rows and columns: neither mirror- nor
   shift-equivariant, so flips and windows change its answer."""
   _, h, w, _ = image.shape
-  ramp = (np.arange(h)[:, None, None] * np.linspace(-1, 1, 4) * 0.3
-          + np.arange(w)[None, :, None] * np.linspace(1, -1, 4) * 0.2)
-  return [jnp.asarray(image) @ MIX + jnp.asarray(ramp, jnp.float32)]
+  k = mix.shape[1]
+  ramp = (np.arange(h)[:, None, None] * np.linspace(-1, 1, k) * 0.3
+          + np.arange(w)[None, :, None] * np.linspace(1, -1, k) * 0.2)
+  return [jnp.asarray(image) @ mix + jnp.asarray(ramp, jnp.float32)]
 
 
 def _softmax(x):
@@ -187,33 +189,44 @@ def _tiny_unet(config):
   return config
 
 
+MIX7 = np.random.default_rng(6).normal(size=(3, 7)).astype(np.float32)  # RGB -> 7 classes
+
+
+def _vpd_over_stub_heads(**settings):
+  """configs/vpd_seg.py's VPD paradigm (7 classes) with `settings`, its heads' outputs replaced
+  by a position-dependent stub (the paradigm's inference around a network, without one)."""
+  config = vpd_seg.get_config()
+  cfg = paradigms.make_config(dict(config.diffusion), **settings)
+  task = tasks.get("semantic", num_classes=7)
+  paradigm = backbone.VPD(cfg, experiment.make_schedule(config), tasks=(task,))
+  paradigm._head_outputs = lambda model, x, t, key: _positional(x, MIX7)  # pylint: disable=protected-access
+  return paradigm, task
+
+
 def test_vpd_inference_flips_and_slides_its_head_outputs():
-  """The paradigm's answer with vpd_flip is the argmax of the mean probabilities of its heads on
-  the image and the mirror; with one window as large as the image it is the plain answer."""
-  exp = experiment.Experiment(_tiny_unet(vpd_seg.get_config("head=semantic_fpn,res=16")))
-  plain = exp.paradigm
-  flip = backbone.VPD(dataclasses.replace(plain.cfg, vpd_flip=True), plain.schedule,
-                      space=plain.space, tasks=plain.tasks)
-  slide = backbone.VPD(dataclasses.replace(plain.cfg, vpd_slide_crop=16, vpd_slide_stride=8),
-                       plain.schedule, space=plain.space, tasks=plain.tasks)
-  task = jnp.zeros((2,), jnp.int32)
-  key = jax.random.key(0)
+  """VPD.predict with vpd_flip answers the argmax of the mean probabilities of the two passes;
+  with 8-pixel windows every 4 pixels, the argmax of the windows' mean logits (numpy)."""
+  image = _image(16, 16)
+  task_ids = jnp.zeros((2,), jnp.int32)
+  flip, task = _vpd_over_stub_heads(vpd_flip=True)
+  palette = np.asarray(task.palette)
+  plain = np.asarray(_positional(image, MIX7)[0])
+  mirrored = np.asarray(_positional(image[:, :, ::-1], MIX7)[0])[:, :, ::-1]
+  mean = 0.5 * (_softmax(plain) + _softmax(mirrored))
+  assert np.any(np.argmax(mean, -1) != np.argmax(plain, -1))  # the flip changes answers
+  answer = np.asarray(flip.predict(None, jnp.asarray(image), task_ids, jax.random.key(0)))
+  np.testing.assert_array_equal(answer, palette[np.argmax(mean, -1) + 1])
 
-  @jax.jit
-  def run(params, frozen, image):
-    model = nnx.merge(exp.graphdef, params, frozen)
-    logits = plain.inference_outputs(model, image, task, None)[0]
-    mirrored = plain.inference_outputs(model, image[:, :, ::-1], task, None)[0]
-    return (logits, mirrored[:, :, ::-1], flip.predict(model, image, task, key),
-            slide.predict(model, image, task, key))
-
-  image = jnp.asarray(_image(16, 16))
-  logits, mirrored, flipped, slid = map(np.asarray, run(exp.state.params, exp.frozen, image))
-  palette = np.asarray(exp.tasks[0].palette)
-  mean = 0.5 * (_softmax(logits) + _softmax(mirrored))
-  assert np.any(np.argmax(mean, -1) != np.argmax(logits, -1))  # the flip changes answers
-  np.testing.assert_array_equal(flipped, palette[np.argmax(mean, -1) + 1])
-  np.testing.assert_array_equal(slid, palette[np.argmax(logits, -1) + 1])
+  slide, _ = _vpd_over_stub_heads(vpd_slide_crop=8, vpd_slide_stride=4)
+  total, count = np.zeros_like(plain), np.zeros((16, 16, 1))
+  for y in (0, 4, 8):
+    for x in (0, 4, 8):
+      total[:, y:y + 8, x:x + 8] += np.asarray(_positional(image[:, y:y + 8, x:x + 8], MIX7)[0])
+      count[y:y + 8, x:x + 8] += 1
+  windows = total / count
+  assert np.any(np.argmax(windows, -1) != np.argmax(plain, -1))  # so do the windows
+  answer = np.asarray(slide.predict(None, jnp.asarray(image), task_ids, jax.random.key(0)))
+  np.testing.assert_array_equal(answer, palette[np.argmax(windows, -1) + 1])
 
 
 def test_inference_settings_are_checked():
