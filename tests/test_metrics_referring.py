@@ -18,7 +18,7 @@ def _box(h, w, top, left, bottom, right):
 
 
 def _reference(preds, gts, valids):
-  """oIoU, mIoU, prec@X written out example by example (an empty union scores IoU 1)."""
+  """oIoU, mIoU, prec_X written out example by example (an empty union scores IoU 1)."""
   sum_i = sum_u = 0
   ious = []
   for p, g, v in zip(preds, gts, valids):
@@ -32,7 +32,7 @@ def _reference(preds, gts, valids):
     ious.append(i / u if u else 1.0)
   out = {"oiou": sum_i / sum_u, "miou": sum(ious) / len(ious)}
   for t in (0.5, 0.6, 0.7, 0.8, 0.9):
-    out[f"prec@{t}"] = sum(iou >= t for iou in ious) / len(ious)
+    out[f"prec_{t}"] = sum(iou >= t for iou in ious) / len(ious)
   return out
 
 
@@ -56,8 +56,8 @@ def test_hand_made_masks_equal_the_reference_and_known_values():
   # By hand: intersections 16 + 16 + 9 + 0 + 0, unions 16 + 32 + 23 + 4 + 0.
   assert got["oiou"] == pytest.approx(41 / 75)
   assert got["miou"] == pytest.approx((1 + 0.5 + 9 / 23 + 0 + 1) / 5)
-  assert got["prec@0.5"] == pytest.approx(3 / 5)  # 1, 0.5 (>= 0.5 counts), empty union
-  assert got["prec@0.6"] == pytest.approx(2 / 5)
+  assert got["prec_0.5"] == pytest.approx(3 / 5)  # 1, 0.5 (>= 0.5 counts), empty union
+  assert got["prec_0.6"] == pytest.approx(2 / 5)
 
 
 def test_validity_mask_and_random_batches_accumulated():

@@ -49,11 +49,11 @@ def test_evaluator_and_its_whole_image_baseline():
   r = ev.result()
   assert r["oiou"] == pytest.approx(30 / 45)
   assert r["miou"] == pytest.approx((1 + 0.4) / 2)
-  assert r["prec@0.5"] == 0.5 and r["prec@0.9"] == 0.5
+  assert r["prec_0.5"] == 0.5 and r["prec_0.9"] == 0.5
   # The whole image: intersections 20 + 25 over unions 100 + 100.
   assert r["baseline"]["oiou"] == pytest.approx(45 / 200)
   assert r["baseline"]["miou"] == pytest.approx((0.2 + 0.25) / 2)
-  assert r["baseline"]["prec@0.5"] == 0.0
+  assert r["baseline"]["prec_0.5"] == 0.0
 
 
 def test_writer(tmp_path):

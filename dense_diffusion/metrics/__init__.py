@@ -7,7 +7,7 @@
 - panoptic: `panoptic_quality`, `PanopticQuality`
 - matting: `matting_metrics`, `MattingMetrics` (SAD, MSE, MAD, Grad, Conn as the DIM scripts)
 - dichotomous (DIS5K): `dis_metrics`, `DichotomousMetrics` (max F, weighted F, MAE, S-, E-measure)
-- referring (RefCOCO): `referring_metrics`, `ReferringMetrics` (oIoU, mIoU, prec@0.5..0.9)
+- referring (RefCOCO): `referring_metrics`, `ReferringMetrics` (oIoU, mIoU, prec_0.5..0.9)
 - restoration: `psnr`, `ssim`, `RestorationMetrics`, `rgb_to_y`, `quantize_uint8`
 - protocols: `depth_protocol(name)` (nyu_eigen, kitti_eigen, kitti_garg, eth3d, scannet, diode),
   `restoration_protocol(name)` (rain100, sidd, lol); docs/evaluation.md has their sources

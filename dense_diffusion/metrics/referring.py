@@ -6,7 +6,7 @@ one binary mask per (image, expression) pair, and report over a split:
 - overall IoU (`oiou`): the sum over examples of the intersections divided by the sum of the
   unions (so large objects weigh more); VPD's headline (73.3 on RefCOCO val).
 - mean IoU (`miou`): the mean over examples of each example's IoU.
-- precision at IoU thresholds 0.5, 0.6, 0.7, 0.8, 0.9 (`prec@0.5` ...): the fraction of examples
+- precision at IoU thresholds 0.5, 0.6, 0.7, 0.8, 0.9 (`prec_0.5` ...): the fraction of examples
   whose IoU is at least the threshold (LAVT's evaluation counts `iou >= threshold`).
 
 Pixels outside an optional validity mask count in neither the intersection nor the union.
@@ -26,8 +26,8 @@ import numpy as np
 
 from dense_diffusion.metrics import _checks
 
-PRECISION_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)  # the RefCOCO papers' prec@X columns.
-PRECISION_KEYS = tuple(f"prec@{t}" for t in PRECISION_THRESHOLDS)
+PRECISION_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)  # the RefCOCO papers' P@X columns (keys prec_X).
+PRECISION_KEYS = tuple(f"prec_{t}" for t in PRECISION_THRESHOLDS)
 REFERRING_KEYS = ("oiou", "miou", *PRECISION_KEYS)
 EMPTY_UNION_IOU = 1.0  # per-example IoU when neither mask has a valid pixel (module docstring).
 SOFT_THRESHOLD = 0.5  # a float prediction (a soft map in [0, 1]) is foreground where > this.
@@ -78,7 +78,7 @@ class ReferringMetrics:
   `update(pred, gt, valid=None)` adds one example (H, W) or a batch (N, H, W): pred bool or a
   float soft map in [0, 1] (foreground > 0.5); gt bool (or float / int as `_as_masks`); valid
   bool. Predictions with non-finite values are skipped and counted. `result()`: oIoU, mIoU,
-  prec@0.5..0.9, the sums of intersections and unions, num_examples, num_nonfinite.
+  prec_0.5..0.9, the sums of intersections and unions, num_examples, num_nonfinite.
   """
 
   def __init__(self):

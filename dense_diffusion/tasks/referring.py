@@ -33,7 +33,7 @@ OVERLAY_COLOUR = (255, 64, 64)  # the referred object's colour in the overlay fi
 
 
 class ReferringEvaluator(base.Evaluator):
-  """oIoU, mIoU, prec@0.5..0.9 of the thresholded maps; baseline: the whole image."""
+  """oIoU, mIoU, prec_0.5..0.9 of the thresholded maps; baseline: the whole image."""
   KEYS = referring_metrics.REFERRING_KEYS
 
   def __init__(self, task):
