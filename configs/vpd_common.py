@@ -15,6 +15,13 @@ SD15_UNET = dict(
     attention_head_dim=8, cross_attention_dim=768, norm_num_groups=32)
 
 
+# VPD's ADE20K head (mmseg FPN neck + FPNHead in its config): the pyramid's and the semantic
+# branch's channels, and GroupNorm groups (Panoptic FPN's norm; mmseg uses SyncBN there).
+SEMANTIC_FPN = dict(type="semantic_fpn", fpn_width=256, head_width=256, norm_groups=32)
+# The same head at the synthetic configs' scale (a UNet of 16-96 channels).
+SEMANTIC_FPN_SMALL = dict(type="semantic_fpn", fpn_width=64, head_width=64, norm_groups=8)
+
+
 def _vpd(c: ml_collections.ConfigDict) -> None:
   """The backbone paradigm's settings, common to both configs."""
   c.diffusion = ml_collections.ConfigDict(dict(
@@ -22,12 +29,18 @@ def _vpd(c: ml_collections.ConfigDict) -> None:
       timestep=1,  # VPD runs the UNet once at t = 1.
       backbone_noise=False,  # VPD's main results use the clean latent.
       vpd_attention_maps=True,  # cross-attention maps concatenated to the features.
+      # Evaluation only: average with the mirrored image's answer (class probabilities) ...
+      vpd_flip=False,
+      # ... and slide square windows of this many pixels every stride pixels over the image,
+      # averaging each pixel's outputs (0, 0: the whole image in one pass).
+      vpd_slide_crop=0, vpd_slide_stride=0,
       prediction_type="epsilon", num_inference_steps=1))  # unused by vpd (one pass).
   c.schedule = ml_collections.ConfigDict(dict(
       kind="scaled_linear", num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
       rescale_betas_zero_snr=False))  # Stable Diffusion's schedule (for backbone_noise).
-  # Channels inside each dense head; its 2x upsampling stages (latent space): bilinear + conv.
-  c.model.head = dict(width=64, upsampling="bilinear")
+  # The head architecture (models/heads.py:HEADS): "dense", channels inside each head, its 2x
+  # upsampling stages (latent space) bilinear + conv; or SEMANTIC_FPN (VPD's segmentation head).
+  c.model.head = dict(type="dense", width=64, upsampling="bilinear")
   c.model.image_encoder = None  # VPD conditions on text alone.
   c.model.input_residual = False  # the heads answer directly.
   c.model.zero_init_output = False

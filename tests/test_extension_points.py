@@ -184,17 +184,26 @@ def test_the_train_step_minimises_a_registered_paradigms_loss(one_pass_l1):
     per_example, _ = OnePassL1(exp.diffusion, exp.schedule).loss(exp.model(params), batch, None)
     return jnp.mean(per_example * weights)
 
+  # The reference computations are jitted too: run eagerly, each of their hundreds of small
+  # ops would be compiled on its own (most of this test's time, once).
+  @jax.jit
+  def expected_step(params, opt_state, batch):
+    loss, grads = jax.value_and_grad(objective)(params, batch)
+    updates, _ = exp.tx.update(grads, opt_state, params)
+    return loss, optax.apply_updates(params, updates)
+
+  @jax.jit
+  def per_example_loss(params, batch):
+    return OnePassL1(exp.diffusion, exp.schedule).loss(exp.model(params), batch, None)[0]
+
   with jax.set_mesh(exp.mesh):
     batch = exp.device_batch(host)
-    value_and_grad = jax.jit(jax.value_and_grad(objective))
     # Two steps (the first one's learning rate is 0 at the start of the warm-up): each one's
     # loss is the paradigm's, and its update is the optimizer's on that loss's gradient.
     for _ in range(2):
       params0 = jax.tree.map(jnp.copy, exp.state.params)
       opt_state0 = jax.tree.map(jnp.copy, exp.state.opt_state)
-      expected_loss, grads = value_and_grad(params0, batch)
-      updates, _ = exp.tx.update(grads, opt_state0, params0)
-      expected_params = optax.apply_updates(params0, updates)
+      expected_loss, expected_params = expected_step(params0, opt_state0, batch)
       exp.state, metrics = exp.train_step(exp.state, exp.frozen, batch)
       np.testing.assert_allclose(metrics["loss"], expected_loss, rtol=1e-6)
       for got, want in zip(jax.tree.leaves(exp.state.params), jax.tree.leaves(expected_params)):
@@ -203,8 +212,7 @@ def test_the_train_step_minimises_a_registered_paradigms_loss(one_pass_l1):
                                                             jax.tree.leaves(params0)))
     assert moved > 1e-6
     # Per-task losses are the paradigm's unweighted per-example losses, summed per task.
-    per_example, _ = OnePassL1(exp.diffusion, exp.schedule).loss(exp.model(params0), batch,
-                                                                  None)
+    per_example = per_example_loss(params0, batch)
   sums = np.bincount(host["task"], np.asarray(per_example), minlength=3)
   np.testing.assert_allclose(metrics["task_loss_sum"], sums, rtol=1e-5)
 

@@ -1,5 +1,5 @@
-"""The real-data configs run from pretrained weights: generalist_pixel128, onestep real=1 and dmp
-real=1 pointed at a tiny Stable-Diffusion-2-style pipeline folder written by diffusers and
+"""The real-data configs run from pretrained weights: generalist_pixel128, onestep real=1, dmp
+real=1 and vpd_seg real=1 (VPD's Semantic FPN, class prompts, flip-averaged evaluation) pointed at a tiny Stable-Diffusion-2-style pipeline folder written by diffusers and
 transformers (UNet, text encoder and tokenizer, CLIP vision tower, VAE, scheduler), on an ADE20K
 folder tree prepared by the project's own TFDS builder, each trained, evaluated and predicted
 for a few steps. Every other real=1 config (marigold, onestep's E2E-FT and dense-head variants,
@@ -25,6 +25,7 @@ import tensorflow_datasets as tfds  # noqa: E402
 from configs import dmp  # noqa: E402
 from configs import generalist_pixel128  # noqa: E402
 from configs import onestep  # noqa: E402
+from configs import vpd_seg  # noqa: E402
 from dense_diffusion import predict  # noqa: E402
 from dense_diffusion import train  # noqa: E402
 from dense_diffusion.datasets import readers  # noqa: E402
@@ -37,7 +38,10 @@ CROSS = 16  # the text encoder's width = the UNet's cross_attention_dim, as in S
 TASKS = ("semantic_ade20k",)  # ADE20K: a class task, the hardest for the encodings.
 CONFIGS = {"generalist_pixel128": (generalist_pixel128, f"res={RES},batch=4"),
            "onestep_real": (onestep, f"real=1,res={RES}"),
-           "dmp_real": (dmp, f"real=1,res={RES}")}
+           "dmp_real": (dmp, f"real=1,res={RES}"),
+           # VPD's ADE20K set-up: class prompts through the text encoder, its Semantic FPN
+           # head, flip averaging (and 512-pixel windows: one window at this size).
+           "vpd_seg_real": (vpd_seg, f"real=1,res={RES}")}
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +146,8 @@ def test_real_config_trains_evaluates_and_predicts(name, sd2_folder, data_dir, t
   # The trainable-set summary: the pretrained UNet kernels are in, and for LoRA frozen.
   unet_row = next(line.split() for line in printed.splitlines() if line.strip().startswith("unet"))
   trained, frozen, fresh, pretrained = (int(x.replace(",", "")) for x in unet_row[1:])
-  assert pretrained > fresh > 0  # widened conv_in and the RGB conv_out are fresh.
+  # Widened conv_in and the RGB conv_out are fresh; VPD's backbone takes the latent as it is.
+  assert pretrained > fresh and (fresh > 0) == (name != "vpd_seg_real")
   assert (frozen > 0) == (name == "dmp_real")
   image = tmp_path / "photo.png"
   Image.fromarray(np.random.default_rng(1).integers(0, 256, (24, 36, 3), np.uint8)).save(image)

@@ -10,6 +10,8 @@
   pseudo_labelled   a folder of images with teachers' answers (made by `main pseudo-label`)
   p3m10k, am2k      P3M-10k / AM-2k image matting (manual dir; foreground/folders.py)
   dis5k             DIS5K dichotomous image segmentation (manual dir; foreground/folders.py)
+  refcoco           RefCOCO / RefCOCO+ / RefCOCOg referring segmentation (manual dir; configs
+                    refcoco_unc, refcoco+_unc, refcocog_umd)
 
 NYUv2 depth and COCO panoptic come from TFDS itself (`nyu_depth_v2`, `coco/2017_panoptic`);
 `readers` holds the input-pipeline entries of every dataset.
@@ -27,3 +29,4 @@ if _tfds is not None:
   from dense_diffusion.datasets import hypersim, vkitti2  # noqa: F401  (synthetic training sets)
   from dense_diffusion.datasets import pseudo_labelled  # noqa: F401  (main pseudo-label's sets)
   from dense_diffusion.datasets import foreground  # noqa: F401  (matting / DIS folders)
+  from dense_diffusion.datasets import refcoco  # noqa: F401  (referring segmentation)

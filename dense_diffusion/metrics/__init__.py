@@ -7,6 +7,7 @@
 - panoptic: `panoptic_quality`, `PanopticQuality`
 - matting: `matting_metrics`, `MattingMetrics` (SAD, MSE, MAD, Grad, Conn as the DIM scripts)
 - dichotomous (DIS5K): `dis_metrics`, `DichotomousMetrics` (max F, weighted F, MAE, S-, E-measure)
+- referring (RefCOCO): `referring_metrics`, `ReferringMetrics` (oIoU, mIoU, prec_0.5..0.9)
 - restoration: `psnr`, `ssim`, `RestorationMetrics`, `rgb_to_y`, `quantize_uint8`
 - protocols: `depth_protocol(name)` (nyu_eigen, kitti_eigen, kitti_garg, eth3d, scannet, diode),
   `restoration_protocol(name)` (rain100, sidd, lol); docs/evaluation.md has their sources
@@ -48,6 +49,9 @@ from dense_diffusion.metrics.scoring import PROTOCOLS
 from dense_diffusion.metrics.scoring import Protocol
 from dense_diffusion.metrics.scoring import Scorer
 from dense_diffusion.metrics.scoring import protocol
+from dense_diffusion.metrics.referring import REFERRING_KEYS
+from dense_diffusion.metrics.referring import ReferringMetrics
+from dense_diffusion.metrics.referring import referring_metrics
 from dense_diffusion.metrics.restoration import RestorationMetrics
 from dense_diffusion.metrics.restoration import psnr
 from dense_diffusion.metrics.restoration import quantize_uint8
@@ -65,6 +69,7 @@ __all__ = [
     "PanopticQuality", "panoptic_quality",
     "DEPTH_PROTOCOLS", "RESTORATION_PROTOCOLS", "DepthProtocol", "RestorationProtocol",
     "depth_protocol", "restoration_protocol", "PROTOCOLS", "Protocol", "Scorer", "protocol",
+    "REFERRING_KEYS", "ReferringMetrics", "referring_metrics",
     "RestorationMetrics", "psnr", "quantize_uint8", "rgb_to_y", "ssim",
     "SemanticConfusion", "semantic_metrics",
 ]

@@ -14,14 +14,17 @@ What flows where, for a batch of images (each with its task):
 3. The UNet's decoder features (one per resolution, coarsest first) and, unless turned off,
    the cross-attention maps of every `attn2` (averaged over heads and modules, resized to each
    feature scale and concatenated to it, one channel per token) feed each task's dense head
-   (`Task.head`: depth, normals, classes or rgb; `models/heads.py`), trained end to end with the
-   UNet (or with the UNet frozen: `model.frozen`).
+   (`Task.head`: depth, normals, classes or rgb; `model.head.type` the architecture, the dense
+   head or VPD's Semantic FPN: `models/heads.py`), trained end to end with the UNet (or with
+   the UNet frozen: `model.frozen`).
 4. Losses on the heads' direct outputs, on the known pixels: depth, VPD's scale-invariant log
    loss (lambda 0.5) of the sigmoid depth code; normals, the mean angle; classes,
    cross-entropy; rgb, the task's `image_loss` on a tanh RGB code.
 5. Inference returns each head's answer written as its task's RGB encoding (a class's palette
    colour, the depth code as grey, the unit normal), an exact round trip through the task's
-   `decode`, so evaluation and prediction treat VPD like every other paradigm.
+   `decode`, so evaluation and prediction treat VPD like every other paradigm. Optionally over
+   sliding windows and averaged with the mirrored image's answer (`diffusion.vpd_slide_crop` /
+   `vpd_slide_stride`, `vpd_flip`: VPD's test protocol; `test_time.py`).
 """
 from __future__ import annotations
 
@@ -37,6 +40,7 @@ from dense_diffusion import registry
 from dense_diffusion.diffusion import objectives
 from dense_diffusion.models import heads as heads_lib
 from dense_diffusion.paradigms import base
+from dense_diffusion.paradigms import test_time
 from dense_diffusion.tasks import base as task_base
 
 SILOG_LAMBDA = 0.5  # VPD's scale-invariant log loss: sqrt(mean(g^2) - lambda * mean(g)^2).
@@ -50,10 +54,13 @@ class HeadKind:
 
   channels(task) -> int; loss(task, out f32[B,H,W,C], target f32[B,H,W,3], valid) -> f32[B];
   to_rgb(task, out) -> f32[B, H, W, 3] (exactly what `task.decode` turns into the answer).
+  flip_mean(out, mirrored out) -> out: one output whose answer is the mean of the two (for
+  `diffusion.vpd_flip`); None where the kind has no such mean.
   """
   channels: Callable[[Any], int]
   loss: Callable[..., jax.Array]
   to_rgb: Callable[[Any, jax.Array], jax.Array]
+  flip_mean: Callable[[jax.Array, jax.Array], jax.Array] | None = None
 
 
 HEAD_KINDS: registry.Registry[HeadKind] = registry.Registry("head kind")
@@ -107,7 +114,8 @@ def _class_loss(task, out, target, valid):
 
 HEAD_KINDS.register("classes", HeadKind(
     channels=lambda task: task.num_classes, loss=_class_loss,
-    to_rgb=lambda task, out: jnp.asarray(task.palette)[jnp.argmax(out, axis=-1) + 1]))
+    to_rgb=lambda task, out: jnp.asarray(task.palette)[jnp.argmax(out, axis=-1) + 1],
+    flip_mean=test_time.mean_probabilities))  # mmseg: the mean of the class probabilities
 
 HEAD_KINDS.register("rgb", HeadKind(
     channels=lambda task: 3,
@@ -141,6 +149,11 @@ class VPD(base.Paradigm):
     if cfg.loss_space != "prediction":
       raise errors.ConfigError("diffusion.mode='vpd' trains its heads on their own losses: "
                                "leave diffusion.loss_space at 'prediction'")
+    crop, stride = cfg.vpd_slide_crop, cfg.vpd_slide_stride
+    if crop < 0 or (crop == 0 and stride != 0) or (crop > 0 and not 0 < stride <= crop):
+      raise errors.ConfigError(
+          f"diffusion.vpd_slide_crop={crop}, vpd_slide_stride={stride}: sliding windows need "
+          "a crop > 0 and 0 < stride <= crop (crop 0 and stride 0: the whole image at once)")
 
   @property
   def timestep(self) -> int:
@@ -153,16 +166,12 @@ class VPD(base.Paradigm):
   def add_modules(self, model, model_config, rngs, *, embed_text=None):
     """model.vpd: tokens, adapter and a head per task (`embed_text(prompts, pooled)` gives
     frozen text embeddings, or None without a text encoder)."""
-    options = dict(model_config.get("head") or {})
-    unknown = set(options) - {"width", "upsampling"}
-    if unknown:
-      raise errors.ConfigError(f"model.head has unknown keys {sorted(unknown)}: it takes "
-                               "width (channels inside a head) and upsampling (bilinear | deconv)")
-    width = int(options.get("width", 64))
-    upsampling = str(options.get("upsampling", "bilinear"))
-    if upsampling not in heads_lib.UPSAMPLINGS:
-      raise errors.ConfigError(f"model.head.upsampling={upsampling!r}: use one of "
-                               f"{', '.join(heads_lib.UPSAMPLINGS)}")
+    build_head = head_builder(model_config.get("head"))
+    if self.cfg.vpd_flip:
+      kinds = sorted({t.head for t in self.tasks if HEAD_KINDS.get(t.head).flip_mean is None})
+      if kinds:
+        raise errors.ConfigError(f"diffusion.vpd_flip averages class probabilities; heads of "
+                                 f"kind {kinds} have no flip mean: turn vpd_flip off")
     unet = model.unet
     dim = unet.config["cross_attention_dim"]
     tokens, learned = self._tokens(model, embed_text, dim, rngs)
@@ -171,9 +180,8 @@ class VPD(base.Paradigm):
       channels = [c + tokens.shape[1] for c in channels]
     factor = 1 if self.space.name == "pixel" else model.vae.config.downsample_factor
     dtype = model.unet.dtype
-    heads = [heads_lib.DenseHead(channels, HEAD_KINDS.get(t.head).channels(t), upsample=factor,
-                                 width=width, upsampling=upsampling, dtype=dtype, rngs=rngs)
-             for t in self.tasks]
+    heads = [build_head(channels, HEAD_KINDS.get(t.head).channels(t), upsample=factor,
+                        dtype=dtype, rngs=rngs) for t in self.tasks]
     model.vpd = VPDModules(tokens, learned, heads,
                            heads_lib.TextAdapter(dim, dtype=dtype, rngs=rngs))
 
@@ -233,12 +241,47 @@ class VPD(base.Paradigm):
   def sampler_loop_trips(self) -> int:
     return 1  # one network pass, no loop.
 
+  def inference_outputs(self, model, image, task, key) -> list[jax.Array]:
+    """Each head's output f32[B, H, W, C] at evaluation: over sliding windows
+    (`diffusion.vpd_slide_crop` / `vpd_slide_stride`, the windows' mean per pixel) and averaged
+    with the horizontal mirror's (`diffusion.vpd_flip`, each kind's `flip_mean`) when set."""
+    cfg = self.cfg
+    fn = lambda x: self._head_outputs(model, x, task, key)
+    if cfg.vpd_slide_crop:
+      whole = fn
+      fn = lambda x: test_time.sliding_window(whole, x, cfg.vpd_slide_crop, cfg.vpd_slide_stride)
+    if cfg.vpd_flip:
+      return test_time.flip_average(fn, image, [HEAD_KINDS.get(t.head).flip_mean
+                                                for t in self.tasks])
+    return fn(image)
+
   def predict(self, model, image, task, key):
     key = key if self.cfg.backbone_noise else None
-    outs = self._head_outputs(model, image, task, key)
+    outs = self.inference_outputs(model, image, task, key)
     rgb = jnp.stack([HEAD_KINDS.get(t.head).to_rgb(t, o) for t, o in zip(self.tasks, outs)],
                     axis=1)  # [B, T, H, W, 3]
     return jnp.take_along_axis(rgb, task[:, None, None, None, None], axis=1)[:, 0]
+
+
+def head_builder(options: Mapping[str, Any] | None) -> Callable[..., nnx.Module]:
+  """`model.head` -> build(feature_channels, out_channels, *, upsample, dtype, rngs).
+
+  `model.head.type` names the architecture (`heads.HEADS`: "dense", the default, or
+  "semantic_fpn"); its other keys are that architecture's options (defaults in `HEADS`).
+  """
+  options = dict(options or {})
+  name = str(options.pop("type", "dense"))
+  arch = heads_lib.HEADS.get(name)
+  unknown = set(options) - set(arch.options)
+  if unknown:
+    raise errors.ConfigError(
+        f"model.head has unknown keys {sorted(unknown)}: type={name!r} takes type and "
+        f"{', '.join(sorted(arch.options))}")
+  settings = {**arch.options, **options}
+  problem = arch.check(settings)
+  if problem:
+    raise errors.ConfigError(f"model.head: {problem}")
+  return lambda *args, **kw: arch.build(*args, **kw, **settings)
 
 
 def masked_target_and_valid(batch: Mapping[str, jax.Array]):

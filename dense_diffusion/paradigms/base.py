@@ -73,6 +73,11 @@ class DiffusionConfig:
     vpd_attention_maps: vpd: concatenate the cross-attention maps to the features [True].
     vpd_class_prompts: vpd: one text token per class for tasks with named classes (VPD's
       segmentation); False gives them the task's tokens like every other task [True].
+    vpd_flip: vpd inference: average each head's answer with its answer on the horizontally
+      mirrored image (class heads: the mean softmax probabilities, mmseg's flip test) [False].
+    vpd_slide_crop, vpd_slide_stride: vpd inference: square windows of this many pixels every
+      stride pixels, each head's outputs averaged per pixel over the windows covering it
+      (mmseg's `mode='slide'`); 0, 0 = the whole image at once [0, 0].
   """
   mode: str = "generalist"
   prediction_type: str = "epsilon"
@@ -99,6 +104,9 @@ class DiffusionConfig:
   backbone_noise: bool = False
   vpd_attention_maps: bool = True
   vpd_class_prompts: bool = True
+  vpd_flip: bool = False
+  vpd_slide_crop: int = 0
+  vpd_slide_stride: int = 0
 
 
 LOSS_SPACES = ("prediction", "image")

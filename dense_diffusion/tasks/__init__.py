@@ -12,7 +12,7 @@ from dense_diffusion.tasks.base import (LABEL_PREFIX, Evaluator, Task, compose, 
                                         family, from_entry, get, names, register, resize_map)
 # Importing the task modules registers their tasks.
 from dense_diffusion.tasks import (geometry, images, instance, matting, panoptic,  # noqa: F401
-                                   segmentation)
+                                   referring, segmentation)
 from dense_diffusion.tasks.instance import UNKNOWN_INSTANCE
 from dense_diffusion.tasks.segmentation import IGNORE_LABEL, palette
 
