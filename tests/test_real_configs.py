@@ -194,7 +194,7 @@ REAL_CONFIGS = {
     "onestep_head": ("onestep", f"real=1,res={RES},head=1,latent=1"),
     "dmp": ("dmp", f"real=1,res={RES}"),
     "vpd_depth": ("vpd_depth", f"real=1,res={RES}"),
-    "vpd_seg": ("vpd_seg", f"real=1,res={RES}"),
+    # vpd_seg real=1 trains, evaluates and predicts above (vpd_seg_real).
 }
 # Frame sizes of the mocked datasets: the entries' crops are the real sets' (Hypersim's 768 x 768
 # crop of 768 x 1024 renders, NYUv2's Eigen crop of 480 x 640, ...).
