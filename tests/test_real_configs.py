@@ -280,7 +280,7 @@ def test_every_real_config_takes_train_steps(name, sd2_folder, bedrooms, tmp_pat
   config.model.vae.dtype = None
   # Rematerialisation only changes what the backward pass keeps (the runs above keep it): off,
   # the step compiles in about half the time.
-  config.model.remat = False
+  config.model.remat = "none"
   config.model.vae.remat_decoder = False
   config.batch_size = 2
   config.optimizer.warmup_steps = 1
