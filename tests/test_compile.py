@@ -66,6 +66,17 @@ def test_tiny_config_compiles_for_v5e_and_reports_memory_and_flops():
     assert float(cells[7].split()[0]) > 0, row  # TFLOPs per device
   assert re.search(r"train step at 40% MFU: [0-9.e-]+ s/step, [0-9.]+ examples/s", out)
   assert "| params/unet/" in out  # the largest arrays with their shardings
+  # Progress as it goes: each phase's start, then its end with the elapsed seconds, in order,
+  # all before the report (nothing compiled a second time: the run fits).
+  phases = [(m.group(1), m.group(2)) for m in re.finditer(
+      r"^\[compile\] (.+?)(?: \.\.\.|: ([0-9]+\.[0-9]) s)$", out, flags=re.MULTILINE)]
+  names = ["describing the v5e-4 devices (libtpu)",
+           "building the abstract run (mesh {'data': 4, 'fsdp': 1, 'tensor': 1})",
+           "lowering train_step", "compiling train_step", "lowering sampler", "compiling sampler"]
+  assert [name for name, _ in phases] == [n for n in names for _ in (0, 1)], phases
+  assert all((seconds is None) == (i % 2 == 0) for i, (_, seconds) in enumerate(phases)), phases
+  assert float(phases[7][1]) > 0, phases  # compiling the train step takes time
+  assert out.index("[compile] compiling sampler:") < out.index("v5e-4: 4 x v5e chips")
 
 
 @needs_libtpu
@@ -94,29 +105,86 @@ def test_compile_without_topology_is_a_user_error():
   assert proc.stderr.strip().splitlines()[-1] == "error: compile needs --topology"
 
 
-def test_out_of_memory_names_the_batch_that_fits():
-  """The compiler's out-of-memory message (as libtpu words it) -> the per-device batch whose
-  share of those temporaries fits beside the train state."""
+G = 2**30
+
+
+def test_fit_through_two_compiles_is_the_straight_line():
+  # The flagship's two rows (docs/benchmarks.md): 28.38 GB at 16 per chip, 16.77 GB at 8.
+  fixed, per_example = aot.fit_temporaries([(16, 28.38 * G), (8, 16.77 * G)])
+  np.testing.assert_allclose(per_example / G, (28.38 - 16.77) / 8)  # 1.45125
+  np.testing.assert_allclose(fixed / G, 28.38 - 16 * 1.45125)  # 5.16
+  with pytest.raises(ValueError):
+    aot.fit_temporaries([(8, G), (8, 2 * G)])
+  assert aot.second_microbatch(16, 16) == 8
+  assert aot.second_microbatch(24, 24) == 12
+  assert aot.second_microbatch(12, 12) == 6
+  assert aot.second_microbatch(10, 5) == 2  # divisors of 10 at most 5 // 2
+  assert aot.second_microbatch(16, 1) is None
+
+
+def test_accumulation_advice_is_the_smallest_divisor_predicted_to_fit_with_room():
+  """The flagship's numbers: 16 per chip on a v5e-16 (16 GiB), 1 GiB of arguments. The half
+  that the old estimate suggested (8 per chip: 1 + 16.77 GiB) does not fit; with 10% of HBM
+  free (14.4 GiB) the predicted peaks are 1 + 5.16 + 1.45125 m GiB: m = 4 -> 11.965 fits,
+  m = 8 -> 17.77 does not, so grad_accum_steps = 16 / 4 = 4."""
+  points = [(16, 28.38 * G), (8, 16.77 * G)]
+  line = aot.accumulation_advice(points, G, 16 * G, per_device=16, shards=16, remat="full")
+  assert line.startswith("config.grad_accum_steps=4 (the same global batch in microbatches "
+                         "of 4 per device: predicted peak 11.96 GiB of 16.00 GiB, 10% of HBM "
+                         "kept free; a prediction from two compiles: temporaries 28.38 GiB at "
+                         "16 and 16.77 GiB at 8 rows per device per pass, so 5.16 GiB fixed + "
+                         "1.45 GiB per example"), line
+  assert line.endswith("or config.batch_size=64 (per device 16 -> 4)"), line
+  # Divisors only: 12 per device, 3 GiB fixed + 1 GiB per example, 2 GiB of arguments: 9 per
+  # device would fit (14 <= 14.4) but does not divide 12; 6 (11 GiB) does: 2 microbatches.
+  line = aot.accumulation_advice([(12, 15 * G), (6, 9 * G)], 2 * G, 16 * G, per_device=12,
+                                 shards=4, remat="layer")
+  assert line.startswith("config.grad_accum_steps=2 (the same global batch in microbatches "
+                         "of 6 per device: predicted peak 11.00 GiB"), line
+  # The 10% matters: 14.5 GiB at 1 per device fits 16 GiB but not 14.4.
+  line = aot.accumulation_advice([(8, 20.5 * G), (4, 16.5 * G)], 1 * G, 16 * G, per_device=8,
+                                 shards=4, remat="full")
+  assert line.startswith("config.grad_accum_steps cannot help: even a microbatch of 1 per "
+                         "device is predicted to need 14.50 GiB of the 16.00 GiB HBM (a "
+                         "prediction from two compiles: temporaries 20.50 GiB at 8 and 16.50 "
+                         "GiB at 4"), line
+  assert line.endswith("try config.model.remat='layer' (now 'full') or a mesh that shards "
+                       "more (config.mesh.fsdp, config.mesh.tensor)"), line
+  line = aot.accumulation_advice([(8, 20.5 * G), (4, 16.5 * G)], 1 * G, 16 * G, per_device=8,
+                                 shards=4, remat="layer")
+  assert "config.model.remat" not in line and "a larger slice" in line, line
+  # Temporaries that do not fall with the microbatch: accumulation cannot help.
+  line = aot.accumulation_advice([(8, 20 * G), (4, 20.5 * G)], G, 16 * G, per_device=8,
+                                 shards=4, remat="full")
+  assert line.startswith("config.grad_accum_steps cannot help: the temporaries did not fall"), line
+  # Already at one row per pass: one measured point, no extrapolation.
+  line = aot.accumulation_advice([(1, 20 * G)], G, 16 * G, per_device=4, shards=4, remat="full")
+  assert line.startswith("config.grad_accum_steps cannot help: a microbatch of 1 per device "
+                         "already needs 20.00 GiB of temporaries"), line
+
+
+def test_out_of_memory_advice_reads_the_compilers_message():
+  """`suggestions` takes the temporaries from libtpu's out-of-memory message (as libtpu words
+  it) for both compiles, and the microbatches from the config (16 per chip of a v5e-16)."""
   from configs import generalist_pixel128
   config = generalist_pixel128.get_config()  # batch 256: 16 per chip of a v5e-16
-  train = aot.ProgramReport(
+  oom = lambda temps: aot.ProgramReport(
       name="train_step", fits=False, argument_bytes=2**30,
       error="RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
-            "temporaries (28.38G) exceeds available HBM (15.75G).")
-  hints = aot.suggestions(config, [train], {"data": 1, "fsdp": 16, "tensor": 1},
-                          aot.CHIPS.get("v5e"))
-  # (16 GiB - 1 GiB) / 28.38 GiB x 16 = 8.5 -> 8 per device: 2 microbatches, or 128 in all.
-  assert hints[0].startswith("config.grad_accum_steps=2 (the same global batch in "
-                             "microbatches of 8 per device"), hints
-  assert "config.batch_size=128 (per device 16 -> 8)" in hints[0], hints
-  # Already accumulating: the temporaries were needed for 4 rows a pass (16 per device / 4).
+            f"temporaries ({temps}G) exceeds available HBM (15.75G).")
+  mesh = {"data": 1, "fsdp": 16, "tensor": 1}
+  hints = aot.suggestions(config, [oom(28.38)], mesh, aot.CHIPS.get("v5e"),
+                          smaller=(8, oom(16.77)))
+  assert hints[0].startswith("config.grad_accum_steps=4 (the same global batch in "
+                             "microbatches of 4 per device: predicted peak 11.96 GiB"), hints
+  # Already accumulating 2: the run's own point is 8 rows a pass, the second 4.
   with config.unlocked():
-    config.grad_accum_steps = 4
-  hints = aot.suggestions(config, [train], {"data": 1, "fsdp": 16, "tensor": 1},
-                          aot.CHIPS.get("v5e"))
-  # (15 / 28.38) x 4 = 2.1 -> 2 rows a pass: 8 microbatches.
-  assert hints[0].startswith("config.grad_accum_steps=8 (the same global batch in "
-                             "microbatches of 2 per device"), hints
+    config.grad_accum_steps = 2
+  hints = aot.suggestions(config, [oom(16.77)], mesh, aot.CHIPS.get("v5e"),
+                          smaller=(4, oom(10.97)))
+  # 1 + 5.17 + 1.45 m <= 14.4: m = 4 -> 11.97 GiB.
+  assert hints[0].startswith("config.grad_accum_steps=4 (the same global batch in "
+                             "microbatches of 4 per device"), hints
 
 
 def test_loop_bodies_are_counted_once_per_trip():
@@ -188,8 +256,8 @@ def remat_temporaries():
   env = dict(os.environ, PYTHONPATH=str(REPO))
   env.pop("JAX_PLATFORMS", None)
   env.pop("XLA_FLAGS", None)
-  proc = subprocess.run([sys.executable, "-c", _REMAT_TEMPS], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=900)
+  proc = subprocess_env.run(subprocess_env.python_script(_REMAT_TEMPS), cwd=REPO, env=env,
+                            capture_output=True, timeout=900)
   lines = [l for l in proc.stdout.splitlines() if l.startswith("TEMPS ")]
   assert proc.returncode == 0 and lines, proc.stdout[-2000:] + proc.stderr[-3000:]
   return json.loads(lines[-1][len("TEMPS "):])
