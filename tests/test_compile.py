@@ -1,7 +1,9 @@
 """`main compile`: a run compiled for a TPU slice on this CPU machine (libtpu describes the TPU
 devices; nothing runs on them). Needs libtpu: the `[tpu-aot]` extra, or TPU_LIBRARY_PATH
 pointing to a libtpu.so."""
+import importlib
 import json
+import math
 import os
 import pathlib
 import re
@@ -274,3 +276,56 @@ def test_layer_remat_needs_fewer_temporaries_than_block_remat(remat_temporaries)
   none, block, layer = (remat_temporaries[k] for k in ("none", "full", "layer"))
   assert block < 0.9 * none, remat_temporaries
   assert layer < 0.8 * block, remat_temporaries
+
+
+# The real configs, with the arguments that put their latent runs in SD's latent space.
+REAL_CONFIGS = [("generalist_pixel128", None), ("marigold", "real=1"), ("onestep", "real=1"),
+                ("onestep", "real=1,latent=1"), ("dmp", "real=1"), ("vpd_depth", "real=1")]
+
+
+@pytest.mark.parametrize("name,arg", REAL_CONFIGS)
+def test_real_config_batches_shard_on_the_named_slices(name, arg):
+  """`main compile --config configs/NAME.py:real=1 --topology SLICE` starts: the global batch
+  splits evenly over the data-parallel shards of every slice the configs are sized for, and
+  over the microbatches (the same arithmetic as sharding.make_mesh and check_grad_accum)."""
+  from configs import generalist_pixel128
+  config = importlib.import_module(f"configs.{name}").get_config(arg)
+  for slice_name in generalist_pixel128.SLICES:
+    devices = aot.parse_topology(slice_name).chips
+    sizes = {axis: int(config.mesh.get(axis, 1)) for axis in ("data", "fsdp", "tensor")}
+    fixed = math.prod(s for s in sizes.values() if s != -1)
+    assert devices % fixed == 0, (slice_name, sizes)
+    sizes = {a: devices // fixed if s == -1 else s for a, s in sizes.items()}
+    shards = sizes["data"] * sizes["fsdp"]
+    assert int(config.batch_size) % shards == 0, (slice_name, config.batch_size, shards)
+    per_shard = int(config.batch_size) // shards
+    assert per_shard % int(config.get("grad_accum_steps", 1)) == 0, (slice_name, per_shard)
+  if name == "vpd_depth":  # VPD's 3 examples per device (8 GPUs x 3), on a v5e-16's 16 chips.
+    assert config.batch_size == 3 * 16
+    assert config.total_steps == 25_000 * 24 // 48  # as many examples as VPD's 25k x 24.
+  if name == "dmp":  # DMP's batch 8 does not split over 16 chips: 16, half the steps.
+    assert (config.batch_size, config.total_steps) == (16, 25_000)
+    one_gpu = importlib.import_module("configs.dmp").get_config("real=1,chips=1")
+    assert (one_gpu.batch_size, one_gpu.total_steps) == (8, 50_000)
+
+
+def test_real_configs_carry_the_vae_architecture_they_expect():
+  """A latent real config builds its VAE with no files (an abstract compile reads none), with
+  SD-2's VAE architecture: 83,653,863 parameters, the count of diffusers' AutoencoderKL built
+  from the same keys (`sum(p.numel() for p in AutoencoderKL(**SD2_VAE).parameters())`,
+  diffusers 0.42; not built here: importing and constructing it takes ~25 s)."""
+  import jax
+  from flax import nnx
+  from configs import generalist_pixel128
+  from dense_diffusion.experiment import model as model_lib
+  latent = [importlib.import_module(f"configs.{name}").get_config(arg)
+            for name, arg in REAL_CONFIGS + [("vpd_seg", "real=1")]]
+  latent = [c for c in latent if c.model.latent]
+  assert len(latent) == 5  # marigold, onestep latent=1, dmp, vpd_depth, vpd_seg
+  for config in latent:  # one architecture (SD-1.5's VAE, VPD's, is SD-2's)
+    assert config.model.vae.pretrained is None  # given on the command line for training
+    assert config.model.vae.config.to_dict() == generalist_pixel128.SD2_VAE
+  vae = nnx.eval_shape(lambda: model_lib.build_vae(latent[0].model))
+  sizes = [math.prod(x.shape) for x in jax.tree.leaves(nnx.state(vae, nnx.Param))]
+  assert sum(sizes) == 83_653_863
+  assert max(sizes) == 512 * 512 * 3 * 3  # the 512-channel convolutions' kernels
