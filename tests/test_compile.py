@@ -159,6 +159,15 @@ def test_accumulation_advice_is_the_smallest_divisor_predicted_to_fit_with_room(
   line = aot.accumulation_advice([(8, 20 * G), (4, 20.5 * G)], G, 16 * G, per_device=8,
                                  shards=4, remat="full")
   assert line.startswith("config.grad_accum_steps cannot help: the temporaries did not fall"), line
+  # Not one line (the run's own pass against the accumulation scan, as libtpu compiled a tiny
+  # UNet: 339.22 GB at 256, 67.14 GB at 128): proportional through the smaller point,
+  # 67.14 / 128 = 0.5245 GB per example: 16 per device (8.49 GB with 0.1 of arguments).
+  line = aot.accumulation_advice([(256, 339.22 * G), (128, 67.14 * G)], 0.1 * G, 16 * G,
+                                 per_device=256, shards=4, remat="none")
+  assert line.startswith("config.grad_accum_steps=16 (the same global batch in microbatches "
+                         "of 16 per device: predicted peak 8.49 GiB"), line
+  assert "not on one line (its fixed part would be negative), so 0.52 GiB per example as at " \
+         "128" in line, line
   # Already at one row per pass: one measured point, no extrapolation.
   line = aot.accumulation_advice([(1, 20 * G)], G, 16 * G, per_device=4, shards=4, remat="full")
   assert line.startswith("config.grad_accum_steps cannot help: a microbatch of 1 per device "
