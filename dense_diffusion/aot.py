@@ -312,7 +312,7 @@ def accumulation_advice(points: Sequence[tuple[int, float]], argument_bytes: flo
             f"already needs {gib(points[0][1])} of temporaries; try {instead}")
   fixed, per_example = fit_temporaries(points)
   line = (f"a prediction from two compiles: temporaries {measured} rows per device per pass, "
-          f"so {gib(fixed)} fixed + {gib(per_example)} per example")
+          f"so {gib(fixed)} fixed + {per_example / GIB:.3g} GiB per example")
   if fixed < 0:
     # Not one line: the compiler scheduled the two programs differently (e.g. one pass against
     # an accumulation scan). Proportional through the smaller point instead: no fixed part,
@@ -321,7 +321,7 @@ def accumulation_advice(points: Sequence[tuple[int, float]], argument_bytes: flo
     fixed, per_example = 0.0, t_small / m_small
     line = (f"a prediction from two compiles: temporaries {measured} rows per device per "
             f"pass, not on one line (its fixed part would be negative), so "
-            f"{gib(per_example)} per example as at {m_small}")
+            f"{per_example / GIB:.3g} GiB per example as at {m_small}")
   if per_example <= 0:
     return (f"config.grad_accum_steps cannot help: the temporaries did not fall with the "
             f"microbatch ({line}); try {instead}")
