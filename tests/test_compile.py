@@ -99,6 +99,10 @@ def test_config_that_cannot_fit_exits_1_and_names_what_to_change(tmp_path):
   assert "more than the 16 GiB of HBM" in proc.stdout
   assert "config keys that would help" in proc.stdout
   assert "--config.mesh.fsdp=-1" in proc.stdout and "--config.model.lora" in proc.stdout
+  # The state, not the activations: nothing compiled, no microbatch advice, no second compile.
+  assert "grad_accum_steps" not in proc.stdout and "remat" not in proc.stdout
+  assert "[compile] building the abstract run (mesh" in proc.stdout
+  assert "[compile] lowering" not in proc.stdout
 
 
 # configs/tiny.py at 128x128, 256 rows per v5e chip: activations far beyond 16 GiB at 256 and
