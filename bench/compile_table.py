@@ -69,7 +69,8 @@ def main():
       if args.no_sampler:
         config.eval.batch_size = None
       report = aot.compile_run(config, topology, attention_overrides={"tpu": impl},
-                               programs=("train_step",) if args.no_sampler else None)
+                               programs=("train_step",) if args.no_sampler else None,
+                               log=lambda line: print(line, file=sys.stderr, flush=True))
       t = report.topology
       p = report.programs[0]
       per_device = report.global_batch // (report.mesh_shape["data"] * report.mesh_shape["fsdp"])

@@ -23,7 +23,8 @@ beside its adapters.
 `arg`:
 - `real`: 0, DMP's five tasks on synthetic_scenes (the small set-up of configs/demo.py); 1,
   DMP's set-up: the five tasks on a pseudo-labelled set (`main pseudo-label`), the SD2-size
-  network of configs/generalist_pixel128.py in SD's latent space, DMP's batch 8 and 50K steps,
+  network of configs/generalist_pixel128.py in SD's latent space, DMP's batch 8 and 50K steps
+  (rounded up to a batch that shards on `chips` devices, with as many examples: see `chips`),
   evaluated out of domain on NYUv2 (depth) and ADE20K (semantic, when the labels have its 150
   classes); normals, albedo and shading are scored with `main eval --protocol` on a folder
   (docs/evaluation.md).
@@ -38,12 +39,19 @@ beside its adapters.
   1 with real=1, as DMP, else 0). With real=1 the VAE is SD's (`model.vae.pretrained`); on
   synthetic_scenes, the small VAE of configs/synthetic_vae.py trained on first use and cached
   (`model.vae.recipe`).
+- `chips` (real=1): the data-parallel devices the batch must shard on (16: a v5e-16, whose
+  batch 16 also shards on a v5p-8; 1 on one GPU: DMP's batch 8).
 """
+import math
+
 from configs import demo
 from configs import generalist_pixel128
 from configs import tiny as tiny_config
 from dense_diffusion.datasets import readers
 from dense_diffusion.datasets.synthetic_scenes import renderer
+
+DMP_BATCH = 8  # DMP's global batch ...
+DMP_STEPS = 50_000  # ... and steps.
 
 # The tasks of DMP's paper (Lee et al. 2024, Table 1), all rendered by synthetic_scenes.
 DMP_TASKS = ("depth", "normals", "semantic", "albedo", "shading")
@@ -58,7 +66,7 @@ NYU_MAX_DEPTH = 10.0  # metres: NYUv2's range, where relative depth is scored af
 
 
 def get_config(arg=None):
-  arg = demo.parse_arg(arg, real=0, res=0, rank=4, latent=-1, data="", tiny=0)
+  arg = demo.parse_arg(arg, real=0, res=0, rank=4, latent=-1, data="", tiny=0, chips=16)
   if arg.data and not arg.real:
     raise ValueError("data= names the pseudo-labelled set of real=1")
   latent = arg.real if arg.latent < 0 else arg.latent
@@ -80,8 +88,10 @@ def get_config(arg=None):
     c.input.entries = readers.synthetic_mixture(
         DMP_TASKS, config=f"{'tiny' if arg.tiny else 'res'}{res}")
   if arg.real and not arg.tiny:
-    c.batch_size = 8  # DMP's batch ...
-    c.total_steps = 50_000  # ... and steps (lr 1e-4 cosine: the base config's).
+    # DMP's batch 8 where it shards, else the least multiple of `chips` (16 on a v5e-16), with
+    # DMP's 50K steps scaled to as many examples (lr 1e-4 cosine: the base config's).
+    c.batch_size = math.lcm(DMP_BATCH, arg.chips)
+    c.total_steps = DMP_STEPS * DMP_BATCH // c.batch_size
     # Per entry, examples held encoded while shuffled: the five entries read one set.
     c.input.shuffle_buffer = 1_000
   else:

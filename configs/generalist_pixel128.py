@@ -23,6 +23,19 @@ from dense_diffusion.datasets import readers
 
 # One label space per dataset: ADE20K's 150 classes and COCO panoptic's 133 are two tasks, each
 # with its own prompt and palette; panoptic is answered from semantic_coco + instance.
+# diffusers AutoencoderKL keys of stabilityai/stable-diffusion-2's VAE (SD-1.5's has the same
+# architecture at sample_size 512): what the latent runs built on this config expect
+# (configs/marigold.py, onestep.py, dmp.py, vpd_*.py with real=1). model.vae.pretrained loads
+# the weights; the keys let `main compile` build the run abstractly with no files.
+SD2_VAE = dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
+               up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[128, 256, 512, 512],
+               layers_per_block=2, act_fn="silu", latent_channels=4, norm_num_groups=32,
+               scaling_factor=0.18215, sample_size=768)
+
+# The TPU slices this config and the real configs built on it are sized for (docs/compile.md):
+# each one's batch shards on them (tests/test_compile.py).
+SLICES = ("v5e-16", "v5p-8")
+
 TASKS = ("depth", "semantic_ade20k", "semantic_coco", "instance", "denoise", "derain", "lowlight")
 
 
@@ -106,7 +119,10 @@ def get_config(arg=None):
   c.model.latent = False
   c.model.vae = ml_collections.ConfigDict(dict(
       pretrained=config_dict.placeholder(str),  # diffusers AutoencoderKL (or pipeline) folder.
-      config={},  # diffusers AutoencoderKL keys: a VAE to initialise when there is no folder.
+      # diffusers AutoencoderKL keys: the architecture without a folder (an abstract compile);
+      # a run with model.latent loads the weights from `pretrained` (a VAE built from these
+      # keys alone is random, and frozen random parameters are refused).
+      config=dict(SD2_VAE),
       dtype=config_dict.placeholder(str),  # compute dtype (None: model.dtype).
       remat_decoder=False,  # recompute decoder activations in the backward (image-level loss).
       trainable=False))  # train the VAE too (only with a config that means it).

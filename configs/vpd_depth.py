@@ -12,15 +12,20 @@ VPD's scale-invariant log loss (paradigms/backbone.py). docs/vpd.md has the data
 
 `arg`: `real` (0: synthetic_scenes on the CPU, a small UNet from scratch; 1: NYUv2 with a
 Stable Diffusion 1.5 UNet, VAE and text encoder by path), `res` (image size), `latent` (0:
-pixels; 1: VAE latents; default: 1 for real, 0 for synthetic), `steps` (training steps).
+pixels; 1: VAE latents; default: 1 for real, 0 for synthetic), `steps` (training steps),
+`chips` (real: the data-parallel devices the batch is sized for, 3 examples each as VPD; 16).
 """
 from configs import demo
 from configs import vpd_common
 from dense_diffusion.datasets import readers
 
+VPD_PER_DEVICE = 3  # examples per GPU in VPD's depth recipe ...
+VPD_BATCH = 24  # ... on 8 GPUs ...
+VPD_STEPS = 25_000  # ... for 25k steps.
+
 
 def get_config(arg=None):
-  arg = demo.parse_arg(arg, real=0, res=0, latent=-1, steps=0)
+  arg = demo.parse_arg(arg, real=0, res=0, latent=-1, steps=0, chips=16)
   res = arg.res or (512 if arg.real else 32)
   if arg.real:
     c = vpd_common.real_config(res)
@@ -28,8 +33,12 @@ def get_config(arg=None):
     # NYUv2 at 512 x 512 (VPD trains on 480 x 480 crops padded to 512), metres up to 10.
     c.input.entries = [readers.nyu_depth_v2(res)]
     c.optimizer.lr = 5e-4  # VPD's depth learning rate (AdamW).
-    c.total_steps = arg.steps or 25_000  # ~25 epochs of NYUv2 at batch 24 (VPD).
-    c.batch_size = 24
+    # VPD trains with 3 examples per GPU (8 GPUs: 24 in all). Kept per device: 3 on each of
+    # `chips` data-parallel devices (16, a v5e-16: 48 in all, which also shards on a v5p-8's 4
+    # chips, 12 each); a batch of 24 would not divide 16 shards.
+    c.batch_size = VPD_PER_DEVICE * arg.chips
+    # As many examples as VPD's 25k steps at batch 24 (~25 epochs of its NYUv2 set).
+    c.total_steps = arg.steps or VPD_STEPS * VPD_BATCH // c.batch_size
   else:
     c = vpd_common.synthetic_config(res, ("depth",))
     c.total_steps = arg.steps or 300

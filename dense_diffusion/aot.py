@@ -16,6 +16,7 @@ Every number of a chip is in `CHIPS`; a slice name `v5e-16` is parsed by `parse_
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import importlib.util
@@ -23,7 +24,7 @@ import math
 import os
 import re
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 from dense_diffusion import errors
 from dense_diffusion import registry
@@ -120,6 +121,28 @@ def topology_devices(topology: Topology) -> list:
   return devices
 
 
+Log = Callable[[str], None]
+
+
+def _print_flushed(line: str) -> None:
+  print(line, flush=True)
+
+
+@contextlib.contextmanager
+def phase(log: Log, what: str) -> Iterator[None]:
+  """One line when `what` starts and one with its elapsed seconds when it ends (or fails), as
+  it happens: a flagship compile runs for minutes, and the user sees which part it is in."""
+  log(f"[compile] {what} ...")
+  start = time.perf_counter()
+  try:
+    yield
+  except BaseException as e:
+    reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    log(f"[compile] {what}: stopped after {time.perf_counter() - start:.1f} s ({reason})")
+    raise
+  log(f"[compile] {what}: {time.perf_counter() - start:.1f} s")
+
+
 @dataclasses.dataclass
 class ProgramReport:
   """One compiled program's per-device numbers (None fields: it did not compile)."""
@@ -142,7 +165,7 @@ class ProgramReport:
 
 def _compile(name: str, lower_fn, kernel_multiplier: float, hbm_bytes: int,
              num_devices: int, argument_bytes: Optional[int] = None,
-             loop_trips: int = 1) -> ProgramReport:
+             loop_trips: int = 1, log: Log = lambda line: None) -> ProgramReport:
   """Lowers (counting kernel FLOPs while tracing) and compiles; an out-of-memory compile is a
   report with `fits=False`, the compiler's message and `argument_bytes` (computed from the
   inputs' shardings).
@@ -155,11 +178,12 @@ def _compile(name: str, lower_fn, kernel_multiplier: float, hbm_bytes: int,
   import jax  # pylint: disable=g-import-not-at-top
   from dense_diffusion.models import attention  # pylint: disable=g-import-not-at-top
   start = time.perf_counter()
-  with attention.count_kernel_flops() as tally:
+  with phase(log, f"lowering {name}"), attention.count_kernel_flops() as tally:
     lowered = lower_fn()
   kernel_flops = kernel_multiplier * loop_trips * sum(tally) / num_devices
   try:
-    compiled = lowered.compile()
+    with phase(log, f"compiling {name}"):
+      compiled = lowered.compile()
   except jax.errors.JaxRuntimeError as e:
     text = str(e)
     if "RESOURCE_EXHAUSTED" not in text and "out of memory" not in text.lower():
@@ -244,9 +268,85 @@ def _needed_temp_bytes(program: Optional[ProgramReport]) -> Optional[float]:
   return float(match.group(1)) * (2**30 if match.group(2) == "G" else 2**20)
 
 
+# The share of HBM a suggested microbatch must leave free: the compiler's numbers are for one
+# program; the runtime, a profiler or a second program (the sampler at evaluation) need room.
+HBM_SPARE = 0.1
+
+
+def second_microbatch(per_device: int, micro: int) -> Optional[int]:
+  """The microbatch of the second compile when `micro` rows per device per pass do not fit:
+  the largest divisor of `per_device` at most half of `micro` (far enough apart that the
+  compiler's rounding does not dominate the slope); None when `micro` is already 1."""
+  smaller = [m for m in range(1, micro // 2 + 1) if per_device % m == 0]
+  return smaller[-1] if smaller else None
+
+
+def fit_temporaries(points: Sequence[tuple[int, float]]) -> tuple[float, float]:
+  """(fixed bytes, bytes per example) of the line through two (microbatch, temporaries)
+  points: temporaries = fixed + per_example x microbatch."""
+  (m1, t1), (m2, t2) = points
+  if m1 == m2:
+    raise ValueError(f"two compiles at the same microbatch {m1} give no slope")
+  per_example = (t1 - t2) / (m1 - m2)
+  return t1 - per_example * m1, per_example
+
+
+def accumulation_advice(points: Sequence[tuple[int, float]], argument_bytes: float,
+                        hbm_bytes: float, per_device: int, shards: int, remat: str,
+                        spare: float = HBM_SPARE) -> str:
+  """The `grad_accum_steps` line of the advice, from the compiler's temporaries at two
+  microbatch sizes (rows per device per pass; `points` [(microbatch, bytes)], the first the
+  run's own). The predicted peak of microbatch m is arguments + fixed + per_example x m; the
+  smallest `grad_accum_steps` (a divisor of `per_device`, so every microbatch is whole) whose
+  prediction fits in (1 - spare) of HBM. When even microbatch 1 is predicted not to fit, the
+  line says so and names `model.remat='layer'` and the mesh instead."""
+  gib = lambda x: f"{x / GIB:.2f} GiB"
+  measured = " and ".join(f"{gib(t)} at {m}" for m, t in points)
+  budget = (1 - spare) * hbm_bytes
+  instead = ("config.model.remat='layer' (now " + repr(remat) + ") or a mesh that shards more "
+             "(config.mesh.fsdp, config.mesh.tensor)") if remat != "layer" else (
+                 "a mesh that shards more (config.mesh.fsdp, config.mesh.tensor) or a larger "
+                 "slice")
+  if len(points) == 1:  # the run's microbatch is already 1: nothing to extrapolate.
+    return (f"config.grad_accum_steps cannot help: a microbatch of {points[0][0]} per device "
+            f"already needs {gib(points[0][1])} of temporaries; try {instead}")
+  fixed, per_example = fit_temporaries(points)
+  line = (f"a prediction from two compiles: temporaries {measured} rows per device per pass, "
+          f"so {gib(fixed)} fixed + {per_example / GIB:.3g} GiB per example")
+  if fixed < 0:
+    # Not one line: the compiler scheduled the two programs differently (e.g. one pass against
+    # an accumulation scan). Proportional through the smaller point instead: no fixed part,
+    # the per-example bytes of the program the suggestion resembles.
+    (m_small, t_small) = min(points)
+    fixed, per_example = 0.0, t_small / m_small
+    line = (f"a prediction from two compiles: temporaries {measured} rows per device per "
+            f"pass, not on one line (its fixed part would be negative), so "
+            f"{per_example / GIB:.3g} GiB per example as at {m_small}")
+  if per_example <= 0:
+    return (f"config.grad_accum_steps cannot help: the temporaries did not fall with the "
+            f"microbatch ({line}); try {instead}")
+  predict = lambda m: argument_bytes + fixed + per_example * m
+  fitting = [m for m in range(per_device, 0, -1) if per_device % m == 0 and predict(m) <= budget]
+  if not fitting:
+    return (f"config.grad_accum_steps cannot help: even a microbatch of 1 per device is "
+            f"predicted to need {gib(predict(1))} of the {gib(hbm_bytes)} HBM ({line}; "
+            f"{100 * spare:.0f}% of HBM kept free); try {instead}")
+  m = fitting[0]
+  return (f"config.grad_accum_steps={per_device // m} (the same global batch in microbatches of "
+          f"{m} per device: predicted peak {gib(predict(m))} of {gib(hbm_bytes)}, "
+          f"{100 * spare:.0f}% of HBM kept free; {line}), or config.batch_size={m * shards} "
+          f"(per device {per_device} -> {m})")
+
+
 def suggestions(config: Any, report_programs: Sequence[ProgramReport], mesh_shape: dict,
-                chip: Chip) -> list[str]:
-  """Config keys that would reduce the per-device memory, with what they change."""
+                chip: Chip, smaller: Optional[tuple[int, ProgramReport]] = None) -> list[str]:
+  """Config keys that would reduce the per-device memory, with what they change.
+
+  `smaller`: (microbatch, the train step compiled again at `second_microbatch` rows per device
+  per pass) when the run's own did not fit: the two give the `grad_accum_steps` advice
+  (`accumulation_advice`).
+  """
+  from dense_diffusion.models import unet as unet_lib  # pylint: disable=g-import-not-at-top
   out = []
   shards = mesh_shape["data"] * mesh_shape["fsdp"]
   per_device = int(config.batch_size) // max(shards, 1)
@@ -254,24 +354,15 @@ def suggestions(config: Any, report_programs: Sequence[ProgramReport], mesh_shap
   train = next((p for p in report_programs if p.name == "train_step"), None)
   state_bound = (train is not None and train.temp_bytes is None and train.argument_bytes
                  and train.argument_bytes > chip.hbm_bytes)  # activations are not the problem.
-  if micro > 1 and not state_bound:
-    target = micro // 2
-    needed = _needed_temp_bytes(train)
-    if needed and train.argument_bytes is not None:
-      # Temporaries scale about linearly with the rows per device per pass: the largest power
-      # of two whose share of them fits beside the train state.
-      room = chip.hbm_bytes - train.argument_bytes
-      fit = micro * room / needed
-      target = 2**int(math.log2(fit)) if fit >= 1 else 0
-    if target >= 1:
-      out.append(f"config.grad_accum_steps={per_device // target} (the same global batch in "
-                 f"microbatches of {target} per device; estimated from the temporaries it "
-                 f"needed at {micro}), or config.batch_size={target * shards} (per device "
-                 f"{per_device} -> {target})")
-    else:
-      out.append("config.batch_size: even one example per device does not fit beside the state")
-  from dense_diffusion.models import unet as unet_lib  # pylint: disable=g-import-not-at-top
   remat = unet_lib.remat_policy_name(config.model.get("remat"))
+  needed = _needed_temp_bytes(train)
+  if train is not None and not train.fits and not state_bound and needed is not None and (
+      train.argument_bytes is not None):
+    points = [(micro, needed)]
+    if smaller is not None and _needed_temp_bytes(smaller[1]) is not None:
+      points.append((smaller[0], _needed_temp_bytes(smaller[1])))
+    out.append(accumulation_advice(points, train.argument_bytes, chip.hbm_bytes, per_device,
+                                   shards, remat))
   if remat != "layer" and not state_bound:
     # Layer scope, policy full: the least activation memory (docs/compile.md, "Fitting a step").
     out.append("config.model.remat='layer' (keep only each resnet's and transformer layer's "
@@ -296,26 +387,32 @@ def suggestions(config: Any, report_programs: Sequence[ProgramReport], mesh_shap
 
 
 def compile_run(config: Any, topology_name: str, attention_overrides: Optional[dict] = None,
-                programs: Optional[Sequence[str]] = None) -> Report:
+                programs: Optional[Sequence[str]] = None,
+                log: Log = _print_flushed) -> Report:
   """Builds the run abstractly on the topology's devices, compiles train step and sampler.
 
   `attention_overrides`: `attention.Options` fields over `config.model.attention` (e.g.
   `{"tpu": "xla"}` for the program without the splash kernel; bench/compile_table.py).
   `programs`: the names to compile (default both, "train_step" and "sampler").
+  `log`: takes the progress lines (`phase`: each step's start and elapsed seconds).
+  When the train step does not fit, it is compiled once more at a smaller microbatch (the same
+  global batch, more `grad_accum_steps`) for the advice's fit (`accumulation_advice`).
   """
   import jax  # pylint: disable=g-import-not-at-top
   from dense_diffusion import experiment  # pylint: disable=g-import-not-at-top
   from dense_diffusion import sharding  # pylint: disable=g-import-not-at-top
 
   topology = parse_topology(topology_name)
-  devices = topology_devices(topology)
+  with phase(log, f"describing the {topology.name} devices (libtpu)"):
+    devices = topology_devices(topology)
   mesh = sharding.make_mesh(dict(config.mesh), devices=devices)
   if attention_overrides:
     config = copy.deepcopy(config)
     with config.unlocked():
       config.model.attention = {**dict(config.model.get("attention") or {}),
                                 **attention_overrides}
-  exp = experiment.Experiment(config, mesh=mesh, abstract=True)  # configures the attention.
+  with phase(log, f"building the abstract run (mesh {dict(mesh.shape)})"):
+    exp = experiment.Experiment(config, mesh=mesh, abstract=True)  # configures the attention.
   res = int(config.model.unet["sample_size"])
   batch = _batch_specs(exp, int(config.batch_size), res, res)
   eval_batch = int(config.eval.get("batch_size") or config.batch_size)
@@ -325,6 +422,7 @@ def compile_run(config: Any, topology_name: str, attention_overrides: Optional[d
   key = jax.eval_shape(lambda: jax.random.key(0))
   hbm = topology.chip.hbm_bytes
   n = len(devices)
+  mesh_shape = dict(mesh.shape)
   state_bytes = _per_device_bytes((exp.state, exp.frozen))
   if state_bytes > hbm:
     # The train state alone does not fit: no compilation needed to say so.
@@ -332,15 +430,18 @@ def compile_run(config: Any, topology_name: str, attention_overrides: Optional[d
                               error=f"train state and frozen parts alone take "
                                     f"{state_bytes / GIB:.2f} GiB per device, more than the "
                                     f"{hbm / GIB:.0f} GiB of HBM (not compiled)")]
-    mesh_shape = dict(mesh.shape)
     return Report(topology=topology, mesh_shape=mesh_shape, global_batch=int(config.batch_size),
                   eval_batch=eval_batch, programs=programs, largest=_largest_arrays(exp),
                   suggestions=suggestions(config, programs, mesh_shape, topology.chip))
   predictor = exp.make_predictor()  # the blocks run without remat there.
+
+  def train_lowering(run):
+    # Kernel FLOPs of the train step: forward + backward = 3x the forward's.
+    return (lambda: run.train_step.lower(run.state, run.frozen, batch), 3.0,
+            state_bytes + _per_device_bytes(batch), run.grad_accum_steps)
+
   lowerings = {
-      # Kernel FLOPs of the train step: forward + backward = 3x the forward's.
-      "train_step": (lambda: exp.train_step.lower(exp.state, exp.frozen, batch), 3.0,
-                     state_bytes + _per_device_bytes(batch), exp.grad_accum_steps),
+      "train_step": train_lowering(exp),
       "sampler": (lambda: predictor.lower(exp.state.params, exp.frozen,
                                           eval_specs["image"], eval_specs["task"], key), 1.0,
                   _per_device_bytes((exp.state.params, exp.frozen,
@@ -348,13 +449,29 @@ def compile_run(config: Any, topology_name: str, attention_overrides: Optional[d
                   exp.paradigm.sampler_loop_trips()),
   }
   with jax.set_mesh(mesh):
-    programs = [_compile(name, lower, multiplier, hbm, n, argument_bytes, trips)
+    programs = [_compile(name, lower, multiplier, hbm, n, argument_bytes, trips, log=log)
                 for name in (programs or lowerings)
                 for lower, multiplier, argument_bytes, trips in [lowerings[name]]]
-  mesh_shape = dict(mesh.shape)
+  smaller = None
+  train = next((p for p in programs if p.name == "train_step"), None)
+  per_device = int(config.batch_size) // shards
+  micro = per_device // exp.grad_accum_steps
+  second = second_microbatch(per_device, micro)
+  if train is not None and not train.fits and second is not None:
+    # The advice's second point: the same global batch at fewer rows per pass.
+    smaller_config = copy.deepcopy(config)
+    with smaller_config.unlocked():
+      smaller_config.grad_accum_steps = per_device // second
+    what = f"microbatch {second} per device (grad_accum_steps={per_device // second})"
+    with phase(log, f"building the abstract run at {what}"):
+      smaller_exp = experiment.Experiment(smaller_config, mesh=mesh, abstract=True)
+    lower, multiplier, argument_bytes, trips = train_lowering(smaller_exp)
+    with jax.set_mesh(mesh):
+      smaller = (second, _compile(f"train_step at {what}", lower, multiplier, hbm, n,
+                                  argument_bytes, trips, log=log))
   return Report(topology=topology, mesh_shape=mesh_shape, global_batch=int(config.batch_size),
                 eval_batch=eval_batch, programs=programs, largest=_largest_arrays(exp),
-                suggestions=suggestions(config, programs, mesh_shape, topology.chip))
+                suggestions=suggestions(config, programs, mesh_shape, topology.chip, smaller))
 
 
 def _gib(x: Optional[float]) -> str:

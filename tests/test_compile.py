@@ -1,7 +1,9 @@
 """`main compile`: a run compiled for a TPU slice on this CPU machine (libtpu describes the TPU
 devices; nothing runs on them). Needs libtpu: the `[tpu-aot]` extra, or TPU_LIBRARY_PATH
 pointing to a libtpu.so."""
+import importlib
 import json
+import math
 import os
 import pathlib
 import re
@@ -66,6 +68,17 @@ def test_tiny_config_compiles_for_v5e_and_reports_memory_and_flops():
     assert float(cells[7].split()[0]) > 0, row  # TFLOPs per device
   assert re.search(r"train step at 40% MFU: [0-9.e-]+ s/step, [0-9.]+ examples/s", out)
   assert "| params/unet/" in out  # the largest arrays with their shardings
+  # Progress as it goes: each phase's start, then its end with the elapsed seconds, in order,
+  # all before the report (nothing compiled a second time: the run fits).
+  phases = [(m.group(1), m.group(2)) for m in re.finditer(
+      r"^\[compile\] (.+?)(?: \.\.\.|: ([0-9]+\.[0-9]) s)$", out, flags=re.MULTILINE)]
+  names = ["describing the v5e-4 devices (libtpu)",
+           "building the abstract run (mesh {'data': 4, 'fsdp': 1, 'tensor': 1})",
+           "lowering train_step", "compiling train_step", "lowering sampler", "compiling sampler"]
+  assert [name for name, _ in phases] == [n for n in names for _ in (0, 1)], phases
+  assert all((seconds is None) == (i % 2 == 0) for i, (_, seconds) in enumerate(phases)), phases
+  assert float(phases[7][1]) > 0, phases  # compiling the train step takes time
+  assert out.index("[compile] compiling sampler:") < out.index("v5e-4: 4 x v5e chips")
 
 
 @needs_libtpu
@@ -86,6 +99,58 @@ def test_config_that_cannot_fit_exits_1_and_names_what_to_change(tmp_path):
   assert "more than the 16 GiB of HBM" in proc.stdout
   assert "config keys that would help" in proc.stdout
   assert "--config.mesh.fsdp=-1" in proc.stdout and "--config.model.lora" in proc.stdout
+  # The state, not the activations: nothing compiled, no microbatch advice, no second compile.
+  assert "grad_accum_steps" not in proc.stdout and "remat" not in proc.stdout
+  assert "[compile] building the abstract run (mesh" in proc.stdout
+  assert "[compile] lowering" not in proc.stdout
+
+
+# configs/tiny.py at 128x128, 256 rows per v5e chip: activations far beyond 16 GiB at 256 and
+# at 128 rows, so both compiles stop early at buffer assignment (~25 and ~45 CPU-s); the train
+# step alone (no sampler: at 128x128 it alone takes minutes to compile). At
+# exec_time_optimization_effort=-1 the compiler squeezes both close to HBM instead (16.3 GB),
+# and a near fit compiles for minutes.
+_ACTIVATION_BOUND = textwrap.dedent("""
+    from dense_diffusion import aot
+    aot.use_cpu_host()
+    from configs import tiny
+    config = tiny.get_config("res=128")
+    config.batch_size = 1024
+    report = aot.compile_run(config, "v5e-4", programs=("train_step",))
+    print(aot.format_report(report, [0.4]))
+""")
+
+
+@pytest.mark.slow  # two TPU compiles of the tiny train step that stop at buffer assignment.
+@needs_libtpu
+def test_activations_that_cannot_fit_get_advice_from_two_compiles():
+  """The train step runs out of HBM at 256 rows per device: it is compiled again at 128 (2
+  microbatches), and the advice comes from the two, with both points printed."""
+  env = dict(os.environ, PYTHONPATH=str(REPO))
+  env.pop("JAX_PLATFORMS", None)
+  env.pop("XLA_FLAGS", None)
+  proc = subprocess_env.run(subprocess_env.python_script(_ACTIVATION_BOUND), cwd=REPO, env=env,
+                            capture_output=True, timeout=900)
+  out = proc.stdout
+  assert proc.returncode == 0, out[-3000:] + proc.stderr[-3000:]
+  assert re.search(r"^\[compile\] compiling train_step: stopped after [0-9.]+ s "
+                   r"\(RESOURCE_EXHAUSTED", out, re.MULTILINE), out
+  second = "train_step at microbatch 128 per device (grad_accum_steps=2)"
+  assert f"[compile] compiling {second} ..." in out, out
+  needed = [float(x) for x in re.findall(r"HLO temporaries \(([0-9.]+)G\)", out)]
+  advice = next(line for line in out.splitlines() if "--config.grad_accum_steps" in line)
+  match = re.search(r"--config.grad_accum_steps=(\d+) \(the same global batch in microbatches "
+                    r"of (\d+) per device: predicted peak ([0-9.]+) GiB of 16.00 GiB, 10% of "
+                    r"HBM kept free; a prediction from two compiles: temporaries ([0-9.]+) GiB "
+                    r"at 256 and ([0-9.]+) GiB at 128 rows per device per pass", advice)
+  assert match, advice
+  accum, micro, peak, first, second_temps = (float(g) for g in match.groups())
+  assert accum * micro == 256 and accum > 2, advice
+  assert peak <= 0.9 * 16, advice
+  # The two points are the compiler's own figures (its out-of-memory messages, GB = GiB; above
+  # the 15.75 GB it has; libtpu 0.0.42 said 45.67 and 16.0: near HBM its own rematerialisation
+  # squeezes the figure, which is why the advice says it is a prediction).
+  assert needed[:2] == [first, second_temps] and first > second_temps > 15.75, (needed, advice)
 
 
 def test_compile_without_topology_is_a_user_error():
@@ -94,29 +159,95 @@ def test_compile_without_topology_is_a_user_error():
   assert proc.stderr.strip().splitlines()[-1] == "error: compile needs --topology"
 
 
-def test_out_of_memory_names_the_batch_that_fits():
-  """The compiler's out-of-memory message (as libtpu words it) -> the per-device batch whose
-  share of those temporaries fits beside the train state."""
+G = 2**30
+
+
+def test_fit_through_two_compiles_is_the_straight_line():
+  # The flagship's two rows (docs/benchmarks.md): 28.38 GB at 16 per chip, 16.77 GB at 8.
+  fixed, per_example = aot.fit_temporaries([(16, 28.38 * G), (8, 16.77 * G)])
+  np.testing.assert_allclose(per_example / G, (28.38 - 16.77) / 8)  # 1.45125
+  np.testing.assert_allclose(fixed / G, 28.38 - 16 * 1.45125)  # 5.16
+  with pytest.raises(ValueError):
+    aot.fit_temporaries([(8, G), (8, 2 * G)])
+  assert aot.second_microbatch(16, 16) == 8
+  assert aot.second_microbatch(24, 24) == 12
+  assert aot.second_microbatch(12, 12) == 6
+  assert aot.second_microbatch(10, 5) == 2  # divisors of 10 at most 5 // 2
+  assert aot.second_microbatch(16, 1) is None
+
+
+def test_accumulation_advice_is_the_smallest_divisor_predicted_to_fit_with_room():
+  """The flagship's numbers: 16 per chip on a v5e-16 (16 GiB), 1 GiB of arguments. The half
+  that the old estimate suggested (8 per chip: 1 + 16.77 GiB) does not fit; with 10% of HBM
+  free (14.4 GiB) the predicted peaks are 1 + 5.16 + 1.45125 m GiB: m = 4 -> 11.965 fits,
+  m = 8 -> 17.77 does not, so grad_accum_steps = 16 / 4 = 4."""
+  points = [(16, 28.38 * G), (8, 16.77 * G)]
+  line = aot.accumulation_advice(points, G, 16 * G, per_device=16, shards=16, remat="full")
+  assert line.startswith("config.grad_accum_steps=4 (the same global batch in microbatches "
+                         "of 4 per device: predicted peak 11.96 GiB of 16.00 GiB, 10% of HBM "
+                         "kept free; a prediction from two compiles: temporaries 28.38 GiB at "
+                         "16 and 16.77 GiB at 8 rows per device per pass, so 5.16 GiB fixed + "
+                         "1.45 GiB per example"), line
+  assert line.endswith("or config.batch_size=64 (per device 16 -> 4)"), line
+  # Divisors only: 12 per device, 3 GiB fixed + 1 GiB per example, 2 GiB of arguments: 9 per
+  # device would fit (14 <= 14.4) but does not divide 12; 6 (11 GiB) does: 2 microbatches.
+  line = aot.accumulation_advice([(12, 15 * G), (6, 9 * G)], 2 * G, 16 * G, per_device=12,
+                                 shards=4, remat="layer")
+  assert line.startswith("config.grad_accum_steps=2 (the same global batch in microbatches "
+                         "of 6 per device: predicted peak 11.00 GiB"), line
+  # The 10% matters: 14.5 GiB at 1 per device fits 16 GiB but not 14.4.
+  line = aot.accumulation_advice([(8, 20.5 * G), (4, 16.5 * G)], 1 * G, 16 * G, per_device=8,
+                                 shards=4, remat="full")
+  assert line.startswith("config.grad_accum_steps cannot help: even a microbatch of 1 per "
+                         "device is predicted to need 14.50 GiB of the 16.00 GiB HBM (a "
+                         "prediction from two compiles: temporaries 20.50 GiB at 8 and 16.50 "
+                         "GiB at 4"), line
+  assert line.endswith("try config.model.remat='layer' (now 'full') or a mesh that shards "
+                       "more (config.mesh.fsdp, config.mesh.tensor)"), line
+  line = aot.accumulation_advice([(8, 20.5 * G), (4, 16.5 * G)], 1 * G, 16 * G, per_device=8,
+                                 shards=4, remat="layer")
+  assert "config.model.remat" not in line and "a larger slice" in line, line
+  # Temporaries that do not fall with the microbatch: accumulation cannot help.
+  line = aot.accumulation_advice([(8, 20 * G), (4, 20.5 * G)], G, 16 * G, per_device=8,
+                                 shards=4, remat="full")
+  assert line.startswith("config.grad_accum_steps cannot help: the temporaries did not fall"), line
+  # Not one line (the run's own pass against the accumulation scan, as libtpu compiled a tiny
+  # UNet: 339.22 GB at 256, 67.14 GB at 128): proportional through the smaller point,
+  # 67.14 / 128 = 0.5245 GB per example: 16 per device (8.49 GB with 0.1 of arguments).
+  line = aot.accumulation_advice([(256, 339.22 * G), (128, 67.14 * G)], 0.1 * G, 16 * G,
+                                 per_device=256, shards=4, remat="none")
+  assert line.startswith("config.grad_accum_steps=16 (the same global batch in microbatches "
+                         "of 16 per device: predicted peak 8.49 GiB"), line
+  assert "not on one line (its fixed part would be negative), so 0.525 GiB per example as at " \
+         "128" in line, line
+  # Already at one row per pass: one measured point, no extrapolation.
+  line = aot.accumulation_advice([(1, 20 * G)], G, 16 * G, per_device=4, shards=4, remat="full")
+  assert line.startswith("config.grad_accum_steps cannot help: a microbatch of 1 per device "
+                         "already needs 20.00 GiB of temporaries"), line
+
+
+def test_out_of_memory_advice_reads_the_compilers_message():
+  """`suggestions` takes the temporaries from libtpu's out-of-memory message (as libtpu words
+  it) for both compiles, and the microbatches from the config (16 per chip of a v5e-16)."""
   from configs import generalist_pixel128
   config = generalist_pixel128.get_config()  # batch 256: 16 per chip of a v5e-16
-  train = aot.ProgramReport(
+  oom = lambda temps: aot.ProgramReport(
       name="train_step", fits=False, argument_bytes=2**30,
       error="RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
-            "temporaries (28.38G) exceeds available HBM (15.75G).")
-  hints = aot.suggestions(config, [train], {"data": 1, "fsdp": 16, "tensor": 1},
-                          aot.CHIPS.get("v5e"))
-  # (16 GiB - 1 GiB) / 28.38 GiB x 16 = 8.5 -> 8 per device: 2 microbatches, or 128 in all.
-  assert hints[0].startswith("config.grad_accum_steps=2 (the same global batch in "
-                             "microbatches of 8 per device"), hints
-  assert "config.batch_size=128 (per device 16 -> 8)" in hints[0], hints
-  # Already accumulating: the temporaries were needed for 4 rows a pass (16 per device / 4).
+            f"temporaries ({temps}G) exceeds available HBM (15.75G).")
+  mesh = {"data": 1, "fsdp": 16, "tensor": 1}
+  hints = aot.suggestions(config, [oom(28.38)], mesh, aot.CHIPS.get("v5e"),
+                          smaller=(8, oom(16.77)))
+  assert hints[0].startswith("config.grad_accum_steps=4 (the same global batch in "
+                             "microbatches of 4 per device: predicted peak 11.96 GiB"), hints
+  # Already accumulating 2: the run's own point is 8 rows a pass, the second 4.
   with config.unlocked():
-    config.grad_accum_steps = 4
-  hints = aot.suggestions(config, [train], {"data": 1, "fsdp": 16, "tensor": 1},
-                          aot.CHIPS.get("v5e"))
-  # (15 / 28.38) x 4 = 2.1 -> 2 rows a pass: 8 microbatches.
-  assert hints[0].startswith("config.grad_accum_steps=8 (the same global batch in "
-                             "microbatches of 2 per device"), hints
+    config.grad_accum_steps = 2
+  hints = aot.suggestions(config, [oom(16.77)], mesh, aot.CHIPS.get("v5e"),
+                          smaller=(4, oom(10.97)))
+  # 1 + 5.17 + 1.45 m <= 14.4: m = 4 -> 11.97 GiB.
+  assert hints[0].startswith("config.grad_accum_steps=4 (the same global batch in "
+                             "microbatches of 4 per device"), hints
 
 
 def test_loop_bodies_are_counted_once_per_trip():
@@ -206,3 +337,56 @@ def test_layer_remat_needs_fewer_temporaries_than_block_remat(remat_temporaries)
   none, block, layer = (remat_temporaries[k] for k in ("none", "full", "layer"))
   assert block < 0.9 * none, remat_temporaries
   assert layer < 0.8 * block, remat_temporaries
+
+
+# The real configs, with the arguments that put their latent runs in SD's latent space.
+REAL_CONFIGS = [("generalist_pixel128", None), ("marigold", "real=1"), ("onestep", "real=1"),
+                ("onestep", "real=1,latent=1"), ("dmp", "real=1"), ("vpd_depth", "real=1")]
+
+
+@pytest.mark.parametrize("name,arg", REAL_CONFIGS)
+def test_real_config_batches_shard_on_the_named_slices(name, arg):
+  """`main compile --config configs/NAME.py:real=1 --topology SLICE` starts: the global batch
+  splits evenly over the data-parallel shards of every slice the configs are sized for, and
+  over the microbatches (the same arithmetic as sharding.make_mesh and check_grad_accum)."""
+  from configs import generalist_pixel128
+  config = importlib.import_module(f"configs.{name}").get_config(arg)
+  for slice_name in generalist_pixel128.SLICES:
+    devices = aot.parse_topology(slice_name).chips
+    sizes = {axis: int(config.mesh.get(axis, 1)) for axis in ("data", "fsdp", "tensor")}
+    fixed = math.prod(s for s in sizes.values() if s != -1)
+    assert devices % fixed == 0, (slice_name, sizes)
+    sizes = {a: devices // fixed if s == -1 else s for a, s in sizes.items()}
+    shards = sizes["data"] * sizes["fsdp"]
+    assert int(config.batch_size) % shards == 0, (slice_name, config.batch_size, shards)
+    per_shard = int(config.batch_size) // shards
+    assert per_shard % int(config.get("grad_accum_steps", 1)) == 0, (slice_name, per_shard)
+  if name == "vpd_depth":  # VPD's 3 examples per device (8 GPUs x 3), on a v5e-16's 16 chips.
+    assert config.batch_size == 3 * 16
+    assert config.total_steps == 25_000 * 24 // 48  # as many examples as VPD's 25k x 24.
+  if name == "dmp":  # DMP's batch 8 does not split over 16 chips: 16, half the steps.
+    assert (config.batch_size, config.total_steps) == (16, 25_000)
+    one_gpu = importlib.import_module("configs.dmp").get_config("real=1,chips=1")
+    assert (one_gpu.batch_size, one_gpu.total_steps) == (8, 50_000)
+
+
+def test_real_configs_carry_the_vae_architecture_they_expect():
+  """A latent real config builds its VAE with no files (an abstract compile reads none), with
+  SD-2's VAE architecture: 83,653,863 parameters, the count of diffusers' AutoencoderKL built
+  from the same keys (`sum(p.numel() for p in AutoencoderKL(**SD2_VAE).parameters())`,
+  diffusers 0.42; not built here: importing and constructing it takes ~25 s)."""
+  import jax
+  from flax import nnx
+  from configs import generalist_pixel128
+  from dense_diffusion.experiment import model as model_lib
+  latent = [importlib.import_module(f"configs.{name}").get_config(arg)
+            for name, arg in REAL_CONFIGS + [("vpd_seg", "real=1")]]
+  latent = [c for c in latent if c.model.latent]
+  assert len(latent) == 5  # marigold, onestep latent=1, dmp, vpd_depth, vpd_seg
+  for config in latent:  # one architecture (SD-1.5's VAE, VPD's, is SD-2's)
+    assert config.model.vae.pretrained is None  # given on the command line for training
+    assert config.model.vae.config.to_dict() == generalist_pixel128.SD2_VAE
+  vae = nnx.eval_shape(lambda: model_lib.build_vae(latent[0].model))
+  sizes = [math.prod(x.shape) for x in jax.tree.leaves(nnx.state(vae, nnx.Param))]
+  assert sum(sizes) == 83_653_863
+  assert max(sizes) == 512 * 512 * 3 * 3  # the 512-channel convolutions' kernels
