@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import demo, dmp, synthetic_vae, tiny, vpd_depth
+from configs import demo, dmp, generalist_pixel128, synthetic_vae, tiny, vpd_depth
 from dense_diffusion import errors
 from dense_diffusion import experiment
 from dense_diffusion.datasets import readers
@@ -60,13 +60,15 @@ def test_synthetic_latent_configs_default_to_the_trained_synthetic_vae(name, arg
   assert config.model.vae.recipe.to_dict() == synthetic_vae.recipe().to_dict()
   assert not config.model.get("allow_frozen_fresh")  # nothing random stays frozen
   experiment.check_config(config)
-  # The real set-ups read SD's VAE from a folder: no recipe, no random VAE to fall back to.
+  # The real set-ups read SD's VAE from a folder: no recipe; they carry SD-2's architecture
+  # (for an abstract compile), which alone is a random VAE, refused when a run is built
+  # (test_the_latent_mistakes_are_one_line below).
   if name != "demo":
     real = importlib.import_module(f"configs.{name}").get_config(
         ",".join(filter(None, [arg, "real=1"])))
-    assert model_lib.vae_source(real.model) is None
-    with pytest.raises(errors.ConfigError, match="model.latent needs a VAE: model.vae.pretrained"):
-      model_lib.build_vae(real.model)
+    assert not real.model.vae.get("recipe") and real.model.vae.get("pretrained") is None
+    assert model_lib.vae_source(real.model) == "random"
+    assert dict(real.model.vae.config) == dict(generalist_pixel128.SD2_VAE)
 
 
 def _tiny(latent, **diffusion):
