@@ -16,7 +16,9 @@ invariant L1 for affine-invariant depth, angular for normals, RGB MSE otherwise)
 `head=1` is GenPercept's custom decoder head: the UNet sees the image alone at t = T - 1 and
 its decoder features feed a dense head per task (the `vpd` paradigm's heads and losses,
 paradigms/backbone.py, without cross-attention maps or class prompts; `pred` and `loss` do not
-apply).
+apply). With `real=1` the heads sit on SD's pretrained UNet, whose conv_in takes the 4-channel
+latent: `real=1,head=1` needs `latent=1` (in pixels the backbone would see 3 channels, and a
+pretrained conv_in is not narrowed).
 
 `arg`: `real` (0: the small synthetic_scenes set-up of configs/demo.py; 1: the SD2-size
 set-up of configs/generalist_pixel128.py on GenPercept's depth data, Marigold's mixture of
@@ -57,6 +59,9 @@ def get_config(arg=None):
   c.diffusion.weighting = "none"  # one timestep: nothing to weight.
   c.schedule.rescale_betas_zero_snr = True  # t = T - 1 is pure noise, so v = -x0 there.
   if arg.head:
+    if arg.real and not arg.latent:
+      raise ValueError("onestep real=1,head=1 puts the heads on SD's UNet, whose conv_in takes "
+                       "the 4-channel latent: add latent=1")
     _custom_head(c)
   return c
 

@@ -304,3 +304,11 @@ def test_mode_configs(name, arg):
                if e["task"] == "depth")
   real = bool(arg and "real=1" in arg)
   assert all(e["dataset"].startswith("synthetic_scenes") for e in config.input.entries) != real
+
+
+def test_onestep_heads_on_sd_need_its_latent_input():
+  from configs import onestep
+  with pytest.raises(ValueError, match="head=1 .* add latent=1"):
+    onestep.get_config("real=1,head=1")
+  config = onestep.get_config("real=1,head=1,latent=1")
+  assert config.model.latent and config.diffusion.mode == "vpd"
