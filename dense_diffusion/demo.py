@@ -102,9 +102,15 @@ def run(workdir: str = "runs/demo", *, train: bool = True, config_arg: str | Non
 def load_demo_config(arg: str | None = None):
   """configs/demo.py of this repository (the package is installed from the checkout)."""
   import importlib.util
-  path = pathlib.Path(__file__).resolve().parents[1] / "configs" / "demo.py"
+  import sys
+  root = pathlib.Path(__file__).resolve().parents[1]
+  path = root / "configs" / "demo.py"
   if not path.exists():
     raise errors.MissingError(f"{path} not found: run the demo from a checkout of the repository")
+  # The config imports its siblings as `configs.X` (configs/synthetic_vae.py): importable from
+  # any working directory (a notebook's, a test's), as they are from the repository root.
+  if str(root) not in sys.path:
+    sys.path.append(str(root))
   spec = importlib.util.spec_from_file_location("dense_diffusion_demo_config", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
