@@ -1,16 +1,20 @@
 """A shortened demo run learns: losses fall, metrics improve, some tasks beat their baselines.
 
 The full demo (README) beats every task's trivial baseline after its 800 steps, too long for
-the test suite on 2 CPU cores. Here the same config trains for STEPS steps. Measured with the
-committed config (2026-12-01, 16 validation examples per task): at initialisation the
-zero-initialised output conv makes every answer the input residual alone, so restoration scores
-exactly its baseline (the degraded input) and everything else predicts grey; by STEPS the dense
-tasks' losses have fallen, depth's AbsRel went from 0.51 to 0.36, and lowlight (16.2 vs 8.8 dB),
-normals (37.7 vs 47.1 degrees), semantic (mIoU 0.162 vs 0.096) and panoptic (PQ 0.095 vs 0) beat
-their baselines. Instance PQ is still 0 at 120 steps (its loss falls; its centres separate
-objects later: 0.030 after the demo's 800 steps). Denoise and derain are then only 0.6 / 0.3 dB
-above their inputs (their wide margins come after ~600 steps, docs/training.md), too close to
-assert, and their losses start at the input's error, so they are not asserted to fall.
+the test suite on 2 CPU cores. Here the same config (the task told by its prompt alone) trains
+for STEPS steps. At initialisation the zero-initialised output conv makes every answer the input
+residual alone, so restoration scores exactly its baseline (the degraded input) and everything
+else predicts grey. Measured from a fresh clone (2026-12-08, 16 validation examples per task),
+initial -> after STEPS (baseline): depth AbsRel 0.511 -> 0.465 (0.405), normals 90.0 -> 48.9
+degrees (47.1), semantic mIoU 0.066 -> 0.129 (0.096), lowlight 8.8 -> 16.0 dB (8.8), panoptic PQ
+0.021 -> 0.049 (0). So semantic, lowlight and panoptic beat their baselines by STEPS; normals and
+depth improve but are still near theirs (the class-label demo of 2026-12-01 had normals at 37.7
+degrees by STEPS: a prompt is learned later than a class label, docs/studies.md, and the normals
+baseline is crossed later; at 800 steps it is 28.7 degrees, README). Instance PQ is still 0 at
+120 steps (its loss falls; its centres separate objects later). Denoise and derain are then
+only ~0.5 / 0.2 dB above their inputs (their wide margins come after ~600 steps,
+docs/training.md), too close to assert, and their losses start at the input's error, so they are
+not asserted to fall.
 """
 import json
 import os
@@ -34,7 +38,7 @@ STEPS = 120
 # the full demo (README table).
 IMPROVING_TASKS = ("depth", "normals", "semantic", "lowlight", "panoptic")
 # Tasks that beat their trivial baseline by a clear margin within STEPS steps.
-BEATS_BASELINE_TASKS = ("normals", "semantic", "lowlight", "panoptic")
+BEATS_BASELINE_TASKS = ("semantic", "lowlight", "panoptic")
 RESTORATION_TASKS = ("denoise", "derain", "lowlight")
 # Tasks whose training loss falls within STEPS steps: all but restoration, which starts at its
 # input (see above), and albedo, whose grey start is about as good as its first 120 steps.
